@@ -1,0 +1,1 @@
+"""Board and device profiles (data). Read them through :mod:`tpfed.profiles`."""

@@ -1,0 +1,70 @@
+// tpfed int8 kernels: Q8_0 quantisation, matrix-vector product, norms and attention.
+// Portable C99, no heap: the caller owns every buffer, including scratch.
+//
+// Q8_0 layout (struct of arrays, so that numpy views map onto it without copies):
+//   a vector of n floats becomes qs[n] (int8) and d[nb] (IEEE binary16 scales, stored as
+//   uint16_t), nb = (n + 31) / 32. Block b covers x[32b .. min(32b+32, n)); the last block may
+//   be short. x[i] ~= fp16_to_f32(d[i/32]) * qs[i].
+//   A matrix of rows x cols is rows such vectors: qs[rows][cols], d[rows][nb(cols)].
+//
+// Variants: name_ref is the plain reference and the oracle; name is the variant selected for
+// this build (an optimised one on hosts with SIMD, the reference otherwise). Integer outputs
+// of every variant are bit-exact with the reference; matmul's float output is bit-exact too
+// (blocks are accumulated in the same order).
+#ifndef TPFED_KERNELS_H
+#define TPFED_KERNELS_H
+
+#include <stdint.h>
+
+// cffi:begin
+#define TPFED_QK8_0 32
+
+// Scales are IEEE binary16 rather than float: they are 1/16 of a Q8_0 block's bytes instead of
+// 1/8, which matters in board RAM and on the wire, and fp16 keeps 11 significant bits, far more
+// than an int8 block needs. No fp16 hardware is required: both conversions are integer bit
+// manipulation. fp16_to_f32 is exact; f32_to_fp16 rounds to nearest even and gives the same
+// bits as numpy's float32 -> float16 cast (subnormals, overflow to inf, NaN payloads).
+float fp16_to_f32(uint16_t h);
+uint16_t f32_to_fp16(float f);
+// Element-wise over arrays (bit-exact, also for NaN payloads that a float return may not keep).
+void fp16_to_f32_n(float *out, const uint16_t *h, int n);
+void f32_to_fp16_n(uint16_t *out, const float *x, int n);
+
+// d = amax(block)/127 (f32), id = d ? 1/d : 0, qs = round-half-away(x*id), scale stored fp16(d).
+// amax ignores NaN. The rounded value is saturated to [-127, 127] and NaN gives 0; finite inputs
+// never saturate except when 1/d overflows (amax < ~3.7e-37), so -128 is never produced.
+void quantize_q8_0_ref(int8_t *qs, uint16_t *d, const float *x, int n);
+void quantize_q8_0(int8_t *qs, uint16_t *d, const float *x, int n);
+void dequantize_q8_0(float *x, const int8_t *qs, const uint16_t *d, int n);
+
+// out[r] = sum over blocks b of (float)isum(r,b) * (fp16_to_f32(wd[r][b]) * fp16_to_f32(xd[b]))
+// where isum is the int32 dot product of the block's int8 values; blocks in ascending order.
+void matmul_q8_0_f32_ref(float *out, const int8_t *wqs, const uint16_t *wd,
+                         const int8_t *xqs, const uint16_t *xd, int rows, int cols);
+void matmul_q8_0_f32(float *out, const int8_t *wqs, const uint16_t *wd,
+                     const int8_t *xqs, const uint16_t *xd, int rows, int cols);
+
+// o = x / sqrt(mean(x^2) + eps) * w   (o may alias x)
+void rmsnorm_f32(float *o, const float *x, const float *w, int n, float eps);
+// in place, numerically stable (max subtracted)
+void softmax_f32(float *x, int n);
+// llama2.c RoPE on interleaved pairs: for i even, j = i % head_size,
+// theta = pos * theta_base^(-j/head_size); (x[i], x[i+1]) rotated by theta. n % head_size == 0.
+void rope_f32(float *x, int n, int head_size, int pos, float theta_base);
+// x = x * sigmoid(x), in place
+void silu_f32(float *x, int n);
+// out = silu(gate) * up   (out may alias gate or up)
+void swiglu_f32(float *out, const float *gate, const float *up, int n);
+
+// Attention of n_q query heads that share one KV head, at position pos (attends 0..pos).
+// q: (n_q, head_size); k_cache, v_cache: (pos+1 rows used, row stride kv_stride floats);
+// out: (n_q, head_size); scratch: pos+1 floats, caller-owned. Scores are scaled by
+// 1/sqrt(head_size).
+void attention_f32(float *out, const float *q, const float *k_cache, const float *v_cache,
+                   int n_q, int head_size, int pos, int kv_stride, float *scratch);
+
+// Name of the variant matmul_q8_0_f32 runs ("ref", "avx2", "neon", ...), for benchmarks.
+const char *tpfed_kernels_variant(void);
+// cffi:end
+
+#endif

@@ -1,0 +1,3 @@
+from tpfed.cli import main
+
+raise SystemExit(main())

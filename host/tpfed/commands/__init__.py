@@ -1,0 +1,1 @@
+"""Subcommands of the ``tpfed`` CLI, one module each (see :mod:`tpfed.cli`)."""

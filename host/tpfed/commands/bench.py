@@ -1,0 +1,101 @@
+"""``tpfed bench``: benchmarks, one sub-subcommand each.
+
+- ``tpfed bench kernels``: the int8 matrix-vector kernel against numpy float32 and the measured
+  memory bandwidth (:mod:`tpfed.bench_kernels`).
+- ``tpfed bench e2e``: end-to-end generation (to be added: register it in ``_BENCHES`` below
+  with its own ``add_*_arguments`` and ``run_*`` functions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+
+NAME = "bench"
+HELP = "Run benchmarks (kernels; more to come)."
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------- tpfed bench kernels
+
+
+def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rows", type=_positive_int, default=4096, help="matrix rows (4096)")
+    parser.add_argument("--cols", type=_positive_int, default=4096, help="matrix columns (4096)")
+    parser.add_argument("--repeat", type=_positive_int, default=20,
+                        help="timed calls per measurement; the median is reported (20)")
+    parser.add_argument("--threads", type=_positive_int, default=os.cpu_count() or 1,
+                        help="threads the int8 gemv splits its rows across (all cores, "
+                             "as numpy's BLAS uses; the 1-thread time is reported as well)")
+    parser.add_argument("--json", action="store_true",
+                        help="print exactly one JSON object instead of a table")
+
+
+def run_kernels(args: argparse.Namespace) -> int:
+    from tpfed.bench_kernels import run_kernel_bench
+
+    result = run_kernel_bench(rows=args.rows, cols=args.cols, repeat=args.repeat,
+                              threads=args.threads)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    mib = 2**20
+    table = Table(title=f"int8 gemv, {result.rows} x {result.cols} "
+                        f"(variant {result.variant}, {result.threads} thread(s), "
+                        f"median of {result.repeat})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("notes")
+    table.add_row("int8 gemv", f"{result.int8_gemv_ms:.3f} ms",
+                  f"reads {result.int8_bytes_per_gemv / mib:.1f} MiB (weights, scales, x)")
+    if result.threads != 1:
+        table.add_row("int8 gemv, 1 thread", f"{result.int8_gemv_1thread_ms:.3f} ms",
+                      f"{result.numpy_f32_gemv_ms / result.int8_gemv_1thread_ms:.2f}x numpy f32")
+    table.add_row("numpy f32 gemv", f"{result.numpy_f32_gemv_ms:.3f} ms",
+                  f"reads {result.f32_bytes_per_gemv / mib:.1f} MiB")
+    table.add_row("speedup vs numpy f32", f"{result.speedup_vs_numpy_f32:.2f}x", "")
+    table.add_row("int8 gemv bandwidth", f"{result.int8_gemv_gbps:.1f} GB/s",
+                  f"{100 * result.bandwidth_fraction:.0f}% of memory bandwidth")
+    table.add_row("memory bandwidth", f"{result.memory_bandwidth_gbps:.1f} GB/s",
+                  f"np.copyto of {result.copy_bytes / mib:.0f} MiB, read + write bytes")
+    table.add_row("int8 vs float64 error", f"{result.max_rel_error:.2e}",
+                  "max |error| / max |y|")
+    Console().print(table)
+    return 0
+
+
+# ---------------------------------------------------------------- registry
+
+_BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace], int]]] = {
+    "kernels": ("int8 gemv vs numpy float32, and memory bandwidth, in one run",
+                add_kernels_arguments, run_kernels),
+    # "e2e": ("...", add_e2e_arguments, run_e2e),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, (help_text, add_args, run_fn) in _BENCHES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(_bench_run=run_fn)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args._bench_run(args))

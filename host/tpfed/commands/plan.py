@@ -1,0 +1,89 @@
+"""``tpfed plan``: split a model over a fleet and show (or print as JSON) who holds what."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "plan"
+HELP = "split a model's KV groups and MLP columns over a fleet of devices"
+
+
+def add_model_fleet_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared with ``tpfed simulate``."""
+    parser.add_argument("--model", metavar="M",
+                        help="llama2.c .bin checkpoint or Hugging Face config.json (default: the stories260K geometry)")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--fleet", metavar="FLEET.yaml", help="fleet description (see boards/fleets/)")
+    group.add_argument("--devices", type=int, metavar="N", help="N identical desktop peers")
+    parser.add_argument("--strategy", choices=("round-robin", "capability"), default="capability")
+    parser.add_argument("--seq-len", type=int, metavar="N", help="KV cache length to plan for (default: the model's)")
+    parser.add_argument("--margin", type=float, default=0.1, help="memory safety margin (default 0.1)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_fleet_arguments(parser)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--save", metavar="PLAN.json", help="also write the full plan (loadable) here")
+
+
+def load_inputs(args: argparse.Namespace):
+    from tpfed.errors import FleetError
+    from tpfed.fleet import identical_fleet, load_fleet
+    from tpfed.hfconfig import STORIES260K, load_model_config
+
+    model = load_model_config(args.model) if args.model else STORIES260K
+    if args.fleet:
+        devices = load_fleet(args.fleet)
+    else:
+        if args.devices < 1:
+            raise FleetError(f"--devices must be at least 1, got {args.devices}")
+        devices = identical_fleet(args.devices)
+    return model, devices
+
+
+def summary(plan) -> dict:
+    """The JSON form ``tpfed plan --json`` prints."""
+    n = plan.model.n_layers
+    return {
+        "model": plan.model.name,
+        "strategy": plan.strategy,
+        "seq_len": plan.seq_len,
+        "plan_ms": plan.plan_ms,
+        "makespan_ms": plan.makespan_ms,
+        "ideal_ms": plan.ideal_ms,
+        "ideal_compute_ms": plan.ideal_compute_ms,
+        "round_robin_makespan_ms": plan.round_robin_makespan_ms,
+        "devices": [
+            {
+                "name": d.name,
+                "kv_groups": [list(d.layers[l].kv_groups) if l in d.layers else [] for l in range(n)],
+                "mlp_columns": [[list(r) for r in d.layers[l].mlp_ranges] if l in d.layers else []
+                                for l in range(n)],
+                "memory_mb": d.memory_bytes / 2**20,
+                "memory_limit_mb": d.memory_limit_bytes / 2**20,
+                "busy_ms": d.busy_ms,
+                "utilisation": d.busy_ms / plan.makespan_ms if plan.makespan_ms else 0.0,
+            }
+            for d in plan.devices
+        ],
+        "excluded": [{"name": name, "reason": reason} for name, reason in plan.excluded],
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from tpfed.planner import plan as make_plan
+
+    model, devices = load_inputs(args)
+    plan = make_plan(model, devices, strategy=args.strategy, seq_len=args.seq_len, margin=args.margin)
+    plan.validate()
+    if args.save:
+        plan.save(args.save)
+    if args.json:
+        print(json.dumps(summary(plan)))
+    else:
+        from rich.console import Console
+
+        Console().print(plan.table())
+    return 0

@@ -1,0 +1,377 @@
+"""The coordinator: introduces itself to the peers, plans, pushes their shards and generates.
+
+Per token it owns the embedding, the norms, the classifier and sampling (the steps of
+:class:`tpfed.quantized.Int8Transformer`); per layer and stage it broadcasts the Q8_0
+activation once to every device holding part of that stage, gathers their PARTIAL vectors and
+adds them to the residual in plan order (so the result does not depend on arrival order).
+The activations broadcast for the sequence are kept in ``history``, so a device lost
+mid-sequence can be replaced by replaying them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from tpfed.errors import PeerError
+from tpfed.fleet import DeviceSpec
+from tpfed.kernels import Q8Tensor, n_blocks
+from tpfed.plan import Plan
+from tpfed.planner import plan as make_plan
+from tpfed.protocol.codec import Frame, decode_frame, encode_frame
+from tpfed.protocol.errors import ProtocolError
+from tpfed.protocol.fastpath import decode_partial, encode_activation
+from tpfed.protocol.schema import (
+    BROADCAST,
+    COORDINATOR,
+    HEADER_SIZE,
+    DeviceClass,
+    ErrorCode,
+    Flag,
+    MsgType,
+)
+from tpfed.quantized import Int8Transformer, Q8Model, Stage
+from tpfed.shard import DeviceShards, serialize_layer_share
+
+FRAME_OVERHEAD = HEADER_SIZE + 4
+
+
+class Link(Protocol):
+    """A connection to one peer that carries whole frames."""
+
+    name: str
+    uri: str
+
+    async def send(self, frame: bytes) -> None: ...
+
+    async def recv(self, timeout: float | None = None) -> bytes: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass
+class PeerConn:
+    """A connected peer: its link, the id given to it and what it said in HELLO."""
+
+    link: Link
+    device_id: int
+    hello: dict
+    latency_s: float = 0.0
+    bandwidth_Bps: float = 0.0
+    name: str = ""
+    busy_ms: float = 0.0
+
+    def spec(self) -> DeviceSpec:
+        h = self.hello
+        classes = {DeviceClass.DESKTOP: "desktop", DeviceClass.LAPTOP: "laptop",
+                   DeviceClass.PHONE: "phone", DeviceClass.ESP32: "esp32",
+                   DeviceClass.ESP32S3: "esp32s3", DeviceClass.ESP32C3: "esp32c3",
+                   DeviceClass.CORTEX_M_EMU: "cortex_m_emu"}
+        battery = h["battery_pct"] if h["battery_pct"] <= 100 else None
+        temp = h["temperature_dc"] / 10 if h["temperature_dc"] != -32768 else None
+        return DeviceSpec(
+            name=self.name,
+            memory_bytes=h["arena_kb"] * 1024,
+            int8_macs=float(max(h["int8_macs"], 1)),
+            latency_s=self.latency_s,
+            bandwidth_Bps=max(self.bandwidth_Bps, 1.0),
+            device_class=classes.get(DeviceClass(h["device_class"]), "other")
+            if h["device_class"] in DeviceClass._value2member_map_ else "other",
+            battery_pct=battery,
+            temperature_c=temp,
+        )
+
+
+@dataclass
+class GenerationStats:
+    tokens: int = 0
+    prompt_tokens: int = 0
+    seconds: float = 0.0
+    wire_bytes: int = 0
+    min_wire_bytes: int = 0
+    per_peer_bytes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wire_bytes_per_token(self) -> float:
+        return self.wire_bytes / self.tokens if self.tokens else 0.0
+
+    @property
+    def min_wire_bytes_per_token(self) -> float:
+        return self.min_wire_bytes / self.tokens if self.tokens else 0.0
+
+
+def min_stage_bytes(dim: int) -> int:
+    """The least a stage can cost per participating device: the Q8_0 activation (dim int8 and
+    ceil(dim/32) fp16 scales) out and a float32 partial of dim values back."""
+    return dim + 2 * n_blocks(dim) + 4 * dim
+
+
+class Coordinator(Int8Transformer):
+    """Distributed int8 forward over connected peers (see the module docstring)."""
+
+    def __init__(self, model: Q8Model, links: Sequence[Link], *, deadline_s: float = 5.0,
+                 seq_len: int | None = None, session: int = 1,
+                 chunk_bytes: int = 8192) -> None:
+        super().__init__(model, DeviceShards(model, {}))
+        if not links:
+            raise PeerError("no peers to run on")
+        self.links = list(links)
+        self.deadline_s = deadline_s
+        self.seq_len = min(seq_len or model.config.seq_len, model.config.seq_len)
+        self.session = session
+        self.chunk_bytes = chunk_bytes
+        self.peers: list[PeerConn] = []
+        self.plan: Plan | None = None
+        self.stats = GenerationStats()
+        self._seq = 0
+        # per (layer, stage): the peers that hold part of it, in plan order
+        self._owners: dict[tuple[int, int], list[PeerConn]] = {}
+        self._sum = np.empty(model.config.dim, np.float32)
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFF
+        return self._seq
+
+    # -- connection ------------------------------------------------------------------------
+    async def _request(self, peer: PeerConn, frame: Frame, want: MsgType, what: str,
+                       timeout: float | None = None) -> Frame:
+        await peer.link.send(encode_frame(frame))
+        return await self._expect(peer, want, what, timeout)
+
+    async def _expect(self, peer: PeerConn, want: MsgType, what: str,
+                      timeout: float | None = None) -> Frame:
+        deadline = time.monotonic() + (timeout or self.deadline_s)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise PeerError(f"peer {peer.name} ({peer.link.uri}) did not answer {what} "
+                                f"within {timeout or self.deadline_s:.1f} s")
+            try:
+                data = await peer.link.recv(left)
+            except TimeoutError:
+                continue
+            try:
+                reply = decode_frame(data)
+            except ProtocolError:
+                continue  # counted by the link; a malformed frame is dropped
+            if reply.type == MsgType.ERROR:
+                code = reply.payload["code"]
+                name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+                raise PeerError(f"peer {peer.name} ({peer.link.uri}) refused {what}: "
+                                f"{name}: {reply.payload['text']}")
+            if reply.type == want:
+                return reply
+
+    async def connect(self) -> list[PeerConn]:
+        """HELLO every peer (its device id is given in the HELLO's destination), then measure
+        each link's latency and bandwidth with PROBE frames."""
+        async def hello(i: int, link: Link) -> PeerConn:
+            peer = PeerConn(link=link, device_id=i + 1, hello={}, name=link.name)
+            me = {"device_class": int(DeviceClass.DESKTOP), "name": "coordinator", "ram_kb": 0,
+                  "psram_kb": 0, "flash_kb": 0, "cpu_mhz": 0, "cores": 0, "features": 0,
+                  "int8_macs": 0, "battery_pct": 255, "temperature_dc": -32768, "transports": 0,
+                  "max_frame": 0xFFFF, "arena_kb": 0}
+            reply = await self._request(peer, Frame(MsgType.HELLO, me, src=COORDINATOR,
+                                                    dst=peer.device_id, seq=self._next_seq()),
+                                        MsgType.HELLO, "HELLO")
+            peer.hello = dict(reply.payload)
+            if not peer.name:
+                peer.name = peer.hello["name"] or f"peer-{peer.device_id}"
+            await self._probe(peer)
+            return peer
+
+        if len(self.links) > 254:
+            raise PeerError(f"{len(self.links)} peers: the protocol addresses at most 254")
+        self.peers = list(await asyncio.gather(*(hello(i, link) for i, link in enumerate(self.links))))
+        names = [p.name for p in self.peers]
+        for i, p in enumerate(self.peers):
+            if names.count(p.name) > 1:
+                p.name = f"{p.name}#{i + 1}"
+        return self.peers
+
+    async def _probe(self, peer: PeerConn, rounds: int = 5) -> None:
+        """Latency from small probes (median one-way), bandwidth from a frame near the peer's
+        maximum compared with a small one."""
+        max_frame = max(peer.hello.get("max_frame", 256), 64)
+
+        async def once(pad: int) -> float:
+            payload = {"nonce": self._next_seq(), "t_send_us": time.monotonic_ns() // 1000,
+                       "pad": bytes(pad)}
+            t0 = time.perf_counter()
+            await self._request(peer, Frame(MsgType.PROBE, payload, dst=peer.device_id,
+                                            seq=self._next_seq()), MsgType.PROBE_REPLY, "PROBE")
+            return time.perf_counter() - t0
+
+        small = sorted([await once(0) for _ in range(rounds)])[rounds // 2]
+        big_pad = min(max_frame, 4096) - FRAME_OVERHEAD - 12
+        big = sorted([await once(big_pad) for _ in range(3)])[1]
+        peer.latency_s = small / 2
+        extra = max(big - small, 1e-7)
+        peer.bandwidth_Bps = 2 * big_pad / extra  # the pad travels both ways
+
+    # -- planning and weights ------------------------------------------------------------
+    def make_plan(self, strategy: str = "round-robin") -> Plan:
+        specs = [p.spec() for p in self.peers]
+        plan = make_plan(self.config, specs, strategy=strategy, seq_len=self.seq_len)
+        self.use_plan(plan)
+        return plan
+
+    def use_plan(self, plan: Plan) -> None:
+        by_name = {p.name: p for p in self.peers}
+        self.plan = plan
+        self._owners = {}
+        for dev in plan.devices:
+            peer = by_name[dev.name]
+            peer.busy_ms = dev.busy_ms
+            for layer, share in sorted(dev.layers.items()):
+                if share.kv_groups:
+                    self._owners.setdefault((layer, Stage.ATTENTION), []).append(peer)
+                if share.mlp_ranges:
+                    self._owners.setdefault((layer, Stage.MLP), []).append(peer)
+        for layer in range(self.config.n_layers):
+            for stage in (Stage.ATTENTION, Stage.MLP):
+                if (layer, stage) not in self._owners:
+                    raise PeerError(f"the plan leaves layer {layer} {stage.name} to nobody")
+
+    async def push_weights(self, progress: Callable[[str, int], None] | None = None) -> None:
+        """ASSIGN every device its share, stream its layer shards in WEIGHTS chunks (each
+        shard acknowledged after the peer verified its sha256) and wait for READY."""
+        if self.plan is None:
+            raise PeerError("push_weights before a plan")
+        by_name = {p.name: p for p in self.peers}
+        c = self.config
+
+        async def push(dev) -> None:
+            peer = by_name[dev.name]
+            entries = [{"layer": layer, "kv_groups": list(s.kv_groups),
+                        "mlp_ranges": [{"start": a, "end": b} for a, b in s.mlp_ranges]}
+                       for layer, s in sorted(dev.layers.items())]
+            assign = {"dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers,
+                      "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "seq_len": self.seq_len,
+                      "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "entries": entries}
+            await self._request(peer, Frame(MsgType.ASSIGN, assign, dst=peer.device_id,
+                                            seq=self._next_seq(), session=self.session),
+                                MsgType.ACK, "ASSIGN")
+            max_chunk = min(self.chunk_bytes, peer.hello["max_frame"] - FRAME_OVERHEAD - 42)
+            if max_chunk <= 0:
+                raise PeerError(f"peer {peer.name} takes frames of {peer.hello['max_frame']} bytes, "
+                                "too small for WEIGHTS")
+            layers = sorted(dev.layers.items())
+            for i, (layer, share) in enumerate(layers):
+                blob = serialize_layer_share(self.model, layer, share.kv_groups, share.mlp_ranges)
+                digest = hashlib.sha256(blob).digest()
+                for attempt in range(3):
+                    for off in range(0, len(blob), max_chunk):
+                        last = off + max_chunk >= len(blob)
+                        frame = Frame(MsgType.WEIGHTS, {"shard_id": layer, "offset": off,
+                                                        "total": len(blob), "sha256": digest,
+                                                        "data": blob[off:off + max_chunk]},
+                                      dst=peer.device_id, seq=self._next_seq(),
+                                      session=self.session,
+                                      flags=int(Flag.LAST | Flag.ACK_REQUESTED) if last else 0)
+                        await peer.link.send(encode_frame(frame))
+                        if progress is not None:
+                            progress(peer.name, min(max_chunk, len(blob) - off))
+                    try:
+                        await self._expect(peer, MsgType.ACK, f"the shard of layer {layer}")
+                        break
+                    except PeerError as exc:
+                        if "refused" in str(exc) or attempt == 2:
+                            raise
+                if i == len(layers) - 1:
+                    await self._expect(peer, MsgType.READY, "READY")
+
+        await asyncio.gather(*(push(dev) for dev in self.plan.devices))
+
+    # -- generation ----------------------------------------------------------------------
+    async def partials_remote(self, layer: int, stage: Stage, x: Q8Tensor, pos: int) -> np.ndarray:
+        owners = self._owners[(layer, stage)]
+        seq = self._next_seq()
+        frame = encode_activation(layer, int(stage), pos, x.qs, x.d, dst=BROADCAST, seq=seq,
+                                  session=self.session)
+        await asyncio.gather(*(p.link.send(frame) for p in owners))
+        replies = await asyncio.gather(*(self._gather(p, layer, stage, pos, frame) for p in owners))
+        out = self._sum
+        out[:] = replies[0][0]
+        for part, _ in replies[1:]:
+            out += part
+        n = len(owners)
+        self.stats.wire_bytes += n * len(frame) + sum(size for _, size in replies)
+        self.stats.min_wire_bytes += n * min_stage_bytes(self.config.dim)
+        return out
+
+    async def _gather(self, peer: PeerConn, layer: int, stage: Stage, pos: int,
+                      frame: bytes) -> tuple[np.ndarray, int]:
+        """The PARTIAL of ``peer`` for (layer, stage, pos). The activation is sent once more
+        if the answer is late (a datagram may be lost; recomputing is idempotent), and the peer
+        is declared lost at the deadline. Returns the partial and the frame's size."""
+        t_end = time.monotonic() + self.deadline_s
+        resend_at = time.monotonic() + self.deadline_s / 4
+        while True:
+            now = time.monotonic()
+            if now >= t_end:
+                raise PeerError(f"peer {peer.name} ({peer.link.uri}) stopped answering: no PARTIAL "
+                                f"for layer {layer} {stage.name} at position {pos} within "
+                                f"{self.deadline_s:.1f} s")
+            try:
+                data = await peer.link.recv(min(t_end, resend_at if resend_at > now else t_end) - now)
+            except TimeoutError:
+                if resend_at and time.monotonic() >= resend_at:
+                    await peer.link.send(frame)
+                    self.stats.wire_bytes += len(frame)
+                    resend_at = 0.0
+                continue
+            if len(data) > 2 and data[2] == MsgType.PARTIAL:
+                try:
+                    p = decode_partial(data)
+                except ProtocolError:
+                    continue
+                if p.layer == layer and p.stage == stage and p.pos == pos and p.session == self.session:
+                    return p.to_f32(), len(data)
+                continue  # a stale answer to a resent activation
+            try:
+                reply = decode_frame(data)
+            except ProtocolError:
+                continue
+            if reply.type == MsgType.ERROR:
+                code = reply.payload["code"]
+                name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+                raise PeerError(f"peer {peer.name} ({peer.link.uri}) failed layer {layer} "
+                                f"{stage.name} at position {pos}: {name}: {reply.payload['text']}")
+
+    async def forward_async(self, token: int, pos: int) -> np.ndarray:
+        """Logits for ``token`` at ``pos``: :meth:`Int8Transformer.forward` with the partials
+        computed by the peers."""
+        c = self.config
+        if not 0 <= pos < self.seq_len:
+            raise PeerError(f"position {pos} outside the planned context ({self.seq_len})")
+        self.embed(token)
+        self.history.begin(pos)
+        for layer in range(c.n_layers):
+            for stage in (Stage.ATTENTION, Stage.MLP):
+                xq = self.activation(layer, stage, pos)
+                self.x += await self.partials_remote(layer, stage, xq, pos)
+        self.history.commit(pos)
+        return self.classify()
+
+    async def close(self, bye: bool = True) -> None:
+        for peer in self.peers:
+            if bye:
+                with contextlib.suppress(OSError, ConnectionError):
+                    await peer.link.send(encode_frame(Frame(MsgType.BYE, {"reason": 0},
+                                                            dst=peer.device_id,
+                                                            seq=self._next_seq(),
+                                                            session=self.session)))
+        for link in self.links:
+            await link.close()

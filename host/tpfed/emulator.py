@@ -1,0 +1,348 @@
+"""Emulated boards: the tpfed firmware running in QEMU, one process per board.
+
+Each board is a ``qemu-system-arm`` process running the PlatformIO build of the firmware
+(``firmware/.pio/build/<env>/firmware.elf``). Its UART is a TCP chardev on a free loopback
+port in server mode with ``wait=on``: the board starts executing when the first client
+connects to :attr:`EmulatedBoard.url` (``socket://127.0.0.1:PORT``, which pyserial's
+``serial_for_url`` opens like a serial port). A board that faults resets, and QEMU runs with
+``-no-reboot``, so a crash ends the process and shows in :attr:`EmulatedBoard.returncode`.
+
+Boards are stopped reliably: :class:`EmulatedBoards` is a context manager, every QEMU is also
+stopped at interpreter exit, and on Linux each QEMU gets SIGKILL from the kernel if the Python
+process that started it dies (``PR_SET_PDEATHSIG``), so a failing or killed test leaves no
+orphan QEMU behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+from tpfed.errors import TpfedError
+
+REPO = Path(__file__).resolve().parents[2]
+FIRMWARE_DIR = REPO / "firmware"
+DEFAULT_ENV = "lm3s6965evb"
+
+# PlatformIO env -> QEMU machine of the emulated board.
+MACHINES: dict[str, str] = {"lm3s6965evb": "lm3s6965evb"}
+
+_READY_MARK = b"waiting for connection"
+_live: weakref.WeakSet[EmulatedBoard] = weakref.WeakSet()
+
+
+class EmulatorError(TpfedError):
+    """An emulated board cannot be built, started or reached; the message says why."""
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (QEMU binds it next)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def qemu_binary() -> str:
+    exe = shutil.which("qemu-system-arm")
+    if not exe:
+        raise EmulatorError(
+            "qemu-system-arm is not installed (Debian/Ubuntu: apt-get install qemu-system-arm)"
+        )
+    return exe
+
+
+def build_dir(env: str = DEFAULT_ENV) -> Path:
+    return FIRMWARE_DIR / ".pio" / "build" / env
+
+
+def build_firmware(env: str = DEFAULT_ENV, *, quiet: bool = True) -> Path:
+    """Build ``env`` with PlatformIO (``pio run -e env`` in firmware/) and return its ELF.
+
+    Offline setups need the ``tool-scons`` package first: ``python tools/pio_offline.py``."""
+    if env not in MACHINES:
+        raise EmulatorError(f"PlatformIO env {env!r} is not an emulated board; known: {sorted(MACHINES)}")
+    if not (FIRMWARE_DIR / "platformio.ini").is_file():
+        raise EmulatorError(f"no PlatformIO project in {FIRMWARE_DIR}")
+    if not shutil.which("arm-none-eabi-gcc"):
+        raise EmulatorError(
+            "arm-none-eabi-gcc is not installed (Debian/Ubuntu: apt-get install "
+            "gcc-arm-none-eabi libnewlib-arm-none-eabi)"
+        )
+    offline = REPO / "tools" / "pio_offline.py"
+    if offline.is_file():  # a source checkout: make sure PlatformIO has SCons without a registry
+        prep = subprocess.run([sys.executable, str(offline)], capture_output=True, text=True)
+        if prep.returncode != 0:
+            raise EmulatorError(f"preparing PlatformIO offline failed: {prep.stderr.strip()}")
+    cmd = [sys.executable, "-m", "platformio", "run", "-e", env, "-d", str(FIRMWARE_DIR)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        hint = ""
+        if "tool-scons" in tail or "Could not" in tail or "HTTPClient" in tail:
+            hint = " (offline? run `python tools/pio_offline.py` first)"
+        raise EmulatorError(f"building firmware env {env} failed{hint}:\n{tail}")
+    elf = build_dir(env) / "firmware.elf"
+    if not elf.is_file():
+        raise EmulatorError(f"PlatformIO reported success but {elf} does not exist")
+    return elf
+
+
+def firmware_path(env: str = DEFAULT_ENV, *, build: bool | None = None) -> Path:
+    """The firmware ELF of ``env``. ``build=True`` always runs PlatformIO (incremental),
+    ``False`` only uses an existing build, ``None`` builds when PlatformIO is installed and
+    otherwise falls back to an existing build."""
+    elf = build_dir(env) / "firmware.elf"
+    if build is None:
+        build = shutil.which("pio") is not None or _has_module("platformio")
+    if build:
+        return build_firmware(env)
+    if not elf.is_file():
+        raise EmulatorError(f"no firmware at {elf}; build it with `pio run -e {env}` in {FIRMWARE_DIR}")
+    return elf
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+@dataclass(frozen=True)
+class BoardSpec:
+    firmware: Path
+    machine: str = "lm3s6965evb"
+    name: str = "emu0"
+
+
+class EmulatedBoard:
+    """One QEMU board. ``start()`` returns once QEMU listens on :attr:`url`; the guest starts
+    running when a client connects there (``open_serial()`` or any pyserial user)."""
+
+    def __init__(self, spec: BoardSpec) -> None:
+        self.spec = spec
+        self.port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log = bytearray()
+        self._log_lock = threading.Lock()
+        self._drain: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> EmulatedBoard:
+        if self._proc is not None:
+            raise EmulatorError(f"{self.spec.name} is already started")
+        if not Path(self.spec.firmware).is_file():
+            raise EmulatorError(f"firmware {self.spec.firmware} does not exist")
+        qemu = qemu_binary()
+        last = ""
+        for _ in range(5):  # the free port may be taken between choosing and binding it
+            port = free_port()
+            cmd = [
+                qemu, "-machine", self.spec.machine, "-nographic", "-monitor", "none",
+                "-no-reboot", "-kernel", str(self.spec.firmware),
+                "-chardev",
+                f"socket,id=uart0,host=127.0.0.1,port={port},server=on,wait=on,nodelay=on",
+                "-serial", "chardev:uart0",
+            ]
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
+            )
+            line = self._await_listening(proc, timeout)
+            if line is None:
+                self._proc, self.port = proc, port
+                _live.add(self)
+                self._drain = threading.Thread(target=self._drain_output, name=f"{self.spec.name}-qemu-log",
+                                               daemon=True)
+                self._drain.start()
+                return self
+            last = line
+            if "Address already in use" not in line:
+                break
+        raise EmulatorError(f"QEMU for {self.spec.name} did not start: {last.strip()}")
+
+    def _await_listening(self, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+        """None once QEMU says it listens; otherwise its output (and the process is gone)."""
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        out = bytearray()
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(fd, 4096)
+            except BlockingIOError:
+                chunk = b""
+            if chunk:
+                out += chunk
+                if _READY_MARK in out:
+                    os.set_blocking(fd, True)
+                    with self._log_lock:
+                        self._log += out
+                    return None
+            elif proc.poll() is not None:
+                break
+            else:
+                time.sleep(0.005)
+        _kill(proc)
+        return out.decode(errors="replace") or f"no output within {timeout:.0f} s"
+
+    def _drain_output(self) -> None:
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        while True:
+            chunk = proc.stdout.read1(4096) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+            if not chunk:
+                return
+            with self._log_lock:
+                self._log += chunk
+                del self._log[:-65536]
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            _kill(proc)
+        if self._drain is not None:
+            self._drain.join(timeout=2)
+            self._drain = None
+        _live.discard(self)
+
+    def __enter__(self) -> EmulatedBoard:
+        return self if self._proc is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise EmulatorError(f"{self.spec.name} is not started")
+        return f"socket://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        """None while QEMU runs; its exit status once it ended (a guest crash ends it)."""
+        return None if self._proc is None else self._proc.poll()
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def output(self) -> str:
+        """What QEMU printed (its own messages; the UART goes to the socket)."""
+        with self._log_lock:
+            return self._log.decode(errors="replace")
+
+    def open_serial(self, timeout: float = 2.0, connect_timeout: float = 5.0):
+        """Connect to the board's UART with pyserial (starts the guest)."""
+        import serial
+
+        deadline = time.monotonic() + connect_timeout
+        while True:
+            try:
+                return serial.serial_for_url(self.url, timeout=timeout)
+            except (serial.SerialException, OSError) as exc:
+                if time.monotonic() > deadline or not self.alive():
+                    raise EmulatorError(f"cannot connect to {self.spec.name} at {self.url}: {exc}; "
+                                        f"QEMU said: {self.output().strip()[-300:]}") from exc
+                time.sleep(0.02)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=3)
+    if proc.stdout is not None:
+        with contextlib.suppress(OSError):
+            proc.stdout.close()
+
+
+class EmulatedBoards:
+    """N emulated boards as a context manager::
+
+        with EmulatedBoards(2) as boards:
+            for b in boards:
+                ser = b.open_serial()
+    """
+
+    def __init__(self, count: int, env: str = DEFAULT_ENV, firmware: Path | None = None,
+                 *, build: bool | None = None) -> None:
+        if count < 1:
+            raise EmulatorError(f"need at least one emulated board, got {count}")
+        if env not in MACHINES:
+            raise EmulatorError(f"PlatformIO env {env!r} is not an emulated board; known: {sorted(MACHINES)}")
+        self.count = count
+        self.env = env
+        self.firmware = firmware
+        self.build = build
+        self.boards: list[EmulatedBoard] = []
+
+    def start(self) -> list[EmulatedBoard]:
+        fw = self.firmware or firmware_path(self.env, build=self.build)
+        try:
+            for i in range(self.count):
+                spec = BoardSpec(firmware=fw, machine=MACHINES[self.env], name=f"emu{i}")
+                self.boards.append(EmulatedBoard(spec).start())
+        except BaseException:
+            self.stop()
+            raise
+        return self.boards
+
+    def stop(self) -> None:
+        for b in self.boards:
+            b.stop()
+        self.boards.clear()
+
+    def __enter__(self) -> list[EmulatedBoard]:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __iter__(self):
+        return iter(self.boards)
+
+
+@atexit.register
+def _stop_all() -> None:
+    for b in list(_live):
+        b.stop()
+
+
+__all__ = [
+    "BoardSpec",
+    "EmulatedBoard",
+    "EmulatedBoards",
+    "EmulatorError",
+    "build_firmware",
+    "firmware_path",
+    "free_port",
+    "qemu_binary",
+]

@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI prints them as one line and exits 2."""
+
+
+class TpfedError(Exception):
+    """Base class of every user-facing tpfed error."""
+
+
+class ModelError(TpfedError):
+    """A model or tokenizer file is missing, truncated or of an unsupported kind."""
+
+
+class PlanError(TpfedError):
+    """No plan satisfies the fleet's memory or the model's structure."""
+
+
+class PeerError(TpfedError):
+    """A peer refused, failed or stopped answering; the message names it."""
+
+
+class FleetError(TpfedError):
+    """A fleet description (YAML) or a board profile is invalid."""

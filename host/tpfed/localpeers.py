@@ -1,0 +1,81 @@
+"""Desktop peer processes started on loopback for ``--peers local:N`` (and the tests).
+
+Each peer is a real ``tpfed peer`` process on its own UDP port; the port is read from the
+first line it prints. Processes are always stopped on exit, also when startup fails half-way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+from tpfed.errors import PeerError
+
+_LISTENING = re.compile(r"listening on (udp://\S+)")
+
+
+@dataclass
+class LocalPeers:
+    """``async with LocalPeers(n) as uris:`` starts n peers and yields their ``udp://`` URIs."""
+
+    count: int
+    startup_timeout_s: float = 30.0
+    extra_args: tuple[str, ...] = ()
+    procs: list[asyncio.subprocess.Process] = field(default_factory=list)
+    uris: list[str] = field(default_factory=list)
+
+    async def __aenter__(self) -> list[str]:
+        try:
+            for i in range(self.count):
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "tpfed", "peer",
+                    "--listen", "udp://127.0.0.1:0", "--name", f"local-{i}", *self.extra_args,
+                    stdout=asyncio.subprocess.PIPE,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                )
+                self.procs.append(proc)
+            for i, proc in enumerate(self.procs):
+                self.uris.append(await self._read_uri(i, proc))
+        except BaseException:
+            await self.stop()
+            raise
+        return list(self.uris)
+
+    async def _read_uri(self, i: int, proc: asyncio.subprocess.Process) -> str:
+        assert proc.stdout is not None
+        try:
+            async with asyncio.timeout(self.startup_timeout_s):
+                while True:
+                    line = await proc.stdout.readline()
+                    if not line:
+                        code = await proc.wait()
+                        raise PeerError(f"local peer local-{i} exited with code {code} before listening")
+                    m = _LISTENING.search(line.decode(errors="replace"))
+                    if m:
+                        return m.group(1)
+        except TimeoutError:
+            raise PeerError(
+                f"local peer local-{i} did not start within {self.startup_timeout_s:.0f} s"
+            ) from None
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.terminate()
+        for proc in self.procs:
+            try:
+                async with asyncio.timeout(5):
+                    await proc.wait()
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        self.procs.clear()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

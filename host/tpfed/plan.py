@@ -1,0 +1,419 @@
+"""A plan: which device owns which KV groups and MLP columns of every layer. Plain data the
+coordinator consumes; it can be printed, saved, loaded, compared and validated.
+
+Internally the planner works on two owner matrices, ``group_owner[layer, group]`` and
+``block_owner[layer, block]`` (device index, -1 for none), and turns them into per-device
+:class:`LayerShare` objects; :func:`owner_matrices` goes back the other way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tpfed import costs
+from tpfed.config import ModelConfig
+from tpfed.errors import PlanError
+
+QK = costs.QK
+
+
+@dataclass(frozen=True)
+class LayerShare:
+    """What one device holds of one layer: whole KV groups and hidden-column ranges [start, end)
+    (start a multiple of 32; end a multiple of 32 or hidden_dim)."""
+
+    kv_groups: tuple[int, ...]
+    mlp_ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def mlp_columns(self) -> int:
+        return sum(e - s for s, e in self.mlp_ranges)
+
+
+@dataclass
+class DeviceShare:
+    name: str
+    layers: dict[int, LayerShare]
+    memory_bytes: int
+    memory_limit_bytes: int
+    busy_ms: float
+    """Predicted busy time per token: compute plus link time of every stage it takes part in."""
+
+    @property
+    def kv_units(self) -> int:
+        return sum(len(s.kv_groups) for s in self.layers.values())
+
+    @property
+    def mlp_columns(self) -> int:
+        return sum(s.mlp_columns for s in self.layers.values())
+
+
+@dataclass(frozen=True)
+class Move:
+    """One unit (a KV group, or a run of MLP columns) that changes owner between two plans."""
+
+    layer: int
+    kind: str  # "kv" or "mlp"
+    unit: tuple[int, ...]  # (group,) or (start, end)
+    src: str | None  # None: the previous owner left the fleet
+    dst: str
+    bytes: int  # Q8_0 weight bytes to push (a moved KV cache is rebuilt by replay, not sent)
+
+    def __str__(self) -> str:
+        what = f"group {self.unit[0]}" if self.kind == "kv" else f"columns {self.unit[0]}-{self.unit[1]}"
+        return f"layer {self.layer} {what}: {self.src or '(gone)'} -> {self.dst} ({self.bytes} B)"
+
+
+@dataclass
+class PlanDiff:
+    moves: list[Move]
+    joined: list[str]
+    left: list[str]
+
+    @property
+    def moved_bytes(self) -> int:
+        return sum(m.bytes for m in self.moves)
+
+    def __str__(self) -> str:
+        head = f"{len(self.moves)} moves, {self.moved_bytes} bytes"
+        if self.joined:
+            head += f"; joined: {', '.join(self.joined)}"
+        if self.left:
+            head += f"; left: {', '.join(self.left)}"
+        return "\n".join([head, *(f"  {m}" for m in self.moves)])
+
+
+def share_bytes(model: ModelConfig, seq_len: int, layers: dict[int, LayerShare]) -> int:
+    """What a device allocates for its shares: Q8_0 weights of its units + f32 KV caches."""
+    attn = costs.attn_unit_bytes(model, seq_len)
+    total = 0
+    for s in layers.values():
+        total += len(s.kv_groups) * attn
+        for a, b in s.mlp_ranges:
+            total += costs.mlp_range_bytes(model, b - a)
+    return total
+
+
+def block_bytes_array(model: ModelConfig) -> np.ndarray:
+    return np.array([costs.mlp_range_bytes(model, w) for w in costs.block_widths(model)], dtype=np.int64)
+
+
+def shares_from_owners(
+    model: ModelConfig, n_devices: int, group_owner: np.ndarray, block_owner: np.ndarray
+) -> list[dict[int, LayerShare]]:
+    """Per-device ``{layer: LayerShare}`` from the owner matrices (each range maximal)."""
+    L, B = block_owner.shape
+    hidden = model.hidden_dim
+    groups: list[dict[int, list[int]]] = [{} for _ in range(n_devices)]
+    for (l, g), d in np.ndenumerate(group_owner):
+        if d >= 0:
+            groups[d].setdefault(l, []).append(g)
+    ranges: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(n_devices)]
+    flat = block_owner.reshape(-1)
+    starts = np.ones(flat.size, dtype=bool)
+    starts[1:] = flat[1:] != flat[:-1]
+    starts[::B] = True
+    idx = np.flatnonzero(starts)
+    ends = np.append(idx[1:], flat.size)
+    for i, j, d in zip(idx.tolist(), ends.tolist(), flat[idx].tolist(), strict=True):
+        if d < 0:
+            continue
+        l, b0 = divmod(i, B)
+        b1 = j - l * B
+        ranges[d].setdefault(l, []).append((b0 * QK, min(b1 * QK, hidden)))
+    out: list[dict[int, LayerShare]] = []
+    for d in range(n_devices):
+        gd, rd = groups[d], ranges[d]
+        out.append({
+            l: LayerShare(tuple(gd.get(l, ())), tuple(rd.get(l, ())))
+            for l in sorted(set(gd) | set(rd))
+        })
+    return out
+
+
+def owner_matrices(plan: Plan, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``group_owner`` (L x G) and ``block_owner`` (L x B) with indices into ``names``; units
+    held by a device not in ``names`` get -1."""
+    m = plan.model
+    index = {n: i for i, n in enumerate(names)}
+    gown = np.full((m.n_layers, m.n_groups), -1, dtype=np.int64)
+    bown = np.full((m.n_layers, costs.n_blocks(m)), -1, dtype=np.int64)
+    for dev in plan.devices:
+        i = index.get(dev.name, -1)
+        for l, s in dev.layers.items():
+            if s.kv_groups:
+                gown[l, list(s.kv_groups)] = i
+            for a, b in s.mlp_ranges:
+                bown[l, a // QK: costs.ceil_div(b, QK)] = i
+    return gown, bown
+
+
+def diff_owners(m: ModelConfig, names: Sequence[str], g0: np.ndarray, b0: np.ndarray,
+                g1: np.ndarray, b1: np.ndarray) -> list[Move]:
+    """Units whose owner differs between two owner-matrix pairs (indices into ``names``)."""
+    attn_w = costs.attn_weight_bytes(m)
+    moves: list[Move] = []
+    for l, g in np.argwhere((g0 != g1) & (g1 >= 0)).tolist():
+        src = names[g0[l, g]] if g0[l, g] >= 0 else None
+        moves.append(Move(l, "kv", (g,), src, names[g1[l, g]], attn_w))
+    changed = (b0 != b1) & (b1 >= 0)
+    nb = b0.shape[1]
+    flat_c, flat0, flat1 = changed.reshape(-1), b0.reshape(-1), b1.reshape(-1)
+    starts = flat_c.copy()
+    starts[1:] &= ~flat_c[:-1] | (flat0[1:] != flat0[:-1]) | (flat1[1:] != flat1[:-1])
+    starts[::nb] = flat_c[::nb]
+    ends = flat_c.copy()
+    ends[:-1] &= ~flat_c[1:] | (flat0[1:] != flat0[:-1]) | (flat1[1:] != flat1[:-1])
+    ends[nb - 1::nb] = flat_c[nb - 1::nb]
+    cum = np.concatenate([[0], np.cumsum(block_bytes_array(m))])
+    for i, j in zip(np.flatnonzero(starts).tolist(), np.flatnonzero(ends).tolist(), strict=True):
+        l, b = divmod(i, nb)
+        e = j - l * nb + 1
+        src = names[flat0[i]] if flat0[i] >= 0 else None
+        moves.append(Move(l, "mlp", (b * QK, min(e * QK, m.hidden_dim)), src, names[flat1[i]],
+                          int(cum[e] - cum[b])))
+    return moves
+
+
+@dataclass
+class Plan:
+    model: ModelConfig
+    strategy: str
+    devices: list[DeviceShare]
+    excluded: list[tuple[str, str]]
+    seq_len: int
+    makespan_ms: float
+    """Predicted device-side time per token: per layer, the slowest attention holder plus the
+    slowest MLP holder, each with its compute and one round trip on its own link."""
+    ideal_ms: float
+    """Lower bound of the same model: every stage's work spread fluidly over all devices (no
+    memory limit, no indivisible units), each device paying its link time if it takes part."""
+    round_robin_makespan_ms: float
+    """The round-robin split of the same devices under the same model (memory not checked)."""
+    plan_ms: float
+    margin: float = 0.1
+    ideal_compute_ms: float = 0.0
+    """Total MACs / total MAC/s of all devices, links ignored (the issue's simplest ideal)."""
+    moved_bytes: int = 0
+    moves: list[Move] = field(default_factory=list)
+
+    # ----------------------------------------------------------------- queries
+    def device(self, name: str) -> DeviceShare:
+        for d in self.devices:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def owners(self, layer: int) -> tuple[list[str], list[tuple[int, int, str]]]:
+        """Owner of every KV group of ``layer`` (by group index) and its column ranges in
+        order as ``(start, end, device)``."""
+        if not 0 <= layer < self.model.n_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.model.n_layers - 1}")
+        groups: list[str | None] = [None] * self.model.n_groups
+        ranges: list[tuple[int, int, str]] = []
+        for d in self.devices:
+            s = d.layers.get(layer)
+            if s is None:
+                continue
+            for g in s.kv_groups:
+                groups[g] = d.name
+            ranges.extend((a, b, d.name) for a, b in s.mlp_ranges)
+        ranges.sort()
+        return [g or "" for g in groups], ranges
+
+    def utilisation(self) -> dict[str, float]:
+        return {d.name: (d.busy_ms / self.makespan_ms if self.makespan_ms > 0 else 0.0) for d in self.devices}
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Raise :class:`PlanError` unless every KV group and every hidden column of every
+        layer has exactly one owner, ranges are aligned, and every device's memory is what its
+        shares take and within its limit."""
+        m = self.model
+        L, G, H = m.n_layers, m.n_groups, m.hidden_dim
+        gcount = np.zeros((L, G), dtype=np.int64)
+        ccount = np.zeros((L, H + 1), dtype=np.int64)  # difference array over columns
+        names = set()
+        for d in self.devices:
+            if d.name in names:
+                raise PlanError(f"plan: device {d.name!r} appears twice")
+            names.add(d.name)
+            for l, s in d.layers.items():
+                if not 0 <= l < L:
+                    raise PlanError(f"plan: {d.name} holds layer {l}, model has {L}")
+                for g in s.kv_groups:
+                    if not 0 <= g < G:
+                        raise PlanError(f"plan: {d.name} holds group {g} of layer {l}, model has {G}")
+                    gcount[l, g] += 1
+                for a, b in s.mlp_ranges:
+                    if not (0 <= a < b <= H and a % QK == 0 and (b % QK == 0 or b == H)):
+                        raise PlanError(f"plan: {d.name} layer {l}: bad column range [{a}, {b})")
+                    ccount[l, a] += 1
+                    ccount[l, b] -= 1
+            need = share_bytes(m, self.seq_len, d.layers)
+            if need != d.memory_bytes:
+                raise PlanError(f"plan: {d.name} is said to use {d.memory_bytes} bytes, its shares take {need}")
+            if need > d.memory_limit_bytes:
+                raise PlanError(f"plan: {d.name} needs {need} bytes, its limit is {d.memory_limit_bytes}")
+        bad = np.argwhere(gcount != 1)
+        if bad.size:
+            l, g = bad[0]
+            raise PlanError(f"plan: layer {l} group {g} has {gcount[l, g]} owners (needs exactly 1)")
+        cols = np.cumsum(ccount, axis=1)[:, :H]
+        bad = np.argwhere(cols != 1)
+        if bad.size:
+            l, c = bad[0]
+            raise PlanError(f"plan: layer {l} column {c} has {cols[l, c]} owners (needs exactly 1)")
+
+    # ----------------------------------------------------------------- comparing
+    def diff(self, other: Plan) -> PlanDiff:
+        """What moves going from this plan to ``other`` (units whose owner changes)."""
+        if (self.model.n_layers, self.model.n_groups, self.model.hidden_dim) != (
+            other.model.n_layers, other.model.n_groups, other.model.hidden_dim
+        ):
+            raise PlanError("plan diff: the two plans are for different model shapes")
+        names = sorted({d.name for d in self.devices} | {d.name for d in other.devices})
+        g0, b0 = owner_matrices(self, names)
+        g1, b1 = owner_matrices(other, names)
+        mine = {d.name for d in self.devices}
+        theirs = {d.name for d in other.devices}
+        return PlanDiff(diff_owners(other.model, names, g0, b0, g1, b1),
+                        sorted(theirs - mine), sorted(mine - theirs))
+
+    # ----------------------------------------------------------------- (de)serialising
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "strategy": self.strategy,
+            "seq_len": self.seq_len,
+            "margin": self.margin,
+            "plan_ms": self.plan_ms,
+            "makespan_ms": self.makespan_ms,
+            "ideal_ms": self.ideal_ms,
+            "ideal_compute_ms": self.ideal_compute_ms,
+            "round_robin_makespan_ms": self.round_robin_makespan_ms,
+            "moved_bytes": self.moved_bytes,
+            "moves": [asdict(mv) for mv in self.moves],
+            "excluded": [[n, r] for n, r in self.excluded],
+            "devices": [
+                {
+                    "name": d.name,
+                    "memory_bytes": d.memory_bytes,
+                    "memory_limit_bytes": d.memory_limit_bytes,
+                    "busy_ms": d.busy_ms,
+                    "layers": {
+                        str(l): {"kv_groups": list(s.kv_groups), "mlp_ranges": [list(r) for r in s.mlp_ranges]}
+                        for l, s in sorted(d.layers.items())
+                    },
+                }
+                for d in self.devices
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> Plan:
+        try:
+            model = ModelConfig(**doc["model"])
+            devices = [
+                DeviceShare(
+                    name=d["name"],
+                    layers={
+                        int(l): LayerShare(tuple(int(g) for g in s["kv_groups"]),
+                                           tuple((int(a), int(b)) for a, b in s["mlp_ranges"]))
+                        for l, s in d["layers"].items()
+                    },
+                    memory_bytes=int(d["memory_bytes"]),
+                    memory_limit_bytes=int(d["memory_limit_bytes"]),
+                    busy_ms=float(d["busy_ms"]),
+                )
+                for d in doc["devices"]
+            ]
+            return cls(
+                model=model,
+                strategy=str(doc["strategy"]),
+                devices=devices,
+                excluded=[(str(n), str(r)) for n, r in doc["excluded"]],
+                seq_len=int(doc["seq_len"]),
+                makespan_ms=float(doc["makespan_ms"]),
+                ideal_ms=float(doc["ideal_ms"]),
+                round_robin_makespan_ms=float(doc["round_robin_makespan_ms"]),
+                plan_ms=float(doc["plan_ms"]),
+                margin=float(doc.get("margin", 0.1)),
+                ideal_compute_ms=float(doc.get("ideal_compute_ms", 0.0)),
+                moved_bytes=int(doc.get("moved_bytes", 0)),
+                moves=[Move(int(mv["layer"]), str(mv["kind"]), tuple(int(u) for u in mv["unit"]),
+                            mv["src"], str(mv["dst"]), int(mv["bytes"])) for mv in doc.get("moves", [])],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(f"not a tpfed plan ({type(exc).__name__}: {exc})") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan as JSON (atomically: a temporary file renamed into place)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PlanError(f"{path}: cannot read plan ({exc})") from None
+        return cls.from_dict(doc)
+
+    # ----------------------------------------------------------------- showing
+    def table(self):  # -> rich.table.Table
+        from rich.table import Table
+
+        t = Table(
+            title=(f"{self.model.name or 'model'} over {len(self.devices)} devices ({self.strategy}): "
+                   f"{self.makespan_ms:.3f} ms/token predicted, ideal {self.ideal_ms:.3f}, "
+                   f"round-robin {self.round_robin_makespan_ms:.3f}; planned in {self.plan_ms:.1f} ms"),
+        )
+        for col in ("device", "layers", "KV groups", "MLP columns", "memory MiB", "limit MiB", "busy ms", "util"):
+            t.add_column(col, justify="left" if col in ("device", "KV groups") else "right")
+        util = self.utilisation()
+        for d in self.devices:
+            t.add_row(
+                d.name,
+                _layer_span(sorted(d.layers), self.model.n_layers),
+                _groups_summary(d, self.model.n_layers),
+                str(d.mlp_columns),
+                f"{d.memory_bytes / 2**20:.2f}",
+                f"{d.memory_limit_bytes / 2**20:.2f}",
+                f"{d.busy_ms:.3f}",
+                f"{100 * util[d.name]:.0f}%",
+            )
+        if self.excluded:
+            t.caption = "\n".join(f"excluded {name}: {reason}" for name, reason in self.excluded)
+        return t
+
+
+def _layer_span(layers: list[int], n_layers: int) -> str:
+    if not layers:
+        return "-"
+    if len(layers) == n_layers:
+        return "all"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return str(len(layers))
+
+
+def _groups_summary(d: DeviceShare, n_layers: int) -> str:
+    sets = {s.kv_groups for s in d.layers.values() if s.kv_groups}
+    if not sets:
+        return "-"
+    held = sum(1 for s in d.layers.values() if s.kv_groups)
+    if len(sets) == 1:
+        (gs,) = sets
+        where = "every layer" if held == n_layers else f"{held} layers"
+        return f"{','.join(map(str, gs))} ({where})"
+    return f"{d.kv_units} group-layers"

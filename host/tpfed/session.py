@@ -1,0 +1,183 @@
+"""One generation run end to end: find the model, reach or start the peers, plan, push the
+shards and generate, streaming text as it comes. Shared by ``tpfed run``, ``tpfed demo`` and
+``tpfed bench e2e``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tpfed.coordinator import Coordinator, GenerationStats, Link
+from tpfed.errors import PeerError, TpfedError
+from tpfed.peerspec import PeerSpec, parse_peers
+from tpfed.quantized import Q8Model
+from tpfed.sampling import Sampler
+from tpfed.tokenizer import Tokenizer
+
+BOS = 1
+
+
+@dataclass
+class RunOptions:
+    peers: str
+    prompt: str = "Once upon a time"
+    model: str | None = None
+    tokenizer: str | None = None
+    temperature: float = 0.0
+    top_p: float = 0.9
+    seed: int | None = None
+    steps: int = 256
+    strategy: str = "round-robin"
+    deadline_s: float = 5.0
+    mtu: int = 1400
+
+
+@dataclass
+class RunResult:
+    text: str
+    tokens: list[int]
+    stats: GenerationStats
+    peers: list[dict] = field(default_factory=list)
+    plan: object | None = None
+    setup_s: float = 0.0
+
+    def to_json(self) -> dict:
+        s = self.stats
+        return {
+            "text": self.text,
+            "tokens": s.tokens,
+            "prompt_tokens": s.prompt_tokens,
+            "tokens_per_s": round(s.tokens_per_s, 2),
+            "wire_bytes_per_token": round(s.wire_bytes_per_token, 1),
+            "min_wire_bytes_per_token": round(s.min_wire_bytes_per_token, 1),
+            "peers": self.peers,
+            "setup_s": round(self.setup_s, 3),
+        }
+
+
+def load_model(model: str | None, tokenizer: str | None) -> tuple[Q8Model, Tokenizer]:
+    from tpfed.fetch import locate_model
+
+    files = locate_model(model, tokenizer)
+    q8 = Q8Model.load(files.model)
+    tok = Tokenizer.load(files.tokenizer, vocab_size=q8.config.vocab_size)
+    return q8, tok
+
+
+async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack,
+                     *, mtu: int = 1400) -> list[Link]:
+    """Links to every peer of ``specs``, in order; local peers and emulated boards are started
+    here and stopped when ``stack`` closes."""
+    from tpfed.transport import open_serial_link, open_udp_link
+
+    n_local = sum(1 for s in specs if s.kind == "local")
+    n_emu = sum(1 for s in specs if s.kind == "emu")
+    local_uris: list[str] = []
+    emu_urls: list[str] = []
+    if n_local:
+        from tpfed.localpeers import LocalPeers
+
+        local_uris = await stack.enter_async_context(LocalPeers(n_local))
+    if n_emu:
+        from tpfed.emulator import EmulatedBoards
+
+        emu_urls = await stack.enter_async_context(EmulatedBoards(n_emu))
+    links: list[Link] = []
+    i_local = i_emu = 0
+    for spec in specs:
+        if spec.kind == "local":
+            uri, name = local_uris[i_local], f"local-{i_local}"
+            i_local += 1
+            link = await open_udp_link(uri, name=name, mtu=mtu)
+        elif spec.kind == "udp":
+            link = await open_udp_link(spec.uri, name=spec.uri, mtu=mtu)
+        elif spec.kind == "emu":
+            link = await open_serial_link(emu_urls[i_emu], name=f"emu-{i_emu}")
+            i_emu += 1
+        else:
+            link = await open_serial_link(spec.uri, name=spec.device or spec.uri)
+        stack.push_async_callback(link.close)
+        links.append(link)
+    return links
+
+
+async def generate(coord: Coordinator, tokenizer: Tokenizer, prompt: str, steps: int,
+                   sampler: Sampler, on_piece: Callable[[bytes], None] | None = None) -> RunResult:
+    """llama2.c's generate loop: BOS and the prompt are fed, then tokens are sampled until
+    ``steps`` positions are used or BOS comes back. ``on_piece`` receives each new token's
+    bytes as soon as it is known."""
+    prompt_tokens = tokenizer.encode(prompt, bos=True)
+    if len(prompt_tokens) > steps:
+        raise TpfedError(f"the prompt is {len(prompt_tokens)} tokens, more than --steps {steps}")
+    coord.reset()
+    coord.stats = stats = GenerationStats(prompt_tokens=len(prompt_tokens))
+    out_tokens: list[int] = []
+    token = prompt_tokens[0]
+    t0 = time.perf_counter()
+    for pos in range(steps - 1):
+        logits = await coord.forward_async(token, pos)
+        if pos + 1 < len(prompt_tokens):
+            nxt = prompt_tokens[pos + 1]
+        else:
+            nxt = sampler.sample(logits)
+            if nxt == BOS:
+                break
+            out_tokens.append(nxt)
+            if on_piece is not None:
+                on_piece(tokenizer.piece(token, nxt))
+        token = nxt
+    stats.seconds = time.perf_counter() - t0
+    stats.tokens = pos + 1 if steps > 1 else 0
+    text = prompt + tokenizer.decode(out_tokens, prev_token=prompt_tokens[-1])
+    return RunResult(text=text, tokens=prompt_tokens + out_tokens, stats=stats)
+
+
+async def run(opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = None,
+              on_piece: Callable[[bytes], None] | None = None,
+              on_status: Callable[[str], None] | None = None) -> RunResult:
+    """Everything ``tpfed run`` does, as a coroutine."""
+    say = on_status or (lambda _msg: None)
+    if opts.steps < 1:
+        raise TpfedError(f"--steps must be at least 1, got {opts.steps}")
+    specs = parse_peers(opts.peers)
+    q8, tok = model if model is not None else load_model(opts.model, opts.tokenizer)
+    sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)
+    seq_len = min(opts.steps, q8.config.seq_len)
+    t_setup = time.perf_counter()
+    async with contextlib.AsyncExitStack() as stack:
+        links = await open_links(specs, stack, mtu=opts.mtu)
+        coord = Coordinator(q8, links, deadline_s=opts.deadline_s, seq_len=seq_len)
+        stack.push_async_callback(coord.close)
+        peers = await coord.connect()
+        say(f"{len(peers)} peers: " + ", ".join(
+            f"{p.name} ({p.hello['int8_macs'] / 1e9:.1f} GMAC/s, {p.latency_s * 1e6:.0f} us)"
+            for p in peers))
+        plan = coord.make_plan(opts.strategy)
+        await coord.push_weights()
+        setup_s = time.perf_counter() - t_setup
+        say(f"plan {plan.strategy}: weights pushed in {setup_s:.2f} s")
+        result = await generate(coord, tok, opts.prompt, seq_len, sampler, on_piece)
+        result.plan = plan
+        result.setup_s = setup_s
+        by_name = {d.name: d for d in plan.devices}
+        result.peers = [
+            {"name": p.name, "uri": p.link.uri,
+             "kv_groups": by_name[p.name].kv_units if p.name in by_name else 0,
+             "mlp_columns": by_name[p.name].mlp_columns if p.name in by_name else 0,
+             "int8_macs": p.hello["int8_macs"], "latency_us": round(p.latency_s * 1e6, 1)}
+            for p in peers
+        ]
+        return result
+
+
+def run_sync(opts: RunOptions, **kw) -> RunResult:
+    try:
+        return asyncio.run(run(opts, **kw))
+    except (OSError, ConnectionError) as exc:
+        raise PeerError(f"peer connection failed: {exc}") from exc
+
+
+__all__ = ["RunOptions", "RunResult", "generate", "load_model", "open_links", "run", "run_sync"]

@@ -1,0 +1,243 @@
+"""Discrete-event simulation of generation with a plan: what tokens/s a fleet would reach, where
+the time goes, and how busy every device is.
+
+Per token, for every layer and each of its two stages (attention, MLP), in order:
+
+1. the coordinator normalises and quantises the residual (``pre_ops`` elementwise operations at
+   ``CoordinatorSpec.ops_per_s``);
+2. it sends the activation frame to each participant in plan order, one after another on its
+   own NIC (``per_frame_s`` of software cost plus the frame over ``bandwidth_Bps`` each);
+3. each frame crosses the device's link (one-way latency + frame bytes over the link bandwidth),
+   the device computes its units at its (derated) MAC/s, and its partial frame crosses back;
+4. the coordinator takes the partials in order of arrival, one at a time (frame over its NIC +
+   ``per_frame_s`` + summing ``dim`` floats), and the stage ends when the last one is summed.
+
+After the last layer the coordinator runs the final norm, the classifier (vocab x dim MACs at
+``CoordinatorSpec.int8_macs``) and sampling. Attention work grows with the position (the context
+a token attends over). The same cost functions as the planner (:mod:`tpfed.costs`) are used.
+
+The single-queue recurrences (NIC send order, receive queue) are vectorised with numpy, so a
+stage over 10^4 devices costs a few array operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tpfed import costs
+from tpfed.errors import PlanError
+from tpfed.fleet import DeviceSpec
+from tpfed.plan import Plan
+
+
+@dataclass(frozen=True)
+class CoordinatorSpec:
+    """The host that embeds, normalises, sums partials and samples."""
+
+    int8_macs: float = 38e9
+    """Classifier throughput (MAC/s); default: the desktop profile's figure."""
+    ops_per_s: float = 1e9
+    """Elementwise work (norm, quantise, summing partials), operations per second."""
+    bandwidth_Bps: float = 117.5e6
+    """Its NIC's payload rate; default: gigabit Ethernet."""
+    per_frame_s: float = 5e-6
+    """Software cost of sending or receiving one frame (system call, framing, CRC)."""
+
+
+@dataclass
+class SimResult:
+    tokens: int
+    total_s: float
+    tokens_per_s: float
+    token_ms: list[float]
+    """Time of every simulated token."""
+    utilisation: dict[str, float]
+    """Compute time / wall time per device."""
+    compute_s: dict[str, float]
+    bytes_per_token: float
+    min_bytes_per_token: float
+    """Payload floor: dim int8 out and dim f32 back per participant per stage, no scales or headers."""
+    breakdown_ms: dict[str, float]
+    """Mean per-token time along the critical path of every stage, by cause (sums to the token time)."""
+    timeline: list[tuple[str, str, float, float]] = field(default_factory=list)
+    """The last token: (device, 'attn' | 'mlp', start_s, end_s) of every compute interval."""
+
+    def to_dict(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "total_s": self.total_s,
+            "tokens_per_s": self.tokens_per_s,
+            "token_ms_mean": float(np.mean(self.token_ms)),
+            "bytes_per_token": self.bytes_per_token,
+            "min_bytes_per_token": self.min_bytes_per_token,
+            "breakdown_ms": self.breakdown_ms,
+            "utilisation": self.utilisation,
+        }
+
+
+@dataclass
+class _Stage:
+    idx: np.ndarray  # participants (device indices into the simulated list), in plan order
+    fixed: np.ndarray  # MACs that do not depend on the position
+    per_ctx: np.ndarray  # MACs per attended position
+    kind: str
+
+
+def _stages(plan: Plan, n_layers: int) -> list[_Stage]:
+    m = plan.model
+    fixed_a = costs.attn_macs(m, 0.0)
+    ctx_a = costs.attn_macs(m, 1.0) - fixed_a
+    out: list[_Stage] = []
+    for l in range(n_layers):
+        ia, fa, ca, im, fm = [], [], [], [], []
+        for i, d in enumerate(plan.devices):
+            s = d.layers.get(l)
+            if s is None:
+                continue
+            if s.kv_groups:
+                ia.append(i)
+                fa.append(len(s.kv_groups) * fixed_a)
+                ca.append(len(s.kv_groups) * ctx_a)
+            if s.mlp_ranges:
+                im.append(i)
+                fm.append(s.mlp_columns * costs.mlp_col_macs(m))
+        out.append(_Stage(np.array(ia, dtype=np.int64), np.array(fa), np.array(ca), "attn"))
+        out.append(_Stage(np.array(im, dtype=np.int64), np.array(fm), np.zeros(len(fm)), "mlp"))
+    return out
+
+
+def _queue(arrivals: np.ndarray, service: float, start: float) -> np.ndarray:
+    """Finish times of jobs served one at a time in order: x_k = max(a_k, x_{k-1}) + service,
+    with x_{-1} = start (closed form via a running maximum)."""
+    k = np.arange(arrivals.size)
+    a = np.maximum(arrivals, start) if arrivals.size else arrivals
+    return np.maximum.accumulate(a - k * service) + (k + 1) * service
+
+
+def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: CoordinatorSpec | None = None,
+             tokens: int = 16, start_pos: int = 0) -> SimResult:
+    """Simulate ``tokens`` generated tokens at positions ``start_pos`` .. with ``plan`` on
+    ``devices`` (matched to the plan by name)."""
+    coord = coordinator or CoordinatorSpec()
+    if tokens < 1:
+        raise PlanError(f"simulate: tokens must be at least 1, got {tokens}")
+    m = plan.model
+    by_name = {d.name: d for d in devices}
+    missing = [d.name for d in plan.devices if d.name not in by_name]
+    if missing:
+        raise PlanError(f"simulate: the plan uses devices the fleet does not have: {', '.join(missing[:5])}")
+    if start_pos + tokens > plan.seq_len:
+        raise PlanError(f"simulate: {start_pos + tokens} positions exceed the plan's seq_len {plan.seq_len}")
+    specs = [by_name[d.name] for d in plan.devices]
+    n = len(specs)
+    speed = np.array([d.effective_macs for d in specs])
+    lat = np.array([d.latency_s for d in specs])
+    bw = np.array([d.bandwidth_Bps for d in specs])
+    act, part = costs.act_frame_bytes(m), costs.partial_frame_bytes(m)
+    out_link = lat + act / bw
+    back_link = lat + part / bw
+    send_s = coord.per_frame_s + act / coord.bandwidth_Bps
+    recv_s = coord.per_frame_s + part / coord.bandwidth_Bps + m.dim / coord.ops_per_s
+    pre_s = 6 * m.dim / coord.ops_per_s  # RMSNorm (square, sum, scale) + Q8_0 quantise
+    head_s = (m.vocab_size * m.dim / coord.int8_macs + (6 * m.dim + 3 * m.vocab_size) / coord.ops_per_s)
+    stages = _stages(plan, m.n_layers)
+
+    compute = np.zeros(n)
+    cats = {"coordinator compute": 0.0, "coordinator send": 0.0, "links": 0.0,
+            "device compute": 0.0, "coordinator receive": 0.0}
+    bytes_total = 0.0
+    min_bytes = 0.0
+    token_s: list[float] = []
+    timeline: list[tuple[str, str, float, float]] = []
+    now = 0.0
+    for t in range(tokens):
+        ctx = start_pos + t + 1
+        t0 = now
+        now += m.dim / coord.ops_per_s  # embedding lookup
+        cats["coordinator compute"] += m.dim / coord.ops_per_s
+        last = t == tokens - 1
+        for st in stages:
+            k = st.idx.size
+            if k == 0:
+                continue
+            begin = now + pre_s
+            send_end = begin + (np.arange(k) + 1) * send_s
+            arrive = send_end + out_link[st.idx]
+            work = (st.fixed + st.per_ctx * ctx) / speed[st.idx]
+            done = arrive + work
+            back = done + back_link[st.idx]
+            order = np.argsort(back, kind="stable")
+            finish = _queue(back[order], recv_s, begin)
+            end = float(finish[-1])
+            c = int(st.idx[order[-1]]) if finish.size else 0
+            ci = int(order[-1])
+            crit_back = float(back[ci])
+            cats["coordinator compute"] += pre_s
+            cats["coordinator send"] += float(send_end[ci] - begin)
+            cats["links"] += float(out_link[c] + back_link[c])
+            cats["device compute"] += float(work[ci])
+            cats["coordinator receive"] += end - crit_back
+            np.add.at(compute, st.idx, work)
+            bytes_total += k * (act + part)
+            min_bytes += k * 5 * m.dim
+            if last:
+                timeline.extend((plan.devices[i].name, st.kind, float(a - t0), float(b - t0))
+                                for i, a, b in zip(st.idx.tolist(), arrive.tolist(), done.tolist(), strict=True))
+            now = end
+        now += head_s
+        cats["coordinator compute"] += head_s
+        token_s.append(now - t0)
+    total = now
+    return SimResult(
+        tokens=tokens,
+        total_s=total,
+        tokens_per_s=tokens / total,
+        token_ms=[x * 1e3 for x in token_s],
+        utilisation={d.name: float(compute[i] / total) for i, d in enumerate(plan.devices)},
+        compute_s={d.name: float(compute[i]) for i, d in enumerate(plan.devices)},
+        bytes_per_token=bytes_total / tokens,
+        min_bytes_per_token=min_bytes / tokens,
+        breakdown_ms={k: v * 1e3 / tokens for k, v in cats.items()},
+        timeline=timeline,
+    )
+
+
+def plot(plan: Plan, result: SimResult, path: str, max_devices: int = 48) -> None:
+    """Who holds what (top) and one token's compute intervals per device (bottom), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tpfed.plan import owner_matrices
+
+    names = [d.name for d in plan.devices]
+    gown, bown = owner_matrices(plan, names)
+    m = plan.model
+    # one row per layer: each KV group drawn as wide as the columns its heads produce
+    reps = max(1, m.group_q_dim // costs.QK)
+    grid = np.concatenate([np.repeat(gown, reps, axis=1), bown], axis=1).astype(float)
+    grid[grid < 0] = np.nan
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 9), gridspec_kw={"height_ratios": [1, 1.4]})
+    ax1.imshow(grid, aspect="auto", interpolation="nearest", cmap="tab20")
+    ax1.axvline(gown.shape[1] * reps - 0.5, color="black", linewidth=1)
+    ax1.set_xlabel("KV groups | MLP blocks of 32 columns")
+    ax1.set_ylabel("layer")
+    ax1.set_title(f"{m.name or 'model'}: who holds what ({len(names)} devices, {plan.strategy})")
+    busy = sorted(names, key=lambda n: -result.compute_s.get(n, 0.0))[:max_devices]
+    row = {n: i for i, n in enumerate(busy)}
+    colours = {"attn": "tab:blue", "mlp": "tab:orange"}
+    for name, kind, a, b in result.timeline:
+        if name in row:
+            ax2.broken_barh([(a * 1e3, (b - a) * 1e3)], (row[name] - 0.4, 0.8), color=colours[kind])
+    ax2.set_yticks(range(len(busy)))
+    ax2.set_yticklabels(busy, fontsize=6)
+    ax2.invert_yaxis()
+    ax2.set_xlabel("ms into the token (blue: attention, orange: MLP)")
+    ax2.set_title(f"one token: {result.token_ms[-1]:.2f} ms; {result.tokens_per_s:.2f} tokens/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
