@@ -307,25 +307,63 @@ def _memory_message(ctx: _Ctx) -> str:
 
 
 def _capability_owners(ctx: _Ctx, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    L, G = ctx.L, ctx.G
+    """Attention first, MLP in the memory left; when memory binds somewhere, also MLP first
+    and attention in the memory left, and keep the faster of the two."""
     cap = np.where(usable, ctx.fa.cap, 0)
-    total_need = L * G * ctx.uc.attn_bytes + int(ctx.bbytes.sum()) * L
+    total_need = ctx.L * ctx.G * ctx.uc.attn_bytes + int(ctx.bbytes.sum()) * ctx.L
     if int(cap.sum()) < total_need:
         raise PlanError(_memory_message(ctx))
-    attn_units = cap // ctx.uc.attn_bytes
-    seq = _attention_slots(ctx, attn_units)
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    error: PlanError | None = None
+    for attn_first in (True, False):
+        try:
+            gown, bown, binding = _split(ctx, cap, attn_first)
+        except PlanError as exc:
+            error = exc
+            continue
+        span = ctx.evaluate(gown, bown).makespan_s
+        if best is None or span < best[0]:
+            best = (span, gown, bown)
+        if attn_first and not binding:
+            break
+    if best is None:
+        assert error is not None
+        raise error
+    return best[1], best[2]
+
+
+def _split(ctx: _Ctx, cap: np.ndarray, attn_first: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+    L, G = ctx.L, ctx.G
+    ab, bb = ctx.uc.attn_bytes, int(ctx.bbytes.max())
+    if attn_first:
+        a = _attention(ctx, cap // ab)
+        m = _mlp_counts(ctx, (cap - a.units * ab) // bb)
+    else:
+        # leave each device room for its share of the attention first in proportion to speed
+        reserve = np.ceil(L * G * ab * ctx.fa.speed / ctx.fa.speed.sum()).astype(np.int64)
+        m = _mlp_counts(ctx, np.maximum(cap - reserve, 0) // bb)
+        a = _attention(ctx, (cap - m * bb) // ab)
+    used = a.units * ab + m * bb
+    binding = bool((cap - used < max(ab, bb)).any())
+    finish = np.where(m > 0, ctx.fa.link + np.ceil(m / L) * (ctx.wb / ctx.fa.speed), 0.0)
+    # the last block of a layer may be narrower: lay out the latest finisher last so it gets it
+    bown = _cyclic_owners(m, np.argsort(finish, kind="stable").tolist(), L, ctx.B)
+    return a.gown, bown, binding
+
+
+@dataclass
+class _Attn:
+    units: np.ndarray
+    gown: np.ndarray
+
+
+def _attention(ctx: _Ctx, cap_units: np.ndarray) -> _Attn:
+    seq = _attention_slots(ctx, cap_units)
     a = np.zeros(ctx.N, dtype=np.int64)
     for d, u in seq:
         a[d] += u
     flat = np.repeat(np.array([d for d, _ in seq], dtype=np.int64), [u for _, u in seq])
-    gown = flat.reshape(G, L).T.copy()
-    left = cap - a * ctx.uc.attn_bytes
-    blocks = np.where(usable, left // int(ctx.bbytes.max()), 0)
-    m = _mlp_counts(ctx, blocks)
-    # the last block of a layer may be narrower: lay out the latest finisher last so it gets it
-    finish = np.where(m > 0, ctx.fa.link + np.ceil(m / L) * (ctx.wb / ctx.fa.speed), 0.0)
-    bown = _cyclic_owners(m, np.argsort(finish, kind="stable").tolist(), L, ctx.B)
-    return gown, bown
+    return _Attn(a, flat.reshape(ctx.G, ctx.L).T.copy())
 
 
 def _exclusion_reasons(ctx: _Ctx, ev: Evaluation, used: np.ndarray, small: np.ndarray) -> dict[int, str]:

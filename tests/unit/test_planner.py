@@ -110,15 +110,15 @@ def test_capability_excludes_tiny_and_far_devices_with_reasons():
 
 def test_memory_forces_heterogeneous_layers():
     m = STORIES260K
-    unit = costs.attn_unit_bytes(m, m.seq_len)
-    # room for about two layers' worth of units on each small device
-    small = (2 * (m.n_groups * unit + sum(costs.mlp_range_bytes(m, w) for w in costs.block_widths(m))))
-    fleet = [dev(f"s{i}", mem_mb=small / 0.9 / 2**20, gmacs=10) for i in range(4)]
+    block = costs.mlp_range_bytes(m, 32)
+    # a fast device with room for three MLP blocks in all, next to a slow one with plenty
+    fleet = [dev("big", mem_mb=64, gmacs=0.05), dev("small", mem_mb=3.5 * block / 0.9 / 2**20, gmacs=100)]
     p = plan(m, fleet, strategy="capability")
     p.validate()
-    assert any(len(d.layers) < m.n_layers for d in p.devices)
-    for d in p.devices:
-        assert d.memory_bytes <= d.memory_limit_bytes
+    small = p.device("small")
+    assert len(small.layers) == 3 < m.n_layers
+    assert small.memory_bytes <= small.memory_limit_bytes
+    assert p.makespan_ms < plan(m, fleet[:1], strategy="capability").makespan_ms
 
 
 def test_not_enough_memory_is_a_plan_error():

@@ -2,8 +2,8 @@
 
 - ``tpfed bench kernels``: the int8 matrix-vector kernel against numpy float32 and the measured
   memory bandwidth (:mod:`tpfed.bench_kernels`).
-- ``tpfed bench e2e``: end-to-end generation (to be added: register it in ``_BENCHES`` below
-  with its own ``add_*_arguments`` and ``run_*`` functions).
+- ``tpfed bench e2e``: end-to-end generation, single process against local UDP peers
+  (:mod:`tpfed.bench_e2e`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 
 NAME = "bench"
-HELP = "Run benchmarks (kernels; more to come)."
+HELP = "Run benchmarks (kernels, e2e), each against a baseline measured in the same run."
 
 
 def _positive_int(text: str) -> int:
@@ -79,13 +79,58 @@ def run_kernels(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- tpfed bench e2e
+
+
+def add_e2e_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=_positive_int, default=256,
+                        help="positions generated per run, prompt included (256)")
+    parser.add_argument("--repeat", type=_positive_int, default=3,
+                        help="runs per configuration; the fastest is reported (3)")
+    parser.add_argument("--peers", default="1,2,4", help="peer counts to measure (1,2,4)")
+    parser.add_argument("--model", help="llama2.c checkpoint (default: stories260K)")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+
+def run_e2e(args: argparse.Namespace) -> int:
+    from tpfed.bench_e2e import run_e2e_bench
+    from tpfed.errors import TpfedError
+
+    try:
+        counts = tuple(int(x) for x in args.peers.split(","))
+    except ValueError:
+        raise TpfedError(f"--peers takes a comma list of counts, got {args.peers!r}") from None
+    result = run_e2e_bench(counts, steps=args.steps, repeat=args.repeat, model=args.model)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    base = result["single_process_tokens_per_s"]
+    table = Table(title=f"stories260K, {result['steps']} positions, greedy; "
+                        f"single process {base:.0f} tok/s")
+    for col in ("peers", "tok/s", "vs single", "ms/token", "overhead ms/token",
+                "wire B/token", "min B/token", "wire / min", "same text"):
+        table.add_column(col, justify="right")
+    for p in result["points"]:
+        table.add_row(str(p["peers"]), f"{p['tokens_per_s']:.0f}", f"{p['tokens_per_s'] / base:.2f}x",
+                      f"{p['ms_per_token']:.2f}", f"{p['overhead_ms_per_token']:.2f}",
+                      f"{p['wire_bytes_per_token']:.0f}", f"{p['min_wire_bytes_per_token']:.0f}",
+                      f"{p['wire_ratio']:.3f}", "yes" if p["same_text_as_single"] else "NO")
+    Console().print(table)
+    return 0
+
+
 # ---------------------------------------------------------------- registry
 
 _BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "kernels": ("int8 gemv vs numpy float32, and memory bandwidth, in one run",
                 add_kernels_arguments, run_kernels),
-    # "e2e": ("...", add_e2e_arguments, run_e2e),
+    "e2e": ("stories260K generation: single process vs 1, 2, 4 local UDP peers, in one run",
+            add_e2e_arguments, run_e2e),
 }
 
 
