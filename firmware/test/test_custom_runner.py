@@ -33,7 +33,8 @@ class KernelLink:
         self.buf = bytearray()
 
     def call(self, op: int, payload: bytes, timeout: float = 10.0) -> bytes:
-        self.ser.write(cobs.encode(bytes([op]) + payload) + b"\x00")
+        # A leading delimiter ends whatever partial segment line noise left in the decoder.
+        self.ser.write(b"\x00" + cobs.encode(bytes([op]) + payload) + b"\x00")
         deadline = time.monotonic() + timeout
         while b"\x00" not in self.buf:
             if time.monotonic() > deadline:
@@ -107,7 +108,7 @@ class CustomTestRunner(TestRunnerBase):
             ser.close()
         except Exception as exc:  # the whole suite errors out, with the reason
             self.test_suite.add_case(TestCase(name=f"{env}:kernels", status=TestStatus.ERRORED,
-                                              message=f"{type(exc).__name__}: {exc}"))
+                                              message=f"{type(exc).__name__}: {exc}", exception=exc))
         finally:
             if board is not None:
                 crashed = board.returncode
@@ -122,14 +123,16 @@ class CustomTestRunner(TestRunnerBase):
     # -- the cases ---------------------------------------------------------------------------
     def check(self, name: str, fn) -> None:
         t0 = time.monotonic()
+        error = None
         try:
             msg = fn()
             status = TestStatus.PASSED
         except AssertionError as exc:
             status, msg = TestStatus.FAILED, str(exc)
         except Exception as exc:  # noqa: BLE001 - reported as this case's error
-            status, msg = TestStatus.ERRORED, f"{type(exc).__name__}: {exc}"
-        case = TestCase(name=name, status=status, message=msg or None, duration=time.monotonic() - t0)
+            status, msg, error = TestStatus.ERRORED, f"{type(exc).__name__}: {exc}", exc
+        case = TestCase(name=name, status=status, message=msg or None, exception=error,
+                        duration=time.monotonic() - t0)
         self.test_suite.add_case(case)
         print(f"{self.test_suite.env_name}:{name} {status.name}{': ' + msg if msg else ''}")
 

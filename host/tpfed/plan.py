@@ -112,9 +112,9 @@ def shares_from_owners(
     L, B = block_owner.shape
     hidden = model.hidden_dim
     groups: list[dict[int, list[int]]] = [{} for _ in range(n_devices)]
-    for (l, g), d in np.ndenumerate(group_owner):
+    for (li, g), d in np.ndenumerate(group_owner):
         if d >= 0:
-            groups[d].setdefault(l, []).append(g)
+            groups[d].setdefault(li, []).append(g)
     ranges: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(n_devices)]
     flat = block_owner.reshape(-1)
     starts = np.ones(flat.size, dtype=bool)
@@ -125,15 +125,15 @@ def shares_from_owners(
     for i, j, d in zip(idx.tolist(), ends.tolist(), flat[idx].tolist(), strict=True):
         if d < 0:
             continue
-        l, b0 = divmod(i, B)
-        b1 = j - l * B
-        ranges[d].setdefault(l, []).append((b0 * QK, min(b1 * QK, hidden)))
+        li, b0 = divmod(i, B)
+        b1 = j - li * B
+        ranges[d].setdefault(li, []).append((b0 * QK, min(b1 * QK, hidden)))
     out: list[dict[int, LayerShare]] = []
     for d in range(n_devices):
         gd, rd = groups[d], ranges[d]
         out.append({
-            l: LayerShare(tuple(gd.get(l, ())), tuple(rd.get(l, ())))
-            for l in sorted(set(gd) | set(rd))
+            li: LayerShare(tuple(gd.get(li, ())), tuple(rd.get(li, ())))
+            for li in sorted(set(gd) | set(rd))
         })
     return out
 
@@ -147,11 +147,11 @@ def owner_matrices(plan: Plan, names: Sequence[str]) -> tuple[np.ndarray, np.nda
     bown = np.full((m.n_layers, costs.n_blocks(m)), -1, dtype=np.int64)
     for dev in plan.devices:
         i = index.get(dev.name, -1)
-        for l, s in dev.layers.items():
+        for li, s in dev.layers.items():
             if s.kv_groups:
-                gown[l, list(s.kv_groups)] = i
+                gown[li, list(s.kv_groups)] = i
             for a, b in s.mlp_ranges:
-                bown[l, a // QK: costs.ceil_div(b, QK)] = i
+                bown[li, a // QK: costs.ceil_div(b, QK)] = i
     return gown, bown
 
 
@@ -160,9 +160,9 @@ def diff_owners(m: ModelConfig, names: Sequence[str], g0: np.ndarray, b0: np.nda
     """Units whose owner differs between two owner-matrix pairs (indices into ``names``)."""
     attn_w = costs.attn_weight_bytes(m)
     moves: list[Move] = []
-    for l, g in np.argwhere((g0 != g1) & (g1 >= 0)).tolist():
-        src = names[g0[l, g]] if g0[l, g] >= 0 else None
-        moves.append(Move(l, "kv", (g,), src, names[g1[l, g]], attn_w))
+    for li, g in np.argwhere((g0 != g1) & (g1 >= 0)).tolist():
+        src = names[g0[li, g]] if g0[li, g] >= 0 else None
+        moves.append(Move(li, "kv", (g,), src, names[g1[li, g]], attn_w))
     changed = (b0 != b1) & (b1 >= 0)
     nb = b0.shape[1]
     flat_c, flat0, flat1 = changed.reshape(-1), b0.reshape(-1), b1.reshape(-1)
@@ -174,10 +174,10 @@ def diff_owners(m: ModelConfig, names: Sequence[str], g0: np.ndarray, b0: np.nda
     ends[nb - 1::nb] = flat_c[nb - 1::nb]
     cum = np.concatenate([[0], np.cumsum(block_bytes_array(m))])
     for i, j in zip(np.flatnonzero(starts).tolist(), np.flatnonzero(ends).tolist(), strict=True):
-        l, b = divmod(i, nb)
-        e = j - l * nb + 1
+        li, b = divmod(i, nb)
+        e = j - li * nb + 1
         src = names[flat0[i]] if flat0[i] >= 0 else None
-        moves.append(Move(l, "mlp", (b * QK, min(e * QK, m.hidden_dim)), src, names[flat1[i]],
+        moves.append(Move(li, "mlp", (b * QK, min(e * QK, m.hidden_dim)), src, names[flat1[i]],
                           int(cum[e] - cum[b])))
     return moves
 
@@ -245,18 +245,18 @@ class Plan:
             if d.name in names:
                 raise PlanError(f"plan: device {d.name!r} appears twice")
             names.add(d.name)
-            for l, s in d.layers.items():
-                if not 0 <= l < L:
-                    raise PlanError(f"plan: {d.name} holds layer {l}, model has {L}")
+            for li, s in d.layers.items():
+                if not 0 <= li < L:
+                    raise PlanError(f"plan: {d.name} holds layer {li}, model has {L}")
                 for g in s.kv_groups:
                     if not 0 <= g < G:
-                        raise PlanError(f"plan: {d.name} holds group {g} of layer {l}, model has {G}")
-                    gcount[l, g] += 1
+                        raise PlanError(f"plan: {d.name} holds group {g} of layer {li}, model has {G}")
+                    gcount[li, g] += 1
                 for a, b in s.mlp_ranges:
                     if not (0 <= a < b <= H and a % QK == 0 and (b % QK == 0 or b == H)):
-                        raise PlanError(f"plan: {d.name} layer {l}: bad column range [{a}, {b})")
-                    ccount[l, a] += 1
-                    ccount[l, b] -= 1
+                        raise PlanError(f"plan: {d.name} layer {li}: bad column range [{a}, {b})")
+                    ccount[li, a] += 1
+                    ccount[li, b] -= 1
             need = share_bytes(m, self.seq_len, d.layers)
             if need != d.memory_bytes:
                 raise PlanError(f"plan: {d.name} is said to use {d.memory_bytes} bytes, its shares take {need}")
@@ -264,13 +264,13 @@ class Plan:
                 raise PlanError(f"plan: {d.name} needs {need} bytes, its limit is {d.memory_limit_bytes}")
         bad = np.argwhere(gcount != 1)
         if bad.size:
-            l, g = bad[0]
-            raise PlanError(f"plan: layer {l} group {g} has {gcount[l, g]} owners (needs exactly 1)")
+            li, g = bad[0]
+            raise PlanError(f"plan: layer {li} group {g} has {gcount[li, g]} owners (needs exactly 1)")
         cols = np.cumsum(ccount, axis=1)[:, :H]
         bad = np.argwhere(cols != 1)
         if bad.size:
-            l, c = bad[0]
-            raise PlanError(f"plan: layer {l} column {c} has {cols[l, c]} owners (needs exactly 1)")
+            li, c = bad[0]
+            raise PlanError(f"plan: layer {li} column {c} has {cols[li, c]} owners (needs exactly 1)")
 
     # ----------------------------------------------------------------- comparing
     def diff(self, other: Plan) -> PlanDiff:
@@ -309,8 +309,8 @@ class Plan:
                     "memory_limit_bytes": d.memory_limit_bytes,
                     "busy_ms": d.busy_ms,
                     "layers": {
-                        str(l): {"kv_groups": list(s.kv_groups), "mlp_ranges": [list(r) for r in s.mlp_ranges]}
-                        for l, s in sorted(d.layers.items())
+                        str(li): {"kv_groups": list(s.kv_groups), "mlp_ranges": [list(r) for r in s.mlp_ranges]}
+                        for li, s in sorted(d.layers.items())
                     },
                 }
                 for d in self.devices
@@ -325,9 +325,9 @@ class Plan:
                 DeviceShare(
                     name=d["name"],
                     layers={
-                        int(l): LayerShare(tuple(int(g) for g in s["kv_groups"]),
+                        int(li): LayerShare(tuple(int(g) for g in s["kv_groups"]),
                                            tuple((int(a), int(b)) for a, b in s["mlp_ranges"]))
-                        for l, s in d["layers"].items()
+                        for li, s in d["layers"].items()
                     },
                     memory_bytes=int(d["memory_bytes"]),
                     memory_limit_bytes=int(d["memory_limit_bytes"]),

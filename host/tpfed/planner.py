@@ -38,7 +38,14 @@ from tpfed import costs
 from tpfed.config import ModelConfig
 from tpfed.errors import PlanError
 from tpfed.fleet import DeviceSpec
-from tpfed.plan import DeviceShare, Plan, block_bytes_array, diff_owners, owner_matrices, shares_from_owners
+from tpfed.plan import (
+    DeviceShare,
+    Plan,
+    block_bytes_array,
+    diff_owners,
+    owner_matrices,
+    shares_from_owners,
+)
 
 STRATEGIES = ("round-robin", "capability")
 MiB = float(1 << 20)
@@ -113,14 +120,13 @@ class _Ctx:
         return Evaluation(float(sa.sum() + sm.sum()), ta.sum(axis=0) + tm.sum(axis=0), mem, sa, sm)
 
     def ideal_s(self) -> float:
-        """Per-token lower bound: the fluid relaxation of the plan (units divisible without
-        limit, identical stage times in every layer), keeping each device's memory and the
-        link time it pays when it takes part in a stage. See :func:`fluid_bound`."""
-        return self.L * fluid_bound(
-            self.G * self.wa, self.model.hidden_dim * self.uc.col_macs,
-            self.uc.attn_bytes / self.wa, float(self.bbytes.max()) / self.wb,
-            self.fa.link, self.fa.speed, self.fa.cap / self.L,
-        )
+        """Per-token lower bound of the cost model: each stage's work spread fluidly over all
+        devices (no memory limit, no indivisible units), a device paying its link time only if
+        it takes part. Memory is left out because a relaxation that keeps it but makes every
+        layer alike is not a bound: the optimum may give a device only some layers."""
+        attn = fluid_time(self.G * self.wa, self.fa.link, self.fa.speed)
+        mlp = fluid_time(self.model.hidden_dim * self.uc.col_macs, self.fa.link, self.fa.speed)
+        return self.L * (attn + mlp)
 
     def ideal_compute_s(self) -> float:
         return self.L * (self.G * self.wa + self.model.hidden_dim * self.uc.col_macs) / float(self.fa.speed.sum())
@@ -155,69 +161,6 @@ def _bisect_min(feasible, lo: np.ndarray, hi: np.ndarray, iters: int = 48) -> np
         hi = np.where(ok, mid, hi)
         lo = np.where(ok, lo, mid)
     return hi
-
-
-def fluid_bound(work_a: float, work_m: float, rho_a: float, rho_m: float, link: np.ndarray,
-                speed: np.ndarray, mem: np.ndarray) -> float:
-    """Lower bound on T_a + T_m for one layer: fractional attention and MLP work (MACs), device
-    d doing at most max(0, T - link_d) * speed_d in a stage of length T, and holding at most
-    ``mem[d]`` bytes at ``rho_a`` / ``rho_m`` bytes per MAC of attention / MLP work.
-
-    The devices' feasible (attention, MLP) work sets are polygons whose facets all have the
-    normals (1, 0), (0, 1) and (rho_a, rho_m), so their sum contains the demand exactly when
-    these three inequalities hold:
-      sum min(cap_a, mem/rho_a) >= work_a;  sum min(cap_m, mem/rho_m) >= work_m;
-      sum min(rho_a cap_a + rho_m cap_m, mem) >= rho_a work_a + rho_m work_m.
-    T_a + T_m is minimised over a grid of T_a, refined once; the grid step is subtracted so the
-    result stays a lower bound.
-    """
-    mem = mem.astype(np.float64)
-    if float(mem.sum()) < rho_a * work_a + rho_m * work_m:
-        return math.inf
-
-    def cap(t: np.ndarray) -> np.ndarray:
-        return np.maximum(0.0, t[..., None] - link) * speed
-
-    def ok_a(t: np.ndarray) -> np.ndarray:
-        return np.minimum(cap(t), mem / rho_a).sum(axis=-1) >= work_a
-
-    def ok_m(t: np.ndarray) -> np.ndarray:
-        return np.minimum(cap(t), mem / rho_m).sum(axis=-1) >= work_m
-
-    hi = np.array(float(link.max() + (work_a + work_m) / speed.sum()))
-    while not (ok_a(hi) and ok_m(hi)):
-        hi = hi * 2
-    lo0 = np.array(float(link.min()))
-    ta_min = float(_bisect_min(ok_a, lo0, hi))
-    tm_min = float(_bisect_min(ok_m, lo0, hi))
-    total = rho_a * work_a + rho_m * work_m
-
-    def tm_for(ta: np.ndarray) -> np.ndarray:
-        ca = rho_a * cap(ta)
-
-        def ok(tm: np.ndarray) -> np.ndarray:
-            return np.minimum(ca + rho_m * cap(tm), mem).sum(axis=-1) >= total
-
-        his = np.full(ta.shape, max(tm_min, 1e-12))
-        while not ok(his).all():
-            his = np.where(ok(his), his, his * 2)
-        return _bisect_min(ok, np.full(ta.shape, tm_min), his)
-
-    tm_at_min = float(tm_for(np.array([ta_min]))[0])
-    if tm_at_min <= tm_min * (1 + 1e-12):
-        return ta_min + tm_min
-    # For T_a in [t_j, t_j+1]: T_a + T_m(T_a) >= t_j + T_m(t_j+1) (T_m falls as T_a grows).
-    # Beyond ta_min + (tm_at_min - tm_min) nothing beats the value at ta_min.
-    bounds: list[float] = [ta_min + tm_at_min]
-    lo, hi_a = ta_min, ta_min + (tm_at_min - tm_min)
-    for _ in range(3):
-        grid = np.linspace(lo, hi_a, 33)
-        interval = grid[:-1] + tm_for(grid[1:])
-        j = int(np.argmin(interval))
-        bounds.extend(np.delete(interval, j).tolist())
-        lo, hi_a = float(grid[j]), float(grid[j + 1])
-    bounds.append(float(lo + tm_for(np.array([hi_a]))[0]))
-    return max(min(bounds), ta_min + tm_min)
 
 
 def _cyclic_owners(counts: np.ndarray, order: Sequence[int], n_layers: int, per_layer: int) -> np.ndarray:
@@ -307,24 +250,26 @@ def _memory_message(ctx: _Ctx) -> str:
 
 
 def _capability_owners(ctx: _Ctx, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Attention first, MLP in the memory left; when memory binds somewhere, also MLP first
-    and attention in the memory left, and keep the faster of the two."""
+    """Attention first, MLP in the memory left; when memory binds somewhere, also the MLP
+    first (with and without room kept for attention) and keep the fastest split. Attention
+    units (weights + KV cache) take more memory per MAC than MLP blocks, so where fast memory
+    is short it can pay to give it to the MLP and leave attention to slower devices."""
     cap = np.where(usable, ctx.fa.cap, 0)
     total_need = ctx.L * ctx.G * ctx.uc.attn_bytes + int(ctx.bbytes.sum()) * ctx.L
     if int(cap.sum()) < total_need:
         raise PlanError(_memory_message(ctx))
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     error: PlanError | None = None
-    for attn_first in (True, False):
+    for order in ("attention first", "mlp first", "mlp first, attention reserved"):
         try:
-            gown, bown, binding = _split(ctx, cap, attn_first)
+            gown, bown, binding = _split(ctx, cap, order)
         except PlanError as exc:
             error = exc
             continue
         span = ctx.evaluate(gown, bown).makespan_s
         if best is None or span < best[0]:
             best = (span, gown, bown)
-        if attn_first and not binding:
+        if order == "attention first" and not binding:
             break
     if best is None:
         assert error is not None
@@ -332,14 +277,17 @@ def _capability_owners(ctx: _Ctx, usable: np.ndarray) -> tuple[np.ndarray, np.nd
     return best[1], best[2]
 
 
-def _split(ctx: _Ctx, cap: np.ndarray, attn_first: bool) -> tuple[np.ndarray, np.ndarray, bool]:
+def _split(ctx: _Ctx, cap: np.ndarray, order: str) -> tuple[np.ndarray, np.ndarray, bool]:
     L, G = ctx.L, ctx.G
     ab, bb = ctx.uc.attn_bytes, int(ctx.bbytes.max())
-    if attn_first:
+    if order == "attention first":
         a = _attention(ctx, cap // ab)
         m = _mlp_counts(ctx, (cap - a.units * ab) // bb)
+    elif order == "mlp first":
+        m = _mlp_counts(ctx, cap // bb)
+        a = _attention(ctx, (cap - m * bb) // ab)
     else:
-        # leave each device room for its share of the attention first in proportion to speed
+        # leave each device room for its share of the attention in proportion to speed
         reserve = np.ceil(L * G * ab * ctx.fa.speed / ctx.fa.speed.sum()).astype(np.int64)
         m = _mlp_counts(ctx, np.maximum(cap - reserve, 0) // bb)
         a = _attention(ctx, (cap - m * bb) // ab)
@@ -491,22 +439,22 @@ def replan(old: Plan, devices: Sequence[DeviceSpec], margin: float | None = None
 
 def _shed(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, d: int, excess: int) -> None:
     """Drop units of device d (MLP blocks of the last layers first, then groups) until it fits."""
-    for l in range(ctx.L - 1, -1, -1):
-        for b in np.flatnonzero(bown[l] == d)[::-1].tolist():
+    for li in range(ctx.L - 1, -1, -1):
+        for b in np.flatnonzero(bown[li] == d)[::-1].tolist():
             if excess <= 0:
                 return
-            bown[l, b] = -1
+            bown[li, b] = -1
             excess -= int(ctx.bbytes[b])
-    for l in range(ctx.L - 1, -1, -1):
-        for g in np.flatnonzero(gown[l] == d).tolist():
+    for li in range(ctx.L - 1, -1, -1):
+        for g in np.flatnonzero(gown[li] == d).tolist():
             if excess <= 0:
                 return
-            gown[l, g] = -1
+            gown[li, g] = -1
             excess -= ctx.uc.attn_bytes
 
 
-def _layer_loads(ctx: _Ctx, own: np.ndarray, l: int, weights: np.ndarray | None) -> np.ndarray:
-    row = own[l]
+def _layer_loads(ctx: _Ctx, own: np.ndarray, li: int, weights: np.ndarray | None) -> np.ndarray:
+    row = own[li]
     ok = row >= 0
     w = None if weights is None else weights[ok]
     return np.bincount(row[ok], weights=w, minlength=ctx.N).astype(np.float64)
@@ -515,14 +463,14 @@ def _layer_loads(ctx: _Ctx, own: np.ndarray, l: int, weights: np.ndarray | None)
 def _place_orphan_groups(ctx: _Ctx, gown: np.ndarray, mem_left: np.ndarray) -> None:
     speed, link = ctx.fa.speed, ctx.fa.link
     ab = ctx.uc.attn_bytes
-    for l in np.flatnonzero((gown < 0).any(axis=1)).tolist():
-        cnt = _layer_loads(ctx, gown, l, None)
-        for g in np.flatnonzero(gown[l] < 0).tolist():
+    for li in np.flatnonzero((gown < 0).any(axis=1)).tolist():
+        cnt = _layer_loads(ctx, gown, li, None)
+        for g in np.flatnonzero(gown[li] < 0).tolist():
             finish = np.where(mem_left >= ab, link + (cnt + 1) * ctx.wa / speed, np.inf)
             d = int(np.argmin(finish))
             if not np.isfinite(finish[d]):
-                raise PlanError(f"re-plan: no device has room for layer {l} group {g} ({ab} bytes)")
-            gown[l, g] = d
+                raise PlanError(f"re-plan: no device has room for layer {li} group {g} ({ab} bytes)")
+            gown[li, g] = d
             cnt[d] += 1
             mem_left[d] -= ab
 
@@ -565,10 +513,10 @@ def _place_orphan_blocks(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left
     take = np.clip(excess - (np.cumsum(cs, axis=1) - cs), 0, cs)
     np.put_along_axis(c, order, cs - take, axis=1)
     c = c.astype(np.int64)
-    for jj, l in enumerate(layers.tolist()):
-        blocks = np.flatnonzero(orphan[l])
+    for jj, li in enumerate(layers.tolist()):
+        blocks = np.flatnonzero(orphan[li])
         owners = np.repeat(np.arange(N), c[jj])
-        bown[l, blocks] = owners
+        bown[li, blocks] = owners
         mem_left -= np.bincount(owners, weights=ctx.bbytes[blocks], minlength=N).astype(np.int64)
 
 
@@ -576,20 +524,20 @@ def _place_orphan_blocks_seq(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_
     speed, link = ctx.fa.speed, ctx.fa.link
     per_col = ctx.uc.col_macs / speed
     bb = ctx.bbytes
-    for l in np.flatnonzero((bown < 0).any(axis=1)).tolist():
-        cols = _layer_loads(ctx, bown, l, ctx.widths)
+    for li in np.flatnonzero((bown < 0).any(axis=1)).tolist():
+        cols = _layer_loads(ctx, bown, li, ctx.widths)
         base = (link + (cols + costs.QK) * per_col).tolist()
         heap = [(base[d], d) for d in range(ctx.N) if mem_left[d] >= bb[0]]
         heapq.heapify(heap)
         cl = cols.tolist()
-        for b in np.flatnonzero(bown[l] < 0).tolist():
+        for b in np.flatnonzero(bown[li] < 0).tolist():
             while True:
                 if not heap:
-                    raise PlanError(f"re-plan: no device has room for layer {l} columns {b * costs.QK}..")
+                    raise PlanError(f"re-plan: no device has room for layer {li} columns {b * costs.QK}..")
                 _, d = heapq.heappop(heap)
                 if mem_left[d] >= bb[b]:
                     break
-            bown[l, b] = d
+            bown[li, b] = d
             mem_left[d] -= bb[b]
             cl[d] += ctx.widths[b]
             if mem_left[d] >= bb[0]:
@@ -603,8 +551,8 @@ def _pull_to_newcomers(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: 
     nc = np.array(newcomers, dtype=np.int64)
     ab = ctx.uc.attn_bytes
     per_col = ctx.uc.col_macs / speed
-    for l in range(ctx.L):
-        cnt = _layer_loads(ctx, gown, l, None)
+    for li in range(ctx.L):
+        cnt = _layer_loads(ctx, gown, li, None)
         while True:
             t = np.where(cnt > 0, link + cnt * ctx.wa / speed, 0.0)
             donor = int(np.argmax(t))
@@ -613,17 +561,17 @@ def _pull_to_newcomers(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: 
             r = int(nc[k])
             if not fin[k] < t[donor] * (1 - 1e-9) or r == donor:
                 break
-            g = int(np.flatnonzero(gown[l] == donor)[-1])
-            gown[l, g] = r
+            g = int(np.flatnonzero(gown[li] == donor)[-1])
+            gown[li, g] = r
             cnt[donor] -= 1
             cnt[r] += 1
             mem_left[r] -= ab
             mem_left[donor] += ab
-        cols = _layer_loads(ctx, bown, l, ctx.widths)
+        cols = _layer_loads(ctx, bown, li, ctx.widths)
         while True:
             t = np.where(cols > 0, link + cols * per_col, 0.0)
             donor = int(np.argmax(t))
-            own = np.flatnonzero(bown[l] == donor)
+            own = np.flatnonzero(bown[li] == donor)
             b = int(own[-1])
             w, bb = ctx.widths[b], int(ctx.bbytes[b])
             fin = np.where(mem_left[nc] >= bb, link[nc] + (cols[nc] + w) * per_col[nc], np.inf)
@@ -631,7 +579,7 @@ def _pull_to_newcomers(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: 
             r = int(nc[k])
             if not fin[k] < t[donor] * (1 - 1e-9) or r == donor:
                 break
-            bown[l, b] = r
+            bown[li, b] = r
             cols[donor] -= w
             cols[r] += w
             mem_left[r] -= bb

@@ -56,18 +56,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tpfed._native import ffi, lib
 from tpfed.config import ModelConfig
 from tpfed.errors import TpfedError
 from tpfed.kernels import (
     QK8_0,
     Q8Tensor,
-    attention_f32,
-    empty_q8_0,
-    matmul_q8_0_f32,
     n_blocks,
-    quantize_q8_0,
-    rope_f32,
-    swiglu_f32,
 )
 
 MAGIC = b"TPLS"
@@ -159,13 +154,26 @@ def _stack_rows(parts: Sequence[Q8Tensor]) -> Q8Tensor:
     return Q8Tensor(np.concatenate([p.qs for p in parts]), np.concatenate([p.d for p in parts]))
 
 
+def _c_matrix(m: object, t: Q8Tensor) -> None:
+    """Point a ``tpfed_q8_matrix`` at a Q8Tensor (which keeps the buffers alive)."""
+    m.qs = t._pqs
+    m.d = t._pd
+    m.rows, m.cols = t.shape
+
+
+def _f32_ptr(a: np.ndarray) -> object:
+    return ffi.cast("float *", ffi.from_buffer("float[]", a))
+
+
 class AttentionShard:
     """One layer's attention for a set of KV groups, with their KV caches.
 
     ``forward(x, pos)`` computes q/k/v for the groups from the Q8_0 activation ``x``, applies
     RoPE to q and k, appends k/v to the cache at ``pos``, attends over positions 0..pos, quantises
     each group's output on its own, multiplies by the group's wo columns and returns the sum of
-    the groups' partials, float32 (dim,). The returned array is reused by the next call."""
+    the groups' partials, float32 (dim,). The returned array is reused by the next call.
+    The arithmetic is ``attention_units_forward`` of the C library (tpfed_units.h), the same
+    code a board runs."""
 
     def __init__(self, config: ModelConfig, layer: int, groups: Sequence[int],
                  weights: Sequence[AttentionWeights]) -> None:
@@ -176,36 +184,30 @@ class AttentionShard:
             raise ShardError(f"layer {layer}: {len(self.groups)} groups but {len(weights)} weight sets")
         c = config
         hs, gq, ng = c.head_size, c.group_q_dim, len(self.groups)
-        # q, k, v rows of all owned groups, so each is one matrix-vector product (rows are
-        # quantised independently, so stacking them changes no result bit).
-        self.wq = _stack_rows([w.wq for w in weights])  # (ng * gq, dim)
-        self.wk = _stack_rows([w.wk for w in weights])  # (ng * hs, dim)
-        self.wv = _stack_rows([w.wv for w in weights])  # (ng * hs, dim)
-        self.wo = [w.wo for w in weights]  # ng x (dim, gq)
-        for name, t, rows, cols in (("wq", self.wq, ng * gq, c.dim), ("wk", self.wk, ng * hs, c.dim),
-                                    ("wv", self.wv, ng * hs, c.dim)):
-            if t.shape != (rows, cols):
-                raise ShardError(f"layer {layer}: {name} has shape {t.shape}, expected {(rows, cols)}")
-        for w in self.wo:
-            if w.shape != (c.dim, gq):
-                raise ShardError(f"layer {layer}: wo has shape {w.shape}, expected {(c.dim, gq)}")
+        self.weights = list(weights)
+        want = {"wq": (gq, c.dim), "wk": (hs, c.dim), "wv": (hs, c.dim), "wo": (c.dim, gq)}
+        self._units = ffi.new("tpfed_attention_unit[]", ng)
+        for i, w in enumerate(self.weights):
+            for name, shape in want.items():
+                t = getattr(w, name)
+                if t.shape != shape:
+                    raise ShardError(f"layer {layer}: {name} of KV group {self.groups[i]} has shape "
+                                     f"{t.shape}, expected {shape}")
+                _c_matrix(getattr(self._units[i], name), t)
         # KV cache: (seq_len, ng * hs); group i's cache is the strided view [:, i*hs:(i+1)*hs].
         self.key_cache = np.zeros((c.seq_len, ng * hs), np.float32)
         self.value_cache = np.zeros((c.seq_len, ng * hs), np.float32)
-        self._k = [self.key_cache[:, i * hs : (i + 1) * hs] for i in range(ng)]
-        self._v = [self.value_cache[:, i * hs : (i + 1) * hs] for i in range(ng)]
-        self._q = np.empty(ng * gq, np.float32)
-        self._qh = [self._q[i * gq : (i + 1) * gq].reshape(c.group_size, hs) for i in range(ng)]
-        self._att = [np.empty((c.group_size, hs), np.float32) for _ in range(ng)]
-        self._att_flat = [a.reshape(gq) for a in self._att]
-        self._att_q8 = empty_q8_0(gq)
-        self._scratch = np.empty(c.seq_len, np.float32)
-        self._part = np.empty(c.dim, np.float32)
+        self._pk, self._pv = _f32_ptr(self.key_cache), _f32_ptr(self.value_cache)
+        nbytes = lib.attention_units_scratch_bytes(c.dim, hs, c.group_size, c.seq_len)
+        self._scratch = np.empty((nbytes + 3) // 4, np.float32)
+        self._pscratch = ffi.cast("void *", ffi.from_buffer("float[]", self._scratch))
         self.out = np.empty(c.dim, np.float32)
+        self._pout = _f32_ptr(self.out)
 
     def kv_cache(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(k, v) cache views (seq_len, head_size) of the i-th owned group."""
-        return self._k[i], self._v[i]
+        hs = self.config.head_size
+        return self.key_cache[:, i * hs : (i + 1) * hs], self.value_cache[:, i * hs : (i + 1) * hs]
 
     def reset(self) -> None:
         self.key_cache.fill(0)
@@ -215,30 +217,21 @@ class AttentionShard:
         if not 0 <= pos < self.config.seq_len:
             raise ShardError(f"position {pos} outside the context (seq_len {self.config.seq_len})")
 
-    def _append_kv(self, x: Q8Tensor, pos: int) -> None:
-        c = self.config
-        k = self.key_cache[pos]
-        matmul_q8_0_f32(self.wk, x, out=k)
-        matmul_q8_0_f32(self.wv, x, out=self.value_cache[pos])
-        rope_f32(k, c.head_size, pos, c.rope_theta)
+    def _check_x(self, x: Q8Tensor) -> None:
+        if x.shape != (self.config.dim,):
+            raise ShardError(f"activation of shape {x.shape}, expected ({self.config.dim},)")
 
     def forward(self, x: Q8Tensor, pos: int) -> np.ndarray:
         self._check_pos(pos)
+        self._check_x(x)
         c = self.config
-        matmul_q8_0_f32(self.wq, x, out=self._q)
-        rope_f32(self._q, c.head_size, pos, c.rope_theta)
-        self._append_kv(x, pos)
-        out, part, aq = self.out, self._part, self._att_q8
-        for i, wo in enumerate(self.wo):
-            attention_f32(self._qh[i], self._k[i], self._v[i], pos, out=self._att[i],
-                          scratch=self._scratch)
-            quantize_q8_0(self._att_flat[i], out=aq)
-            if i == 0:
-                matmul_q8_0_f32(wo, aq, out=out)
-            else:
-                matmul_q8_0_f32(wo, aq, out=part)
-                out += part
-        return out
+        rc = lib.attention_units_forward(
+            self._pout, self._units, len(self.groups), self._pk, self._pv, self.key_cache.shape[1],
+            x._pqs, x._pd, c.dim, c.head_size, c.group_size, pos, c.seq_len, c.rope_theta,
+            self._pscratch)
+        if rc != 0:
+            raise ShardError(f"layer {self.layer}: attention_units_forward refused its arguments")
+        return self.out
 
     def replay(self, xs: Q8Tensor, start: int = 0) -> None:
         """Rebuild the KV cache for positions start..start+len(xs)-1 from the activations that
@@ -248,14 +241,20 @@ class AttentionShard:
         if n == 0:
             return
         self._check_pos(start + n - 1)
+        c = self.config
         for r in range(n):
-            self._append_kv(Q8Tensor(xs.qs[r], xs.d[r]), start + r)
+            x = Q8Tensor(xs.qs[r], xs.d[r])
+            rc = lib.attention_units_append_kv(
+                self._units, len(self.groups), self._pk, self._pv, self.key_cache.shape[1],
+                x._pqs, x._pd, c.dim, c.head_size, start + r, c.seq_len, c.rope_theta)
+            if rc != 0:
+                raise ShardError(f"layer {self.layer}: attention_units_append_kv refused its arguments")
 
 
 class MlpShard:
     """One layer's MLP for a set of hidden-column ranges: ``forward(x)`` returns the sum over
     ranges of ``w2[:, a:b] @ q8(silu(w1[a:b] @ x) * (w3[a:b] @ x))``, float32 (dim,), reused by
-    the next call."""
+    the next call. The arithmetic is ``mlp_units_forward`` of the C library (tpfed_units.h)."""
 
     def __init__(self, config: ModelConfig, layer: int, ranges: Sequence[Range],
                  weights: Sequence[MlpWeights]) -> None:
@@ -265,33 +264,31 @@ class MlpShard:
         if not self.ranges or len(weights) != len(self.ranges):
             raise ShardError(f"layer {layer}: {len(self.ranges)} MLP ranges but {len(weights)} weight sets")
         self.weights = list(weights)
-        for (a, b), w in zip(self.ranges, self.weights, strict=True):
+        self._units = ffi.new("tpfed_mlp_unit[]", len(self.ranges))
+        for i, ((a, b), w) in enumerate(zip(self.ranges, self.weights, strict=True)):
             n = b - a
             want = {"w1": (n, config.dim), "w3": (n, config.dim), "w2": (config.dim, n)}
             for name, shape in want.items():
-                if getattr(w, name).shape != shape:
+                t = getattr(w, name)
+                if t.shape != shape:
                     raise ShardError(f"layer {layer}: {name} of range [{a}, {b}) has shape "
-                                     f"{getattr(w, name).shape}, expected {shape}")
-        self._h1 = [np.empty(b - a, np.float32) for a, b in self.ranges]
-        self._h3 = [np.empty(b - a, np.float32) for a, b in self.ranges]
-        self._hq = [empty_q8_0(b - a) for a, b in self.ranges]
-        self._part = np.empty(config.dim, np.float32)
+                                     f"{t.shape}, expected {shape}")
+                _c_matrix(getattr(self._units[i], name), t)
+        widest = max(b - a for a, b in self.ranges)
+        self._scratch_bytes = lib.mlp_units_scratch_bytes(config.dim, widest)
+        self._scratch = np.empty((self._scratch_bytes + 3) // 4, np.float32)
+        self._pscratch = ffi.cast("void *", ffi.from_buffer("float[]", self._scratch))
         self.out = np.empty(config.dim, np.float32)
+        self._pout = _f32_ptr(self.out)
 
     def forward(self, x: Q8Tensor) -> np.ndarray:
-        out, part = self.out, self._part
-        for i, w in enumerate(self.weights):
-            h1, h3, hq = self._h1[i], self._h3[i], self._hq[i]
-            matmul_q8_0_f32(w.w1, x, out=h1)
-            matmul_q8_0_f32(w.w3, x, out=h3)
-            swiglu_f32(h1, h3, out=h1)
-            quantize_q8_0(h1, out=hq)
-            if i == 0:
-                matmul_q8_0_f32(w.w2, hq, out=out)
-            else:
-                matmul_q8_0_f32(w.w2, hq, out=part)
-                out += part
-        return out
+        if x.shape != (self.config.dim,):
+            raise ShardError(f"activation of shape {x.shape}, expected ({self.config.dim},)")
+        rc = lib.mlp_units_forward(self._pout, self._units, len(self.ranges), x._pqs, x._pd,
+                                   self.config.dim, self._pscratch, self._scratch_bytes)
+        if rc != 0:
+            raise ShardError(f"layer {self.layer}: mlp_units_forward refused its arguments")
+        return self.out
 
 
 Assignment = Mapping[int, tuple[Sequence[int], Sequence[Range]]]

@@ -91,10 +91,10 @@ def _stages(plan: Plan, n_layers: int) -> list[_Stage]:
     fixed_a = costs.attn_macs(m, 0.0)
     ctx_a = costs.attn_macs(m, 1.0) - fixed_a
     out: list[_Stage] = []
-    for l in range(n_layers):
+    for li in range(n_layers):
         ia, fa, ca, im, fm = [], [], [], [], []
         for i, d in enumerate(plan.devices):
-            s = d.layers.get(l)
+            s = d.layers.get(li)
             if s is None:
                 continue
             if s.kv_groups:

@@ -164,15 +164,15 @@ def exact_makespan_ms(m: ModelConfig, fleet: list[DeviceSpec], seq_len: int, mar
     ta = uc.attn_macs / speed * 1e3
     tb = 32 * uc.col_macs / speed * 1e3
     cap = np.floor(np.array([d.memory_bytes for d in fleet]) * (1 - margin))
-    # variables: a[d,l], m[d,l], ya[d,l], ym[d,l], Ta[l], Tm[l]
+    # variables: a[d,li], m[d,li], ya[d,li], ym[d,li], Ta[li], Tm[li]
     nv = 4 * N * L + 2 * L
 
-    def a(d, l): return d * L + l
-    def mm(d, l): return N * L + d * L + l
-    def ya(d, l): return 2 * N * L + d * L + l
-    def ym(d, l): return 3 * N * L + d * L + l
-    def Ta(l): return 4 * N * L + l
-    def Tm(l): return 4 * N * L + L + l
+    def a(d, li): return d * L + li
+    def mm(d, li): return N * L + d * L + li
+    def ya(d, li): return 2 * N * L + d * L + li
+    def ym(d, li): return 3 * N * L + d * L + li
+    def Ta(li): return 4 * N * L + li
+    def Tm(li): return 4 * N * L + L + li
 
     rows, lo, hi = [], [], []
 
@@ -184,16 +184,16 @@ def exact_makespan_ms(m: ModelConfig, fleet: list[DeviceSpec], seq_len: int, mar
         lo.append(low)
         hi.append(high)
 
-    for l in range(L):
-        add([(a(d, l), 1) for d in range(N)], G, G)
-        add([(mm(d, l), 1) for d in range(N)], B, B)
+    for li in range(L):
+        add([(a(d, li), 1) for d in range(N)], G, G)
+        add([(mm(d, li), 1) for d in range(N)], B, B)
         for d in range(N):
-            add([(a(d, l), 1), (ya(d, l), -G)], -np.inf, 0)
-            add([(mm(d, l), 1), (ym(d, l), -B)], -np.inf, 0)
-            add([(Ta(l), 1), (ya(d, l), -link[d]), (a(d, l), -ta[d])], 0, np.inf)
-            add([(Tm(l), 1), (ym(d, l), -link[d]), (mm(d, l), -tb[d])], 0, np.inf)
+            add([(a(d, li), 1), (ya(d, li), -G)], -np.inf, 0)
+            add([(mm(d, li), 1), (ym(d, li), -B)], -np.inf, 0)
+            add([(Ta(li), 1), (ya(d, li), -link[d]), (a(d, li), -ta[d])], 0, np.inf)
+            add([(Tm(li), 1), (ym(d, li), -link[d]), (mm(d, li), -tb[d])], 0, np.inf)
     for d in range(N):
-        add([(a(d, l), uc.attn_bytes) for l in range(L)] + [(mm(d, l), uc.block_bytes) for l in range(L)],
+        add([(a(d, li), uc.attn_bytes) for li in range(L)] + [(mm(d, li), uc.block_bytes) for li in range(L)],
             -np.inf, cap[d])
     c = np.zeros(nv)
     c[4 * N * L:] = 1.0
@@ -280,10 +280,10 @@ def test_stories260k_checkpoint_header(stories260k_dir):
 def _units(p: Plan, name: str) -> set:
     d = p.device(name)
     out = set()
-    for l, s in d.layers.items():
-        out |= {(l, "g", g) for g in s.kv_groups}
+    for li, s in d.layers.items():
+        out |= {(li, "g", g) for g in s.kv_groups}
         for a, b in s.mlp_ranges:
-            out |= {(l, "c", c) for c in range(a, b, 32)}
+            out |= {(li, "c", c) for c in range(a, b, 32)}
     return out
 
 

@@ -282,9 +282,9 @@ int main(int argc, char **argv) {
         fclose(f);
         size_t step = n > 4000 ? n / 500 : 1;
         for (size_t cut = 0; cut <= n; cut += step) check(data, cut);
-        for (size_t i = 12; i + 4 < n && i < 600; i++) {
+        for (size_t i = 12; i + 4 < n && i < 200; i++) {
             uint8_t keep = data[i];
-            for (int v = 0; v < 256; v += 51) {
+            for (int v = 0; v < 256; v += 85) {
                 data[i] = (uint8_t)v;
                 uint32_t c = tpfed_crc32(0, data, n - 4);
                 uint8_t crc[4] = {(uint8_t)c, (uint8_t)(c >> 8), (uint8_t)(c >> 16), (uint8_t)(c >> 24)};

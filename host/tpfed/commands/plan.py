@@ -56,9 +56,9 @@ def summary(plan) -> dict:
         "devices": [
             {
                 "name": d.name,
-                "kv_groups": [list(d.layers[l].kv_groups) if l in d.layers else [] for l in range(n)],
-                "mlp_columns": [[list(r) for r in d.layers[l].mlp_ranges] if l in d.layers else []
-                                for l in range(n)],
+                "kv_groups": [list(d.layers[li].kv_groups) if li in d.layers else [] for li in range(n)],
+                "mlp_columns": [[list(r) for r in d.layers[li].mlp_ranges] if li in d.layers else []
+                                for li in range(n)],
                 "memory_mb": d.memory_bytes / 2**20,
                 "memory_limit_mb": d.memory_limit_bytes / 2**20,
                 "busy_ms": d.busy_ms,

@@ -1,0 +1,67 @@
+// tpfed compute units: what one device computes for its share of a layer.
+//
+// An attention unit is one KV group (a KV head and the group_size query heads sharing it,
+// gq = group_size * head_size): wq (gq, dim), wk (hs, dim), wv (hs, dim) and the group's own
+// wo columns as a (dim, gq) matrix. An MLP unit is a hidden-column range [a, b), n = b - a:
+// w1 (n, dim), w3 (n, dim) and the w2 columns as a (dim, n) matrix. All Q8_0 (tpfed_kernels.h).
+//
+// These functions are the one definition of a unit's arithmetic: the board firmware and the
+// host's desktop peer both run them, so a share gives the same bits on either.
+#ifndef TPFED_UNITS_H
+#define TPFED_UNITS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// cffi:begin
+typedef struct {
+    const int8_t *qs;    // (rows, cols)
+    const uint16_t *d;   // (rows, ceil(cols/32)) fp16 scales
+    int rows;
+    int cols;
+} tpfed_q8_matrix;
+
+typedef struct {
+    tpfed_q8_matrix wq;  // (gq, dim)
+    tpfed_q8_matrix wk;  // (hs, dim)
+    tpfed_q8_matrix wv;  // (hs, dim)
+    tpfed_q8_matrix wo;  // (dim, gq)
+} tpfed_attention_unit;
+
+typedef struct {
+    tpfed_q8_matrix w1;  // (n, dim)
+    tpfed_q8_matrix w3;  // (n, dim)
+    tpfed_q8_matrix w2;  // (dim, n)
+} tpfed_mlp_unit;
+
+// Bytes of scratch attention_units_forward needs (caller-owned, 4-byte aligned).
+size_t attention_units_scratch_bytes(int dim, int head_size, int group_size, int seq_len);
+// Bytes of scratch mlp_units_forward needs for ranges of at most max_cols columns.
+size_t mlp_units_scratch_bytes(int dim, int max_cols);
+
+// out (dim) = sum over units u, in order, of wo_u @ q8(attention of group u at pos).
+// For each unit: q = rope(wq @ x), k = rope(wk @ x) and v = wv @ x are written to row pos of
+// the unit's KV cache, then its query heads attend over rows 0..pos. Unit u's cache is
+// key_cache + u*head_size (and value_cache + u*head_size), rows kv_stride floats apart.
+// Returns 0, or -1 if the arguments are inconsistent (nothing is written then).
+int attention_units_forward(float *out, const tpfed_attention_unit *units, int n_units,
+                            float *key_cache, float *value_cache, int kv_stride,
+                            const int8_t *xqs, const uint16_t *xd, int dim, int head_size,
+                            int group_size, int pos, int seq_len, float rope_theta,
+                            void *scratch);
+
+// Only the KV-cache part of attention_units_forward (k, v of every unit at pos): rebuilds a
+// cache by replaying the activations broadcast earlier. Returns 0 or -1.
+int attention_units_append_kv(const tpfed_attention_unit *units, int n_units,
+                              float *key_cache, float *value_cache, int kv_stride,
+                              const int8_t *xqs, const uint16_t *xd, int dim, int head_size,
+                              int pos, int seq_len, float rope_theta);
+
+// out (dim) = sum over units u, in order, of w2_u @ q8(silu(w1_u @ x) * (w3_u @ x)).
+// Returns 0, or -1 if the arguments are inconsistent.
+int mlp_units_forward(float *out, const tpfed_mlp_unit *units, int n_units,
+                      const int8_t *xqs, const uint16_t *xd, int dim, void *scratch,
+                      size_t scratch_bytes);
+// cffi:end
+
+#endif
