@@ -68,6 +68,12 @@ class PeerConn:
     name: str = ""
     busy_ms: float = 0.0
 
+    @property
+    def label(self) -> str:
+        """How errors name the peer: its name and, when different, its address."""
+        uri = getattr(self.link, "uri", "")
+        return self.name if not uri or uri == self.name else f"{self.name} ({uri})"
+
     def spec(self) -> DeviceSpec:
         h = self.hello
         classes = {DeviceClass.DESKTOP: "desktop", DeviceClass.LAPTOP: "laptop",
@@ -155,7 +161,7 @@ class Coordinator(Int8Transformer):
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PeerError(f"peer {peer.name} ({peer.link.uri}) did not answer {what} "
+                raise PeerError(f"peer {peer.label} did not answer {what} "
                                 f"within {timeout or self.deadline_s:.1f} s")
             try:
                 data = await peer.link.recv(left)
@@ -168,7 +174,7 @@ class Coordinator(Int8Transformer):
             if reply.type == MsgType.ERROR:
                 code = reply.payload["code"]
                 name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
-                raise PeerError(f"peer {peer.name} ({peer.link.uri}) refused {what}: "
+                raise PeerError(f"peer {peer.label} refused {what}: "
                                 f"{name}: {reply.payload['text']}")
             if reply.type == want:
                 return reply
@@ -300,14 +306,21 @@ class Coordinator(Int8Transformer):
         seq = self._next_seq()
         frame = encode_activation(layer, int(stage), pos, x.qs, x.d, dst=BROADCAST, seq=seq,
                                   session=self.session)
-        await asyncio.gather(*(p.link.send(frame) for p in owners))
-        replies = await asyncio.gather(*(self._gather(p, layer, stage, pos, frame) for p in owners))
+        for p in owners:
+            await p.link.send(frame)
+        # Answers are awaited one after the other (they all travel at once) and summed in plan
+        # order, so the sum does not depend on which peer answered first.
         out = self._sum
-        out[:] = replies[0][0]
-        for part, _ in replies[1:]:
-            out += part
+        received = 0
+        for i, p in enumerate(owners):
+            part, size = await self._gather(p, layer, stage, pos, frame)
+            if i == 0:
+                out[:] = part
+            else:
+                out += part
+            received += size
         n = len(owners)
-        self.stats.wire_bytes += n * len(frame) + sum(size for _, size in replies)
+        self.stats.wire_bytes += n * len(frame) + received
         self.stats.min_wire_bytes += n * min_stage_bytes(self.config.dim)
         return out
 
@@ -321,7 +334,7 @@ class Coordinator(Int8Transformer):
         while True:
             now = time.monotonic()
             if now >= t_end:
-                raise PeerError(f"peer {peer.name} ({peer.link.uri}) stopped answering: no PARTIAL "
+                raise PeerError(f"peer {peer.label} stopped answering: no PARTIAL "
                                 f"for layer {layer} {stage.name} at position {pos} within "
                                 f"{self.deadline_s:.1f} s")
             try:
@@ -347,7 +360,7 @@ class Coordinator(Int8Transformer):
             if reply.type == MsgType.ERROR:
                 code = reply.payload["code"]
                 name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
-                raise PeerError(f"peer {peer.name} ({peer.link.uri}) failed layer {layer} "
+                raise PeerError(f"peer {peer.label} failed layer {layer} "
                                 f"{stage.name} at position {pos}: {name}: {reply.payload['text']}")
 
     async def forward_async(self, token: int, pos: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 
 NAME = "bench"
-HELP = "Run benchmarks (kernels, e2e), each against a baseline measured in the same run."
+HELP = "Run benchmarks (kernels, plan, e2e), each against a baseline measured in the same run."
 
 
 def _positive_int(text: str) -> int:
@@ -123,12 +123,45 @@ def run_e2e(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- tpfed bench plan
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repeat", type=_positive_int, default=5,
+                        help="timed planning runs; the best is reported (5)")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from tpfed.bench_plan import bench_plan
+
+    result = bench_plan(repeats=args.repeat)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="planner: Llama-2-70B over a 100-device heterogeneous fleet")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if isinstance(value, dict | list):
+            continue
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    return 0
+
+
 # ---------------------------------------------------------------- registry
 
 _BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace], int]]] = {
     "kernels": ("int8 gemv vs numpy float32, and memory bandwidth, in one run",
                 add_kernels_arguments, run_kernels),
+    "plan": ("capability planner on Llama-2-70B over 100 devices: plan, re-plan, makespan/ideal",
+             add_plan_arguments, run_plan),
     "e2e": ("stories260K generation: single process vs 1, 2, 4 local UDP peers, in one run",
             add_e2e_arguments, run_e2e),
 }

@@ -40,17 +40,13 @@ async def serve(listen: str, name: str, memory_limit: int | None, mtu: int,
         print(f"tpfed peer {name} listening on udp://{bound_host}:{bound_port} "
               f"({caps.int8_macs / 1e9:.2f} GMAC/s int8, {caps.arena_bytes >> 20} MiB offered)",
               flush=True)
-        stopper = asyncio.ensure_future(stop.wait())
-        while not stop.is_set():
-            receiver = asyncio.ensure_future(ep.recv())
-            done, _ = await asyncio.wait({receiver, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            if receiver not in done:
-                receiver.cancel()
-                break
-            frame, addr = receiver.result()
+
+        def on_frame(frame: bytes, addr: tuple) -> None:
             for reply in peer.handle(frame):
                 ep.send_nowait(reply, addr)
-        stopper.cancel()
+
+        ep.handler = on_frame
+        await stop.wait()
     s = peer.stats
     if verbose:
         print(f"tpfed peer {name}: {s.frames_in} frames in, {s.activations} activations, "

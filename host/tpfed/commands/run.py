@@ -41,21 +41,25 @@ def execute(args: argparse.Namespace, prompt: str) -> int:
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                       steps=args.steps, strategy=args.strategy, deadline_s=args.deadline)
     out = sys.stdout.buffer
+    started = False
 
     def on_piece(piece: bytes) -> None:
+        nonlocal started
+        if not started:  # the prompt is echoed once generation really runs
+            out.write(prompt.encode())
+            started = True
         out.write(piece)
         out.flush()
 
     def on_status(msg: str) -> None:
         print(f"tpfed: {msg}", file=sys.stderr)
 
-    if not args.json:
-        out.write(prompt.encode())
-        out.flush()
     result = run_sync(opts, on_piece=None if args.json else on_piece, on_status=on_status)
     if args.json:
         print(json.dumps(result.to_json()))
     else:
+        if not started:
+            out.write(prompt.encode())
         out.write(b"\n")
         out.flush()
         s = result.stats

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -62,6 +63,9 @@ class UdpEndpoint:
         self._transport: asyncio.DatagramTransport | None = None
         self._closed = False
         self.address: Addr = ("", 0)
+        # When set, frames from remotes without a link go to this callback as they arrive
+        # (a request/response server answers inside it) instead of the ``recv`` queue.
+        self.handler: Callable[[bytes, Addr], None] | None = None
 
     @classmethod
     async def bind(cls, host: str = "0.0.0.0", port: int = 0, *, mtu: int = 1400,
@@ -96,6 +100,8 @@ class UdpEndpoint:
         link = self._links.get(key)
         if link is not None:
             link._deliver(frame)
+        elif self.handler is not None:
+            self.handler(frame, key)
         else:
             self._queue.put((frame, key))
 
