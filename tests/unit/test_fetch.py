@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+
 from tpfed import fetch
 from tpfed.errors import ModelError
 from tpfed.fetch import MODEL_FILE, TOKENIZER_FILE, fetch_model, locate_model

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tpfed.errors import ModelError
 from tpfed.model import load_llama2c
 from tpfed.quantized import Int8Transformer, Q8Model, Stage
@@ -180,8 +181,14 @@ def test_random_splits(q8, single_run, data):
     per_dev = assignments(q8, lambda layer, g: gown[layer * c.n_groups + g], lambda layer, b: bown[layer * nb + b])
     sim = simulate(q8, per_dev)
     ids, logits_single = single_run
+    # The devices' partials are summed in another float order than on one device; the last-bit
+    # difference can flip the rounding of one int8 value of a later activation, which moves the
+    # logits by ~0.1 (seen: layer 3, position 6). So: the same greedy token at every position and
+    # logits within 0.5, where a wrong split is off by whole units.
     for pos in range(12):
-        np.testing.assert_allclose(sim.forward(ids[pos], pos), logits_single[pos], rtol=1e-5, atol=2e-5)
+        got = sim.forward(ids[pos], pos)
+        assert int(np.argmax(got)) == int(np.argmax(logits_single[pos]))
+        np.testing.assert_allclose(got, logits_single[pos], atol=0.5)
 
 
 def test_lost_device_rebuilt_by_replay(q8, single_run):

@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from tpfed import kernels as K
 from tpfed._native import lib
+
+from tpfed import kernels as K
 
 RNG_SEED = 20240531
 

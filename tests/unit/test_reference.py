@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from tpfed.config import ModelConfig
 from tpfed.errors import ModelError
 from tpfed.model import HEADER_BYTES, expected_file_size, load_llama2c

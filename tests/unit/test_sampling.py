@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from tpfed.sampling import Sampler, sample_mult, sample_topp
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tpfed.config import ModelConfig
 from tpfed.kernels import matmul_q8_0_f32, quantize_q8_0, swiglu_f32
 from tpfed.quantized import Q8Model

@@ -33,7 +33,10 @@
 #define SYST_RVR REG(0xE000E014u)
 #define SYST_CVR REG(0xE000E018u)
 #define NVIC_ISER0 REG(0xE000E100u)
+#define NVIC_ISPR0 REG(0xE000E200u)
 #define SCB_AIRCR REG(0xE000ED0Cu)
+#define SCB_ICSR REG(0xE000ED04u)
+#define ICSR_PENDSTSET (1u << 26)
 
 #define LINK_BAUD 115200u
 #define SYSTICK_RELOAD 0xFFFFFFu
@@ -45,24 +48,27 @@
 static volatile uint8_t rx_ring[BOARD_RX_RING];
 static volatile uint32_t rx_head;   // written by the ISR only
 static volatile uint32_t rx_tail;   // written by the main loop only
-static volatile uint32_t rx_overruns;
 static volatile uint32_t systick_wraps;
 
 void SysTick_Handler(void) {
     systick_wraps++;
 }
 
+// Moves received bytes into the ring. When the ring is full the receive interrupt is masked
+// and bytes stay in the FIFO, so the sender is held back (QEMU stops reading the socket)
+// instead of losing data; uart_read unmasks it once there is room again.
 void UART0_Handler(void) {
+    uint32_t head = rx_head;
     while (!(UART_FR & FR_RXFE)) {
-        uint8_t byte = (uint8_t)UART_DR;
-        uint32_t head = rx_head;
-        if (head - rx_tail < BOARD_RX_RING) {
-            rx_ring[head & (BOARD_RX_RING - 1)] = byte;
-            rx_head = head + 1;
-        } else {
-            rx_overruns++;
+        if (head - rx_tail >= BOARD_RX_RING) {
+            UART_IMSC = 0;   // FIFO left full: no ICR write, the pending level must survive
+            rx_head = head;
+            return;
         }
+        rx_ring[head & (BOARD_RX_RING - 1)] = (uint8_t)UART_DR;
+        head++;
     }
+    rx_head = head;
     UART_ICR = INT_RX | INT_RT;
 }
 
@@ -100,13 +106,20 @@ void board_reset(void) {
 }
 
 uint64_t board_micros(void) {
-    uint32_t wraps, val;
-    do {
-        wraps = systick_wraps;
+    static uint64_t last;
+    __asm__ volatile("cpsid i" ::: "memory");
+    uint32_t wraps = systick_wraps;
+    uint32_t val = SYST_CVR;
+    if (SCB_ICSR & ICSR_PENDSTSET) {   // wrapped, interrupt not taken yet
+        wraps++;
         val = SYST_CVR;
-    } while (wraps != systick_wraps);
+    }
     uint64_t ticks = ((uint64_t)wraps << 24) + (SYSTICK_RELOAD - val);
-    return ticks * 4u / (BOARD_CPU_HZ / 250000u);
+    uint64_t us = ticks * 4u / (BOARD_CPU_HZ / 250000u);
+    if (us < last) us = last;          // never backwards
+    last = us;
+    __asm__ volatile("cpsie i" ::: "memory");
+    return us;
 }
 
 uint32_t board_millis(void) {
@@ -129,11 +142,11 @@ uint32_t uart_read(uint8_t *buf, uint32_t cap) {
     uint32_t head = rx_head;
     while (tail != head && n < cap) buf[n++] = rx_ring[tail++ & (BOARD_RX_RING - 1)];
     rx_tail = tail;
+    if (n && UART_IMSC == 0) {   // room again: resume receiving, and drain what waits now
+        UART_IMSC = INT_RX | INT_RT;
+        if (!(UART_FR & FR_RXFE)) NVIC_ISPR0 = 1u << UART0_IRQn;
+    }
     return n;
-}
-
-uint32_t uart_overruns(void) {
-    return rx_overruns;
 }
 
 void board_sleep(void) {

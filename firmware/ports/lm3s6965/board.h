@@ -22,7 +22,6 @@ uint64_t board_micros(void);
 void uart_write(const uint8_t *buf, uint32_t n);
 uint32_t uart_read(uint8_t *buf, uint32_t cap);
 uint32_t uart_available(void);
-uint32_t uart_overruns(void);
 // Sleep until an interrupt; returns at once if received bytes are waiting.
 void board_sleep(void);
 

@@ -1,13 +1,20 @@
+// Firmware entry of the QEMU board: bring the board up and run the tpfed peer on UART0.
 #include "board.h"
+#include "tpfed_peer.h"
+#include "tpfed_proto.h"
+
+#ifndef TPFED_ARENA_SIZE
+#error "set TPFED_ARENA_SIZE (bytes) in platformio.ini build_flags"
+#endif
+
 #ifndef PIO_UNIT_TESTING
+static uint8_t arena[TPFED_ARENA_SIZE] __attribute__((aligned(8)));
+static tpfed_peer peer;
+
 int main(void) {
     board_init();
-    uint8_t buf[64];
-    for (;;) {
-        uint32_t n = uart_read(buf, sizeof buf);
-        if (n == 1 && buf[0] == 't') { uint64_t us = board_micros(); uart_write((uint8_t*)&us, 8); continue; }
-        if (n) uart_write(buf, n);
-        else board_sleep();
-    }
+    tpfed_peer_init(&peer, board_hal(), board_info(), TPFED_DEV_CORTEX_M_EMU, arena, sizeof arena);
+    tpfed_peer_run(&peer);
+    return 0;
 }
 #endif

@@ -351,7 +351,7 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
             send_error(p, h->src, (uint16_t)code, msg);
             return;
         }
-        need += shard_bytes(&g, &e) + 8u + kv_bytes(&g, e.ng) + 8u;
+        need += shard_bytes(&g, &e) + 8u + kv_bytes(&g, e.ng) + 16u;
         if (e.ng > max_ng) max_ng = e.ng;
         for (int r = 0; r < e.nr; r++) {
             uint32_t w = tpfed_rd_u32(e.ranges + 8 * r + 4) - tpfed_rd_u32(e.ranges + 8 * r);
@@ -360,7 +360,7 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
     }
     uint32_t q8n = gq > max_w ? gq : max_w;
     need += 4u * (max_ng * gq + gq + 2u * g.dim + 2u * max_w + g.seq_len) + pad4(g.dim) +
-            2u * nblocks(g.dim) + pad4(q8n) + 2u * nblocks(q8n) + 10u * 8u;
+            2u * nblocks(g.dim) + pad4(q8n) + 2u * nblocks(q8n) + 12u * 8u;
     if (p->arena_fixed + need > p->arena_size) {
         snprintf(msg, sizeof msg, "assignment needs %lu bytes of arena (weights, KV cache for %u "
                  "positions, buffers), this peer has %lu", (unsigned long)need, (unsigned)a.seq_len,
@@ -420,6 +420,20 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
 
 // -------------------------------------------------------------------------------- WEIGHTS
 
+// 0 if the matrix at *off has zero padding and finite scales; 1 bad padding, 2 bad scale.
+static int check_matrix(const uint8_t *s, uint32_t *off, uint32_t rows, uint32_t cols) {
+    uint32_t nq = rows * cols, nd = rows * nblocks(cols), at = *off;
+    for (uint32_t i = at + nq; i < at + pad4(nq); i++)
+        if (s[i]) return 1;
+    at += pad4(nq);
+    for (uint32_t i = 0; i < nd; i++)
+        if ((tpfed_rd_u16(s + at + 2 * i) & 0x7C00u) == 0x7C00u) return 2;
+    for (uint32_t i = at + 2u * nd; i < at + pad4(2u * nd); i++)
+        if (s[i]) return 1;
+    *off = at + pad4(2u * nd);
+    return 0;
+}
+
 // Validate a complete shard against the assignment (shard.py's parse_layer_share rules).
 static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg, size_t cap) {
     const uint8_t *s = L->shard;
@@ -458,38 +472,25 @@ static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg
         return 1;
     }
     // Every matrix: zero padding after values and scales, finite fp16 scales.
-    uint32_t shapes[2 * (4 * MAX_GROUPS + 3 * MAX_RANGES)];
-    int n = 0;
-    for (int i = 0; i < L->ng; i++) {
-        uint32_t sh[8] = {gq, p->dim, p->head_size, p->dim, p->head_size, p->dim, p->dim, gq};
-        memcpy(shapes + n, sh, sizeof sh);
-        n += 8;
+    int status = 0;
+    for (int i = 0; i < L->ng && !status; i++) {
+        status = check_matrix(s, &off, gq, p->dim);
+        if (!status) status = check_matrix(s, &off, p->head_size, p->dim);
+        if (!status) status = check_matrix(s, &off, p->head_size, p->dim);
+        if (!status) status = check_matrix(s, &off, p->dim, gq);
     }
-    for (int r = 0; r < L->nr; r++) {
+    for (int r = 0; r < L->nr && !status; r++) {
         uint32_t w = L->ranges[r][1] - L->ranges[r][0];
-        uint32_t sh[6] = {w, p->dim, w, p->dim, p->dim, w};
-        memcpy(shapes + n, sh, sizeof sh);
-        n += 6;
+        status = check_matrix(s, &off, w, p->dim);
+        if (!status) status = check_matrix(s, &off, w, p->dim);
+        if (!status) status = check_matrix(s, &off, p->dim, w);
     }
-    for (int m = 0; m < n; m += 2) {
-        uint32_t nq = shapes[m] * shapes[m + 1], nd = shapes[m] * nblocks(shapes[m + 1]);
-        for (uint32_t i = off + nq; i < off + pad4(nq); i++)
-            if (s[i]) goto bad_padding;
-        off += pad4(nq);
-        for (uint32_t i = 0; i < nd; i++)
-            if ((tpfed_rd_u16(s + off + 2 * i) & 0x7C00u) == 0x7C00u) {
-                snprintf(msg, cap, "shard of layer %u holds a non-finite fp16 scale", (unsigned)L->layer);
-                return 1;
-            }
-        for (uint32_t i = off + 2u * nd; i < off + pad4(2u * nd); i++)
-            if (s[i]) goto bad_padding;
-        off += pad4(2u * nd);
-    }
-    return 0;
-bad_padding:
-    snprintf(msg, cap, "shard of layer %u: layer share has non-zero padding bytes (corrupted)",
-             (unsigned)L->layer);
-    return 1;
+    if (status == 1)
+        snprintf(msg, cap, "shard of layer %u: layer share has non-zero padding bytes (corrupted)",
+                 (unsigned)L->layer);
+    else if (status == 2)
+        snprintf(msg, cap, "shard of layer %u holds a non-finite fp16 scale", (unsigned)L->layer);
+    return status;
 }
 
 static tpfed_peer_layer *find_layer(tpfed_peer *p, uint32_t layer) {

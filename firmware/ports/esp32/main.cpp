@@ -1,0 +1,100 @@
+// ESP32-family port (Arduino framework): the tpfed peer on UART0 (the USB-serial bridge).
+// The arena is a static internal-RAM array; on boards built with PSRAM (BOARD_HAS_PSRAM and
+// TPFED_PSRAM_ARENA_SIZE) it is one PSRAM block taken once at boot instead.
+#include <Arduino.h>
+#include <esp_system.h>
+
+extern "C" {
+#include "tpfed_peer.h"
+#include "tpfed_proto.h"
+}
+
+#ifndef TPFED_ARENA_SIZE
+#error "set TPFED_ARENA_SIZE (bytes) in platformio.ini build_flags"
+#endif
+#ifndef TPFED_UART_BAUD
+#define TPFED_UART_BAUD 921600
+#endif
+
+#if defined(CONFIG_IDF_TARGET_ESP32S3)
+#define TPFED_BOARD_NAME "esp32-s3"
+#define TPFED_DEVICE_CLASS TPFED_DEV_ESP32S3
+#define TPFED_HAS_SIMD 1
+#elif defined(CONFIG_IDF_TARGET_ESP32C3)
+#define TPFED_BOARD_NAME "esp32-c3"
+#define TPFED_DEVICE_CLASS TPFED_DEV_ESP32C3
+#define TPFED_HAS_SIMD 0
+#else
+#define TPFED_BOARD_NAME "esp32"
+#define TPFED_DEVICE_CLASS TPFED_DEV_ESP32
+#define TPFED_HAS_SIMD 0
+#endif
+
+static uint8_t internal_arena[TPFED_ARENA_SIZE] __attribute__((aligned(8)));
+static tpfed_peer peer;
+static tpfed_device_info info;
+
+static void hal_write(void *ctx, const uint8_t *buf, uint32_t n) {
+    (void)ctx;
+    Serial.write(buf, n);
+}
+
+static uint32_t hal_read(void *ctx, uint8_t *buf, uint32_t cap) {
+    (void)ctx;
+    int avail = Serial.available();
+    if (avail <= 0) return 0;
+    if ((uint32_t)avail < cap) cap = (uint32_t)avail;
+    return (uint32_t)Serial.readBytes(buf, cap);
+}
+
+static uint32_t hal_millis(void *ctx) {
+    (void)ctx;
+    return millis();
+}
+
+static void hal_wait(void *ctx, uint32_t max_ms) {
+    (void)ctx;
+    // Yield to FreeRTOS until input arrives (1 ms steps) so the idle task can run.
+    uint32_t start = millis();
+    while (!Serial.available() && millis() - start < max_ms) vTaskDelay(1);
+}
+
+static const tpfed_hal hal = {nullptr, hal_write, hal_read, hal_millis, hal_wait};
+
+void setup() {
+    Serial.setRxBufferSize(4096);
+    Serial.begin(TPFED_UART_BAUD);
+    uint8_t *arena = internal_arena;
+    uint32_t arena_size = sizeof internal_arena;
+#if defined(BOARD_HAS_PSRAM) && defined(TPFED_PSRAM_ARENA_SIZE)
+    if (psramFound()) {
+        uint8_t *ext = (uint8_t *)ps_malloc(TPFED_PSRAM_ARENA_SIZE);   // once, at boot
+        if (ext) {
+            arena = ext;
+            arena_size = TPFED_PSRAM_ARENA_SIZE;
+        }
+    }
+#endif
+    info.board = TPFED_BOARD_NAME;
+    info.port = "esp32-arduino";
+    info.cpu_hz = getCpuFrequencyMhz() * 1000000u;
+    info.ram_bytes = ESP.getHeapSize();
+    info.psram_bytes = ESP.getPsramSize();
+    info.flash_bytes = ESP.getFlashChipSize();
+    info.link_baud = TPFED_UART_BAUD;
+#if defined(CONFIG_IDF_TARGET_ESP32C3)
+    info.cores = 1;
+#else
+    info.cores = 2;
+#endif
+    info.has_fpu = 1;
+#if defined(CONFIG_IDF_TARGET_ESP32C3)
+    info.has_fpu = 0;
+#endif
+    info.has_simd = TPFED_HAS_SIMD;
+    tpfed_peer_init(&peer, &hal, &info, TPFED_DEVICE_CLASS, arena, arena_size);
+}
+
+void loop() {
+    if (!tpfed_peer_poll(&peer)) hal.wait(hal.ctx, 10);
+}

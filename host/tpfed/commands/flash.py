@@ -1,0 +1,49 @@
+"""``tpfed flash``: build and upload the firmware to a board with PlatformIO."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "flash"
+HELP = "build the board firmware and upload it with PlatformIO (pio run -e ENV -t upload)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", required=True,
+                        help="PlatformIO environment, e.g. esp32dev, esp32-s3-devkitc-1, esp32-c3-devkitm-1")
+    parser.add_argument("--port", required=True, help="serial port of the board, e.g. /dev/ttyUSB0")
+
+
+def run(args: argparse.Namespace) -> int:
+    import configparser
+    import shutil
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    from tpfed.errors import TpfedError
+
+    firmware = Path(__file__).resolve().parents[3] / "firmware"
+    ini = firmware / "platformio.ini"
+    if not ini.is_file():
+        raise TpfedError(f"no PlatformIO project at {firmware} (tpfed flash runs from a source checkout)")
+    cfg = configparser.ConfigParser(interpolation=None, strict=False)
+    cfg.read(ini)
+    envs = sorted(s[4:] for s in cfg.sections() if s.startswith("env:"))
+    if args.env not in envs:
+        raise TpfedError(f"unknown env {args.env!r}; firmware/platformio.ini has: {', '.join(envs)}")
+    if args.env == "lm3s6965evb":
+        raise TpfedError("lm3s6965evb is the QEMU board: it is not flashed; use `--peers emu:N`")
+    if find_spec("platformio") is None and shutil.which("pio") is None:
+        raise TpfedError("PlatformIO is not installed (pip install platformio)")
+    port = Path(args.port)
+    if "://" not in args.port and not port.exists():
+        raise TpfedError(f"serial port {args.port} does not exist (is the board plugged in?)")
+    cmd = [sys.executable, "-m", "platformio", "run", "-d", str(firmware), "-e", args.env,
+           "-t", "upload", "--upload-port", args.port]
+    proc = subprocess.run(cmd)
+    if proc.returncode != 0:
+        raise TpfedError(f"PlatformIO could not build or upload env {args.env} to {args.port} "
+                         f"(exit {proc.returncode}; see its output above)")
+    return 0

@@ -1,0 +1,247 @@
+"""Hardware-in-the-loop tests of the firmware: emulated lm3s6965evb boards by default, a real
+board with ``--board-port PORT``."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tpfed.protocol.codec import Frame
+from tpfed.protocol.schema import COORDINATOR, DeviceClass, ErrorCode, MsgType, TransportKind
+
+pytestmark = pytest.mark.hil
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+FIRMWARE = REPO / "firmware"
+
+
+def _pio(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    subprocess.run([sys.executable, str(REPO / "tools" / "pio_offline.py")], check=True,
+                   capture_output=True)
+    return subprocess.run([sys.executable, "-m", "platformio", *args, "-d", str(FIRMWARE)],
+                          capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+
+
+def test_firmware_builds_with_platformio():
+    proc = _pio("run", "-e", "lm3s6965evb")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    elf = FIRMWARE / ".pio" / "build" / "lm3s6965evb" / "firmware.elf"
+    size = subprocess.run(["arm-none-eabi-size", "-A", "-d", str(elf)], capture_output=True,
+                          text=True, check=True).stdout
+    sections = {line.split()[0]: int(line.split()[1]) for line in size.splitlines()
+                if line.startswith(".") and len(line.split()) >= 2}
+    ram = sections.get(".data", 0) + sections.get(".bss", 0) + sections.get(".stack", 0)
+    assert ram <= 64 * 1024
+    assert sections[".text"] + sections.get(".data", 0) <= 256 * 1024
+
+
+@pytest.mark.slow
+def test_firmware_unit_tests_pass_under_qemu():
+    """`pio test`: the board's kernel results over UART equal the host CFFI build's, bit for bit."""
+    proc = _pio("test", "-e", "lm3s6965evb")
+    out = proc.stdout + proc.stderr
+    failed = [line for line in out.splitlines() if "FAILED" in line or "ERRORED" in line]
+    assert proc.returncode == 0, "\n".join(failed) or out[-3000:]
+
+
+def test_hello_reports_sane_capabilities(board):
+    reply = board.hello(device_id=3)
+    assert reply.type == MsgType.HELLO
+    assert reply.src == 3 and reply.dst == COORDINATOR
+    h = reply.payload
+    if board.board is not None:  # emulated: exact figures of lm3s6965evb
+        assert h["device_class"] == DeviceClass.CORTEX_M_EMU
+        assert h["name"] == "lm3s6965evb"
+        assert (h["ram_kb"], h["flash_kb"], h["psram_kb"], h["cpu_mhz"]) == (64, 256, 0, 12)
+        assert h["cores"] == 1 and h["features"] == 0
+        assert 16 <= h["arena_kb"] < 64
+    assert h["transports"] & TransportKind.SERIAL
+    assert h["max_frame"] >= 256
+    assert 10_000 <= h["int8_macs"] <= 10**11, h["int8_macs"]
+    assert h["arena_kb"] * 1024 <= h["ram_kb"] * 1024 + h["psram_kb"] * 1024
+
+
+def test_heartbeat_and_probe(board):
+    board.hello(device_id=2)
+    hb = board.request(Frame(MsgType.HEARTBEAT, {"uptime_ms": 0, "load_pct": 0}, dst=2))
+    assert hb.type == MsgType.HEARTBEAT and hb.payload["uptime_ms"] > 0
+    probe = {"nonce": 77, "t_send_us": 123456789, "pad": bytes(range(256)) * 3}
+    reply = board.request(Frame(MsgType.PROBE, probe, dst=2, seq=4242))
+    assert reply.type == MsgType.PROBE_REPLY and reply.seq == 4242
+    assert reply.payload["pad"] == probe["pad"] and reply.payload["nonce"] == 77
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@pytest.fixture(scope="module")
+def q8_model(stories260k_dir):
+    from tpfed.quantized import Q8Model
+
+    return Q8Model.load(stories260k_dir / "stories260K.bin")
+
+
+def _assign(model, entries, seq_len=64, session=1, device_id=1):
+    c = model.config
+    payload = {"dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers,
+               "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "seq_len": seq_len,
+               "norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+               "entries": [{"layer": layer, "kv_groups": list(g),
+                            "mlp_ranges": [{"start": a, "end": b} for a, b in r]}
+                           for layer, (g, r) in sorted(entries.items())]}
+    return Frame(MsgType.ASSIGN, payload, dst=device_id, session=session)
+
+
+def _push(board, layer, blob, digest, session=1, device_id=1, chunk=900):
+    for off in range(0, len(blob), chunk):
+        board.send(Frame(MsgType.WEIGHTS, {"shard_id": layer, "offset": off, "total": len(blob),
+                                           "sha256": digest, "data": blob[off:off + chunk]},
+                         dst=device_id, session=session))
+
+
+def test_corrupted_shard_is_refused(board, q8_model):
+    from tpfed.shard import serialize_layer_share
+
+    board.hello(device_id=1)
+    assert board.request(_assign(q8_model, {0: ((1,), ())})).type == MsgType.ACK
+    blob = serialize_layer_share(q8_model, 0, (1,), ())
+    digest = hashlib.sha256(blob).digest()
+    bad = bytearray(blob)
+    bad[len(bad) // 2] ^= 0x40
+    _push(board, 0, bytes(bad), digest)
+    reply = board.recv()
+    assert reply.type == MsgType.ERROR
+    assert reply.payload["code"] == ErrorCode.SHARD_HASH_MISMATCH, reply.payload
+    assert "layer 0" in reply.payload["text"]
+    # The intact shard is then taken: ACK, and READY since it is the only one.
+    _push(board, 0, blob, digest)
+    got = [board.recv(), board.recv()]
+    assert [f.type for f in got] == [MsgType.ACK, MsgType.READY], got
+    assert got[1].payload["shard_bytes"] == len(blob)
+
+
+def test_shard_consistent_hash_but_wrong_content_is_refused(board, q8_model):
+    from tpfed.shard import serialize_layer_share
+
+    board.hello(device_id=1)
+    assert board.request(_assign(q8_model, {2: ((), ((0, 32),))})).type == MsgType.ACK
+    blob = bytearray(serialize_layer_share(q8_model, 2, (), ((0, 32),)))
+    blob[8] = 3  # claims to be layer 3; the hash is computed over the lie
+    _push(board, 2, bytes(blob), hashlib.sha256(blob).digest())
+    reply = board.recv()
+    assert reply.type == MsgType.ERROR and reply.payload["code"] == ErrorCode.BAD_PAYLOAD
+    assert "does not hold what ASSIGN said" in reply.payload["text"]
+
+
+def test_assignment_larger_than_the_arena_is_refused(board, q8_model):
+    hello = board.hello(device_id=1).payload
+    c = q8_model.config
+    everything = {layer: (tuple(range(c.n_kv_heads)), ((0, c.hidden_dim),)) for layer in range(c.n_layers)}
+    reply = board.request(_assign(q8_model, everything, seq_len=512))
+    assert reply.type == MsgType.ERROR and reply.payload["code"] == ErrorCode.OUT_OF_MEMORY
+    assert str(hello["arena_kb"] * 1024)[:2] in reply.payload["text"] or "arena" in reply.payload["text"]
+
+
+def _partials(board, model, entries, steps, seq_len=64):
+    """Push ``entries``, run ``steps`` (layer, stage, pos, x) and return board and host partials."""
+    from tpfed.kernels import Q8Tensor, quantize_q8_0
+    from tpfed.protocol.schema import Stage
+    from tpfed.shard import DeviceShards, serialize_layer_share
+
+    board.hello(device_id=1)
+    assert board.request(_assign(model, entries, seq_len=seq_len)).type == MsgType.ACK
+    for layer, (g, r) in sorted(entries.items()):
+        blob = serialize_layer_share(model, layer, g, r)
+        _push(board, layer, blob, hashlib.sha256(blob).digest())
+    frames = board.drain(quiet=1.0)
+    assert [f.type for f in frames] == [MsgType.ACK] * len(entries) + [MsgType.READY], frames
+    from dataclasses import replace
+
+    host = DeviceShards(_with_seq_len(model, seq_len), entries)
+    got, want = [], []
+    for layer, stage, pos, xf in steps:
+        x: Q8Tensor = quantize_q8_0(xf)
+        payload = {"layer": layer, "stage": int(stage), "pos": pos, "n": len(xf),
+                   "scales": x.d.tolist(), "qs": x.qs.tolist()}
+        reply = board.request(Frame(MsgType.ACTIVATION, payload, dst=1, session=1))
+        assert reply.type == MsgType.PARTIAL, reply.payload
+        got.append(np.asarray(reply.payload["data"], np.float32))
+        part = host.attention(layer, x, pos) if stage == Stage.ATTENTION else host.mlp(layer, x)
+        want.append(part.copy())
+    del replace
+    return got, want
+
+
+def _with_seq_len(model, seq_len):
+    from dataclasses import replace
+
+    class View:
+        config = replace(model.config, seq_len=seq_len)
+        attention_unit = staticmethod(model.attention_unit)
+        mlp_unit = staticmethod(model.mlp_unit)
+
+    return View()
+
+
+def _steps(config, rng, n=6):
+    from tpfed.protocol.schema import Stage
+
+    steps = []
+    for pos in range(n):
+        steps.append((0, Stage.ATTENTION, pos, rng.standard_normal(config.dim).astype(np.float32)))
+        steps.append((0, Stage.MLP, pos, rng.standard_normal(config.dim).astype(np.float32)))
+    return steps
+
+
+def _ulps(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.view(np.int32).astype(np.int64) - b.view(np.int32).astype(np.int64)).max())
+
+
+def test_partials_follow_the_host_computation(board, q8_model):
+    """The board computes what host/tpfed/shard.py computes (to float rounding)."""
+    entries = {0: ((0, 2), ((32, 96), (160, 172)))}
+    got, want = _partials(board, q8_model, entries, _steps(q8_model.config, np.random.default_rng(5)))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_partials_are_bit_identical_to_the_host(board, q8_model):
+    """Same kernels, same order of operations: the partials must match bit for bit."""
+    entries = {0: ((1, 3), ((0, 64),))}
+    got, want = _partials(board, q8_model, entries, _steps(q8_model.config, np.random.default_rng(9)))
+    worst = max(_ulps(g, w) for g, w in zip(got, want, strict=True))
+    assert worst == 0, f"board partials differ from the host's by up to {worst} ULP"
+
+
+def test_garbage_on_the_uart_never_crashes_the_board(board):
+    from tpfed.protocol.codec import encode_frame
+    from tpfed.protocol.framing import StreamFramer
+
+    rng = np.random.default_rng(2024)
+    before = board.hello(device_id=1)
+    good = encode_frame(Frame(MsgType.HEARTBEAT, {"uptime_ms": 0, "load_pct": 0}, dst=1))
+    noise = [
+        rng.integers(0, 256, 20000, dtype=np.uint8).tobytes(),                 # line noise
+        b"\x00" * 500,                                                         # delimiters only
+        StreamFramer.encode(good[:-1] + bytes([good[-1] ^ 1])),                # bad CRC
+        StreamFramer.encode(good[:7]),                                         # truncated
+        StreamFramer.encode(bytes([0xA7, 0x10, 0x03, 0, 0, 1, 0, 0, 0, 0, 0xFF, 0xFF])),  # length lie
+        StreamFramer.encode(b"\xa7" + bytes(3000)),                            # over max_frame
+        b"\xff" * 5000,                                                        # one endless segment
+        StreamFramer.encode(bytes([0xA7, 0x20]) + bytes(20)),                  # other major version
+    ]
+    for blob in noise:
+        board.send_raw(blob)
+    board.send_raw(b"\x00")
+    board.drain(quiet=0.5)  # answers to anything that happened to parse are fine
+    after = board.hello(device_id=1)
+    assert after.type == MsgType.HELLO
+    if board.board is not None:
+        assert board.board.alive(), board.board.output()
+    hb = board.request(Frame(MsgType.HEARTBEAT, {"uptime_ms": 0, "load_pct": 0}, dst=1))
+    assert hb.payload["uptime_ms"] > 0 and before.payload == after.payload
