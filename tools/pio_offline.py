@@ -96,8 +96,8 @@ def _is_current(pkg_dir: Path, version: str) -> bool:
 
 def prepare(packages_dir: Path, force: bool = False) -> tuple[Path, bool]:
     """Install tool-scons into ``packages_dir``. Returns (package folder, whether it changed)."""
-    import semantic_version
     import SCons
+    import semantic_version
 
     scons_src = Path(SCons.__file__).resolve().parent
     version = pio_version_of(SCons.__version__)

@@ -89,6 +89,7 @@ class CustomTestRunner(TestRunnerBase):
         if self.options.without_testing:
             return None
         import serial
+
         from tpfed.emulator import BoardSpec, EmulatedBoard
 
         env = self.test_suite.env_name

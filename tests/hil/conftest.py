@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
-
 from tpfed.protocol.codec import Frame, decode_frame, encode_frame
 from tpfed.protocol.framing import StreamFramer
 from tpfed.protocol.schema import COORDINATOR, MsgType

@@ -7,16 +7,16 @@ import hashlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-
 from tpfed.protocol.codec import Frame
 from tpfed.protocol.schema import COORDINATOR, DeviceClass, ErrorCode, MsgType, TransportKind
 
 pytestmark = pytest.mark.hil
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]
 FIRMWARE = REPO / "firmware"
 
 
@@ -144,13 +144,14 @@ def test_assignment_larger_than_the_arena_is_refused(board, q8_model):
     everything = {layer: (tuple(range(c.n_kv_heads)), ((0, c.hidden_dim),)) for layer in range(c.n_layers)}
     reply = board.request(_assign(q8_model, everything, seq_len=512))
     assert reply.type == MsgType.ERROR and reply.payload["code"] == ErrorCode.OUT_OF_MEMORY
-    assert str(hello["arena_kb"] * 1024)[:2] in reply.payload["text"] or "arena" in reply.payload["text"]
+    assert "arena" in reply.payload["text"] and hello["arena_kb"] < 64
 
 
 def _partials(board, model, entries, steps, seq_len=64):
     """Push ``entries``, run ``steps`` (layer, stage, pos, x) and return board and host partials."""
-    from tpfed.kernels import Q8Tensor, quantize_q8_0
     from tpfed.protocol.schema import Stage
+
+    from tpfed.kernels import Q8Tensor, quantize_q8_0
     from tpfed.shard import DeviceShards, serialize_layer_share
 
     board.hello(device_id=1)
@@ -158,9 +159,8 @@ def _partials(board, model, entries, steps, seq_len=64):
     for layer, (g, r) in sorted(entries.items()):
         blob = serialize_layer_share(model, layer, g, r)
         _push(board, layer, blob, hashlib.sha256(blob).digest())
-    frames = board.drain(quiet=1.0)
+    frames = board.drain(quiet=2.0)
     assert [f.type for f in frames] == [MsgType.ACK] * len(entries) + [MsgType.READY], frames
-    from dataclasses import replace
 
     host = DeviceShards(_with_seq_len(model, seq_len), entries)
     got, want = [], []
@@ -173,7 +173,6 @@ def _partials(board, model, entries, steps, seq_len=64):
         got.append(np.asarray(reply.payload["data"], np.float32))
         part = host.attention(layer, x, pos) if stage == Stage.ATTENTION else host.mlp(layer, x)
         want.append(part.copy())
-    del replace
     return got, want
 
 

@@ -38,7 +38,7 @@ env.Replace(
 if env.get("PROGNAME", "program") == "program":
     env.Replace(PROGNAME="firmware")
 
-machine_flags = ["-mcpu=%s" % cpu, "-mthumb", "-mfloat-abi=soft"]
+machine_flags = [f"-mcpu={cpu}", "-mthumb", "-mfloat-abi=soft"]
 env.Append(
     ASFLAGS=machine_flags,
     CCFLAGS=machine_flags
@@ -81,7 +81,7 @@ AlwaysBuild(target_size)
 
 
 def _announce_image(target, source, env):
-    print("tpfed-qemu: %s is ready; boards start it under QEMU (%s)" % (source[0], machine))
+    print(f"tpfed-qemu: {source[0]} is ready; boards start it under QEMU ({machine})")
 
 
 def _exec_in_qemu(target, source, env):
