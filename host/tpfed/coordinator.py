@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from tpfed.errors import PeerError
+from tpfed.errors import PeerError, PeerTimeout
 from tpfed.fleet import DeviceSpec
 from tpfed.kernels import Q8Tensor, n_blocks
 from tpfed.plan import Plan
@@ -76,10 +76,10 @@ class PeerConn:
 
     def spec(self) -> DeviceSpec:
         h = self.hello
-        classes = {DeviceClass.DESKTOP: "desktop", DeviceClass.LAPTOP: "laptop",
-                   DeviceClass.PHONE: "phone", DeviceClass.ESP32: "esp32",
-                   DeviceClass.ESP32S3: "esp32s3", DeviceClass.ESP32C3: "esp32c3",
-                   DeviceClass.CORTEX_M_EMU: "cortex_m_emu"}
+        # the planner's coarse classes (thermal derating differs between them)
+        classes = {DeviceClass.LAPTOP: "laptop", DeviceClass.PHONE: "phone",
+                   DeviceClass.ESP32: "mcu", DeviceClass.ESP32S3: "mcu", DeviceClass.ESP32C3: "mcu",
+                   DeviceClass.CORTEX_M_EMU: "mcu"}
         battery = h["battery_pct"] if h["battery_pct"] <= 100 else None
         temp = h["temperature_dc"] / 10 if h["temperature_dc"] != -32768 else None
         return DeviceSpec(
@@ -88,8 +88,7 @@ class PeerConn:
             int8_macs=float(max(h["int8_macs"], 1)),
             latency_s=self.latency_s,
             bandwidth_Bps=max(self.bandwidth_Bps, 1.0),
-            device_class=classes.get(DeviceClass(h["device_class"]), "other")
-            if h["device_class"] in DeviceClass._value2member_map_ else "other",
+            device_class=classes.get(h["device_class"], "desktop"),
             battery_pct=battery,
             temperature_c=temp,
         )
@@ -151,9 +150,23 @@ class Coordinator(Int8Transformer):
 
     # -- connection ------------------------------------------------------------------------
     async def _request(self, peer: PeerConn, frame: Frame, want: MsgType, what: str,
-                       timeout: float | None = None) -> Frame:
-        await peer.link.send(encode_frame(frame))
-        return await self._expect(peer, want, what, timeout)
+                       timeout: float | None = None, retry_s: float | None = None) -> Frame:
+        """Send ``frame`` and wait for a ``want`` answer; with ``retry_s`` the frame is sent
+        again at that interval until the deadline (for requests that are safe to repeat)."""
+        data = encode_frame(frame)
+        await peer.link.send(data)
+        if retry_s is None:
+            return await self._expect(peer, want, what, timeout)
+        deadline = time.monotonic() + (timeout or self.deadline_s)
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return await self._expect(peer, want, what, max(min(retry_s, left), 1e-3))
+            except PeerTimeout:
+                if time.monotonic() >= deadline:
+                    raise PeerTimeout(f"peer {peer.label} did not answer {what} within "
+                                      f"{timeout or self.deadline_s:.1f} s") from None
+            await peer.link.send(data)
 
     async def _expect(self, peer: PeerConn, want: MsgType, what: str,
                       timeout: float | None = None) -> Frame:
@@ -161,7 +174,7 @@ class Coordinator(Int8Transformer):
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PeerError(f"peer {peer.label} did not answer {what} "
+                raise PeerTimeout(f"peer {peer.label} did not answer {what} "
                                 f"within {timeout or self.deadline_s:.1f} s")
             try:
                 data = await peer.link.recv(left)
@@ -190,7 +203,7 @@ class Coordinator(Int8Transformer):
                   "max_frame": 0xFFFF, "arena_kb": 0}
             reply = await self._request(peer, Frame(MsgType.HELLO, me, src=COORDINATOR,
                                                     dst=peer.device_id, seq=self._next_seq()),
-                                        MsgType.HELLO, "HELLO")
+                                        MsgType.HELLO, "HELLO", retry_s=0.5)
             peer.hello = dict(reply.payload)
             if not peer.name:
                 peer.name = peer.hello["name"] or f"peer-{peer.device_id}"
@@ -292,8 +305,8 @@ class Coordinator(Int8Transformer):
                     try:
                         await self._expect(peer, MsgType.ACK, f"the shard of layer {layer}")
                         break
-                    except PeerError as exc:
-                        if "refused" in str(exc) or attempt == 2:
+                    except PeerTimeout:
+                        if attempt == 2:
                             raise
                 if i == len(layers) - 1:
                     await self._expect(peer, MsgType.READY, "READY")
@@ -334,7 +347,7 @@ class Coordinator(Int8Transformer):
         while True:
             now = time.monotonic()
             if now >= t_end:
-                raise PeerError(f"peer {peer.label} stopped answering: no PARTIAL "
+                raise PeerTimeout(f"peer {peer.label} stopped answering: no PARTIAL "
                                 f"for layer {layer} {stage.name} at position {pos} within "
                                 f"{self.deadline_s:.1f} s")
             try:

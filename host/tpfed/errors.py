@@ -19,3 +19,7 @@ class PeerError(TpfedError):
 
 class FleetError(TpfedError):
     """A fleet description (YAML) or a board profile is invalid."""
+
+
+class PeerTimeout(PeerError):
+    """A peer did not answer within its deadline (as opposed to answering with an error)."""

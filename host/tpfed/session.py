@@ -84,7 +84,8 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
     if n_emu:
         from tpfed.emulator import EmulatedBoards
 
-        emu_urls = await stack.enter_async_context(EmulatedBoards(n_emu))
+        boards = await asyncio.to_thread(stack.enter_context, EmulatedBoards(n_emu))
+        emu_urls = [b.url for b in boards]
     links: list[Link] = []
     i_local = i_emu = 0
     for spec in specs:
@@ -158,7 +159,11 @@ async def run(opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = Non
         plan = coord.make_plan(opts.strategy)
         await coord.push_weights()
         setup_s = time.perf_counter() - t_setup
-        say(f"plan {plan.strategy}: weights pushed in {setup_s:.2f} s")
+        shares = ", ".join(f"{d.name}: {d.kv_units} KV groups + {d.mlp_columns} MLP columns"
+                           for d in plan.devices)
+        say(f"plan {plan.strategy}: {shares}; weights pushed in {setup_s:.2f} s")
+        for name, why in plan.excluded:
+            say(f"left out {name}: {why}")
         result = await generate(coord, tok, opts.prompt, seq_len, sampler, on_piece)
         result.plan = plan
         result.setup_s = setup_s

@@ -94,7 +94,9 @@ class SerialLink(Link):
     async def send(self, frame: bytes) -> None:
         if self._closed:
             raise LinkClosed(f"serial link {self.name} is closed")
-        data = StreamFramer.encode(frame)
+        # A leading delimiter closes any partial segment the far end holds (line noise, bytes
+        # from before it booted), so this frame is never glued to garbage.
+        data = b"\x00" + StreamFramer.encode(frame)
         try:
             self.port.write(data)
         except (serial.SerialException, OSError) as e:

@@ -195,11 +195,14 @@ int tpfed_peer_init(tpfed_peer *p, const tpfed_hal *hal, const tpfed_device_info
     p->arena_size = arena_size;
     p->device_id = TPFED_BROADCAST;
     uint32_t used = 0;
-    p->rx = arena_take(p, &used, TPFED_PEER_MAX_FRAME);
+    // The stream buffer holds a frame still COBS-encoded (decoded in place), so it must take
+    // the encoded size of the largest frame, a few bytes more than the frame itself.
+    uint32_t rx_cap = (uint32_t)tpfed_cobs_max_encoded(TPFED_PEER_MAX_FRAME);
+    p->rx = arena_take(p, &used, rx_cap);
     p->tx = arena_take(p, &used, TPFED_PEER_MAX_FRAME);
     if (used > arena_size) return -1;
     p->arena_fixed = p->arena_used = (used + 7u) & ~7u;
-    tpfed_cobs_stream_init(&p->stream, p->rx, TPFED_PEER_MAX_FRAME);
+    tpfed_cobs_stream_init(&p->stream, p->rx, rx_cap);
     p->int8_macs = tpfed_peer_measure_macs(p);
     return 0;
 }
