@@ -9,10 +9,10 @@ participating device: the Q8_0 activation out and a float32 partial back).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import asdict, dataclass
 
+from tpfed import aio
 from tpfed.quantized import Int8Transformer, Q8Model
 from tpfed.session import RunOptions, run
 from tpfed.tokenizer import Tokenizer
@@ -67,7 +67,7 @@ def run_e2e_bench(peer_counts: tuple[int, ...] = (1, 2, 4), steps: int = 256,
     for n in peer_counts:
         best = None
         for _ in range(repeat):
-            res = asyncio.run(run(RunOptions(peers=f"local:{n}", prompt=PROMPT, steps=steps),
+            res = aio.run(run(RunOptions(peers=f"local:{n}", prompt=PROMPT, steps=steps),
                                   model=(q8, tok)))
             if best is None or res.stats.tokens_per_s > best.stats.tokens_per_s:
                 best = res

@@ -11,6 +11,12 @@ Boards are stopped reliably: :class:`EmulatedBoards` is a context manager, every
 stopped at interpreter exit, and on Linux each QEMU gets SIGKILL from the kernel if the Python
 process that started it dies (``PR_SET_PDEATHSIG``), so a failing or killed test leaves no
 orphan QEMU behind.
+
+Which boards can be emulated, and everything about them (QEMU machine, PlatformIO env and so
+the firmware path, memory figures), comes from their board profiles in ``boards/``
+(:data:`EMULATED_PROFILES`): ``musca-b1`` (Cortex-M33, 512 KiB SRAM; the default, big enough
+for a quarter of stories260K with its KV cache) and ``lm3s6965evb`` (Cortex-M3, 64 KiB SRAM).
+A profile names its QEMU machine with ``qemu_machine`` (default: the profile's name).
 """
 
 from __future__ import annotations
@@ -28,16 +34,18 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from tpfed.errors import TpfedError
+from tpfed.profiles import BoardProfile
 
 REPO = Path(__file__).resolve().parents[2]
 FIRMWARE_DIR = REPO / "firmware"
-DEFAULT_ENV = "lm3s6965evb"
 
-# PlatformIO env -> QEMU machine of the emulated board.
-MACHINES: dict[str, str] = {"lm3s6965evb": "lm3s6965evb"}
+EMULATED_PROFILES: tuple[str, ...] = ("musca-b1", "lm3s6965evb")
+"""Board profiles (``boards/<name>.yaml``) of the boards QEMU emulates; the first is the default."""
+DEFAULT_ENV = "musca-b1"
 
 _READY_MARK = b"waiting for connection"
 _live: weakref.WeakSet[EmulatedBoard] = weakref.WeakSet()
@@ -45,6 +53,75 @@ _live: weakref.WeakSet[EmulatedBoard] = weakref.WeakSet()
 
 class EmulatorError(TpfedError):
     """An emulated board cannot be built, started or reached; the message says why."""
+
+
+@dataclass(frozen=True)
+class EmulatedBoardType:
+    """One kind of emulated board, as its board profile describes it."""
+
+    profile: BoardProfile
+    env: str  # PlatformIO env that builds its firmware
+    machine: str  # qemu-system-arm -machine
+
+    @property
+    def name(self) -> str:
+        return self.profile.name
+
+    @property
+    def firmware(self) -> Path:
+        """Where ``pio run -e env`` puts the firmware ELF."""
+        return build_dir(self.env) / "firmware.elf"
+
+    @property
+    def ram_bytes(self) -> int:
+        return self.profile.ram_bytes
+
+    @property
+    def usable_bytes(self) -> int:
+        """Arena the firmware gives the peer for weights and KV cache."""
+        return self.profile.usable_bytes
+
+
+@cache
+def emulated_board_types() -> dict[str, EmulatedBoardType]:
+    """PlatformIO env -> board type, for every profile in :data:`EMULATED_PROFILES`."""
+    from importlib import resources
+
+    import yaml
+
+    from tpfed.profiles import load_profile
+
+    types: dict[str, EmulatedBoardType] = {}
+    for name in EMULATED_PROFILES:
+        profile = load_profile(name)
+        if not profile.platformio_env:
+            raise EmulatorError(f"board profile {name!r} names no platformio_env to build its firmware with")
+        doc = yaml.safe_load((resources.files("tpfed.boards") / f"{name}.yaml").read_text())
+        machine = doc.get("qemu_machine", name)
+        if not isinstance(machine, str) or not machine:
+            raise EmulatorError(f"board profile {name!r}: qemu_machine must be a QEMU machine name")
+        types[profile.platformio_env] = EmulatedBoardType(profile, profile.platformio_env, machine)
+    return types
+
+
+def board_type(env: str = DEFAULT_ENV) -> EmulatedBoardType:
+    """The emulated board built by PlatformIO env ``env`` (raises :class:`EmulatorError`)."""
+    types = emulated_board_types()
+    try:
+        return types[env]
+    except KeyError:
+        raise EmulatorError(f"PlatformIO env {env!r} is not an emulated board; known: "
+                            f"{', '.join(sorted(types))}") from None
+
+
+def machine_of(firmware: str | Path) -> str:
+    """The QEMU machine of a firmware ELF built in firmware/.pio/build/<env>/."""
+    env = Path(firmware).parent.name
+    types = emulated_board_types()
+    if env not in types:
+        raise EmulatorError(f"cannot tell which board {firmware} is for (its folder {env!r} is not an "
+                            f"emulated board's env: {', '.join(sorted(types))}); give BoardSpec.machine")
+    return types[env].machine
 
 
 def _set_pdeathsig() -> None:  # runs in the child between fork and exec
@@ -79,8 +156,7 @@ def build_firmware(env: str = DEFAULT_ENV, *, quiet: bool = True) -> Path:
     """Build ``env`` with PlatformIO (``pio run -e env`` in firmware/) and return its ELF.
 
     Offline setups need the ``tool-scons`` package first: ``python tools/pio_offline.py``."""
-    if env not in MACHINES:
-        raise EmulatorError(f"PlatformIO env {env!r} is not an emulated board; known: {sorted(MACHINES)}")
+    board_type(env)
     if not (FIRMWARE_DIR / "platformio.ini").is_file():
         raise EmulatorError(f"no PlatformIO project in {FIRMWARE_DIR}")
     if not shutil.which("arm-none-eabi-gcc"):
@@ -111,7 +187,7 @@ def firmware_path(env: str = DEFAULT_ENV, *, build: bool | None = None) -> Path:
     """The firmware ELF of ``env``. ``build=True`` always runs PlatformIO (incremental),
     ``False`` only uses an existing build, ``None`` builds when PlatformIO is installed and
     otherwise falls back to an existing build."""
-    elf = build_dir(env) / "firmware.elf"
+    elf = board_type(env).firmware
     if build is None:
         build = shutil.which("pio") is not None or _has_module("platformio")
     if build:
@@ -129,9 +205,15 @@ def _has_module(name: str) -> bool:
 
 @dataclass(frozen=True)
 class BoardSpec:
+    """One board to start: its firmware ELF, the QEMU machine (None: the machine of the env
+    whose build folder holds the ELF) and a name for messages."""
+
     firmware: Path
-    machine: str = "lm3s6965evb"
+    machine: str | None = None
     name: str = "emu0"
+
+    def qemu_machine(self) -> str:
+        return self.machine if self.machine is not None else machine_of(self.firmware)
 
 
 class EmulatedBoard:
@@ -153,11 +235,12 @@ class EmulatedBoard:
         if not Path(self.spec.firmware).is_file():
             raise EmulatorError(f"firmware {self.spec.firmware} does not exist")
         qemu = qemu_binary()
+        machine = self.spec.qemu_machine()
         last = ""
         for _ in range(5):  # the free port may be taken between choosing and binding it
             port = free_port()
             cmd = [
-                qemu, "-machine", self.spec.machine, "-nographic", "-monitor", "none",
+                qemu, "-machine", machine, "-nographic", "-monitor", "none",
                 "-no-reboot", "-kernel", str(self.spec.firmware),
                 "-chardev",
                 f"socket,id=uart0,host=127.0.0.1,port={port},server=on,wait=on,nodelay=on",
@@ -285,7 +368,8 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 
 class EmulatedBoards:
-    """N emulated boards as a context manager::
+    """N emulated boards of one kind (``env``: ``musca-b1`` by default, or ``lm3s6965evb``)
+    as a context manager::
 
         with EmulatedBoards(2) as boards:
             for b in boards:
@@ -296,8 +380,7 @@ class EmulatedBoards:
                  *, build: bool | None = None) -> None:
         if count < 1:
             raise EmulatorError(f"need at least one emulated board, got {count}")
-        if env not in MACHINES:
-            raise EmulatorError(f"PlatformIO env {env!r} is not an emulated board; known: {sorted(MACHINES)}")
+        self.board_type = board_type(env)
         self.count = count
         self.env = env
         self.firmware = firmware
@@ -308,7 +391,7 @@ class EmulatedBoards:
         fw = self.firmware or firmware_path(self.env, build=self.build)
         try:
             for i in range(self.count):
-                spec = BoardSpec(firmware=fw, machine=MACHINES[self.env], name=f"emu{i}")
+                spec = BoardSpec(firmware=fw, machine=self.board_type.machine, name=f"emu{i}")
                 self.boards.append(EmulatedBoard(spec).start())
         except BaseException:
             self.stop()
@@ -337,12 +420,18 @@ def _stop_all() -> None:
 
 
 __all__ = [
+    "DEFAULT_ENV",
+    "EMULATED_PROFILES",
     "BoardSpec",
     "EmulatedBoard",
+    "EmulatedBoardType",
     "EmulatedBoards",
     "EmulatorError",
+    "board_type",
     "build_firmware",
+    "emulated_board_types",
     "firmware_path",
     "free_port",
+    "machine_of",
     "qemu_binary",
 ]

@@ -8,6 +8,7 @@ Internally the planner works on two owner matrices, ``group_owner[layer, group]`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -102,7 +103,17 @@ def share_bytes(model: ModelConfig, seq_len: int, layers: dict[int, LayerShare])
 
 
 def block_bytes_array(model: ModelConfig) -> np.ndarray:
-    return np.array([costs.mlp_range_bytes(model, w) for w in costs.block_widths(model)], dtype=np.int64)
+    """Q8_0 bytes of every MLP block of a layer (read-only; cached per model)."""
+    return _block_bytes(model)
+
+
+@functools.lru_cache(maxsize=32)
+def _block_bytes(model: ModelConfig) -> np.ndarray:
+    nb = costs.n_blocks(model)
+    out = np.full(nb, costs.mlp_range_bytes(model, min(QK, model.hidden_dim)), dtype=np.int64)
+    out[-1] = costs.mlp_range_bytes(model, costs.block_widths(model)[-1])
+    out.flags.writeable = False
+    return out
 
 
 def shares_from_owners(

@@ -102,22 +102,44 @@ class _Ctx:
         self.bbytes = block_bytes_array(model)
         self.wa = self.uc.attn_macs  # MACs of one group
         self.wb = costs.QK * self.uc.col_macs  # MACs of one full block
+        # per (layer, block) entry of an owner matrix, flattened: its columns and its bytes
+        self._wcols = np.tile(self.widths, self.L)
+        self._wbytes = np.tile(self.bbytes.astype(np.float64), self.L)
 
     def evaluate(self, gown: np.ndarray, bown: np.ndarray) -> Evaluation:
         L, N = self.L, self.N
         speed, link = self.fa.speed, self.fa.link
         rows = np.arange(L)[:, None] * N
-        ok = gown >= 0
-        cnt = np.bincount((gown + rows)[ok], minlength=L * N).reshape(L, N).astype(np.float64)
+        gkey = (gown + rows).ravel()
+        if gown.size and gown.min() < 0:
+            gkey = gkey[gown.ravel() >= 0]
+        cnt = np.bincount(gkey, minlength=L * N).reshape(L, N).astype(np.float64)
         ta = cnt * (self.wa / speed) + (cnt > 0) * link
-        okb = bown >= 0
-        bidx = np.broadcast_to(np.arange(self.B), bown.shape)[okb]
-        cols = np.bincount((bown + rows)[okb], weights=self.widths[bidx], minlength=L * N).reshape(L, N)
+        bflat = bown.ravel()
+        bkey = (bown + rows).ravel()
+        wcols, wbytes = self._wcols, self._wbytes
+        if bflat.size and bflat.min() < 0:
+            ok = bflat >= 0
+            bkey, bflat, wcols, wbytes = bkey[ok], bflat[ok], wcols[ok], wbytes[ok]
+        cols = np.bincount(bkey, weights=wcols, minlength=L * N).reshape(L, N)
         tm = cols * (self.uc.col_macs / speed) + (cols > 0) * link
         mem = cnt.sum(axis=0).astype(np.int64) * self.uc.attn_bytes
-        mem += np.bincount(bown[okb], weights=self.bbytes[bidx], minlength=N).astype(np.int64)
+        mem += np.bincount(bflat, weights=wbytes, minlength=N).astype(np.int64)
         sa, sm = ta.max(axis=1), tm.max(axis=1)
         return Evaluation(float(sa.sum() + sm.sum()), ta.sum(axis=0) + tm.sum(axis=0), mem, sa, sm)
+
+    def round_robin_makespan_s(self) -> float:
+        """Makespan of the round-robin split: every layer is split alike, so one layer's two
+        stages times the number of layers."""
+        N, G, B = self.N, self.G, self.B
+        speed, link = self.fa.speed, self.fa.link
+        cnt = np.bincount(np.arange(G) % N, minlength=N).astype(np.float64)
+        bounds = (np.arange(N + 1, dtype=np.int64) * B) // N
+        row = np.repeat(np.arange(N, dtype=np.int64), np.diff(bounds))
+        cols = np.bincount(row, weights=self.widths, minlength=N)
+        ta = cnt * (self.wa / speed) + (cnt > 0) * link
+        tm = cols * (self.uc.col_macs / speed) + (cols > 0) * link
+        return float(self.L * (ta.max() + tm.max()))
 
     def ideal_s(self) -> float:
         """Per-token lower bound of the cost model: each stage's work spread fluidly over all
@@ -331,7 +353,7 @@ def _exclusion_reasons(ctx: _Ctx, ev: Evaluation, used: np.ndarray, small: np.nd
 def _build(ctx: _Ctx, strategy: str, gown: np.ndarray, bown: np.ndarray, reasons: dict[int, str],
            t0: float) -> Plan:
     ev = ctx.evaluate(gown, bown)
-    rr = ctx.evaluate(*ctx.round_robin_owners()).makespan_s
+    rr = ctx.round_robin_makespan_s()
     shares = shares_from_owners(ctx.model, ctx.N, gown, bown)
     devices: list[DeviceShare] = []
     excluded: list[tuple[str, str]] = []
@@ -546,41 +568,102 @@ def _place_orphan_blocks_seq(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_
 
 def _pull_to_newcomers(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: np.ndarray,
                        newcomers: list[int]) -> None:
-    """Move units from each stage's slowest holder to a newcomer while that shortens the stage."""
-    speed, link = ctx.fa.speed, ctx.fa.link
-    nc = np.array(newcomers, dtype=np.int64)
+    """Move units from the slowest holders of each layer stage to the newcomers while that
+    shortens the stage: attention groups first, then MLP blocks, every layer at once (see
+    :func:`_pull_stage`). A newcomer's free memory is spread evenly over the layers."""
+    nc = np.zeros(ctx.N, dtype=bool)
+    nc[newcomers] = True
+    L, N = ctx.L, ctx.N
+    rows = np.arange(L)[:, None] * N
     ab = ctx.uc.attn_bytes
-    per_col = ctx.uc.col_macs / speed
-    for li in range(ctx.L):
-        cnt = _layer_loads(ctx, gown, li, None)
-        while True:
-            t = np.where(cnt > 0, link + cnt * ctx.wa / speed, 0.0)
-            donor = int(np.argmax(t))
-            fin = np.where(mem_left[nc] >= ab, link[nc] + (cnt[nc] + 1) * ctx.wa / speed[nc], np.inf)
-            k = int(np.argmin(fin))
-            r = int(nc[k])
-            if not fin[k] < t[donor] * (1 - 1e-9) or r == donor:
-                break
-            g = int(np.flatnonzero(gown[li] == donor)[-1])
-            gown[li, g] = r
-            cnt[donor] -= 1
-            cnt[r] += 1
-            mem_left[r] -= ab
-            mem_left[donor] += ab
-        cols = _layer_loads(ctx, bown, li, ctx.widths)
-        while True:
-            t = np.where(cols > 0, link + cols * per_col, 0.0)
-            donor = int(np.argmax(t))
-            own = np.flatnonzero(bown[li] == donor)
-            b = int(own[-1])
-            w, bb = ctx.widths[b], int(ctx.bbytes[b])
-            fin = np.where(mem_left[nc] >= bb, link[nc] + (cols[nc] + w) * per_col[nc], np.inf)
-            k = int(np.argmin(fin))
-            r = int(nc[k])
-            if not fin[k] < t[donor] * (1 - 1e-9) or r == donor:
-                break
-            bown[li, b] = r
-            cols[donor] -= w
-            cols[r] += w
-            mem_left[r] -= bb
-            mem_left[donor] += bb
+    # attention: units are groups (identical)
+    ok = gown >= 0
+    cnt = np.bincount((gown + rows)[ok], minlength=L * N).reshape(L, N).astype(np.float64)
+    quota = _spread(np.where(nc, np.maximum(mem_left, 0) // ab, 0), L)
+    take = _pull_stage(cnt, ctx.wa / ctx.fa.speed, 1.0, ctx.fa.link, nc, quota)
+    _apply_pull(gown, take, nc)
+    mem_left -= (take.sum(axis=0) * ab).astype(np.int64)  # taken (> 0) and freed (< 0)
+    # MLP: units are blocks of up to 32 columns; times are counted in columns, a donor sheds
+    # whole blocks from its end (counted as full width, so no stage gets longer)
+    okb = bown >= 0
+    bidx = np.broadcast_to(np.arange(ctx.B), bown.shape)[okb]
+    cols = np.bincount((bown + rows)[okb], weights=ctx.widths[bidx], minlength=L * N).reshape(L, N)
+    bb = int(ctx.bbytes.max())
+    quota = _spread(np.where(nc, np.maximum(mem_left, 0) // bb, 0), L)
+    take = _pull_stage(cols, ctx.uc.col_macs / ctx.fa.speed, float(costs.QK), ctx.fa.link, nc, quota)
+    donors_before = bown.copy()
+    moved = _apply_pull(bown, take, nc)
+    moved_bytes = ctx.bbytes[np.nonzero(moved)[1]]
+    mem_left -= np.bincount(bown[moved], weights=moved_bytes, minlength=N).astype(np.int64)
+    mem_left += np.bincount(donors_before[moved], weights=moved_bytes, minlength=N).astype(np.int64)
+
+
+def _spread(units: np.ndarray, n_layers: int) -> np.ndarray:
+    """(L x N) per-layer quotas that sum to ``units`` per device, as even as possible."""
+    j = np.arange(n_layers + 1)[:, None]
+    return ((units * j[1:]) // n_layers - (units * j[:-1]) // n_layers).astype(np.float64)
+
+
+def _pull_stage(load: np.ndarray, per: np.ndarray, unit: float, link: np.ndarray, nc: np.ndarray,
+                quota: np.ndarray) -> np.ndarray:
+    """Water-filling of one stage over all layers. ``load`` (L x N) is each device's work in
+    load units (groups or columns), ``per`` the seconds per load unit, ``unit`` the load of one
+    movable unit. Per layer, the smallest stage time T such that the holders that are not
+    newcomers can shed whole units down to T and the newcomers (within ``quota`` units) can take
+    them and still finish by T. Returns units taken (> 0, newcomers) or shed (< 0, donors) per
+    layer and device; all zero in a layer that no move shortens."""
+    held = load > 0
+    t_now = np.where(held, link + load * per, 0.0)
+    cur = t_now.max(axis=1)
+    donors = ~nc
+    fixed_new = np.where(nc & held, t_now, 0.0).max(axis=1)  # newcomers do not shed
+
+    def plan_at(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        limit = (t[:, None] - link) / per  # load a device can finish by t
+        keep = np.clip(np.floor((limit + 1e-9) / unit) * unit, 0, None)
+        shed = np.where(donors & held, np.ceil(np.maximum(load - keep, 0) / unit - 1e-9), 0.0)
+        room = np.where(nc, np.clip(np.floor((limit - load) / unit + 1e-9), 0, quota), 0.0)
+        return shed, room
+
+    def feasible(t: np.ndarray) -> np.ndarray:
+        shed, room = plan_at(t)
+        return (shed.sum(axis=1) <= room.sum(axis=1)) & (fixed_new <= t)
+
+    lo = np.maximum(fixed_new, 0.0)
+    t = _bisect_min(feasible, lo, cur, iters=40)
+    better = t < cur * (1 - 1e-9)
+    shed, room = plan_at(t)
+    shed[~better] = 0.0
+    # hand the shed units to newcomers in order, each up to its room
+    total = shed.sum(axis=1, keepdims=True)
+    before = np.cumsum(room, axis=1) - room
+    take = np.clip(total - before, 0, room)
+    return take - shed
+
+
+def _apply_pull(own: np.ndarray, delta: np.ndarray, nc: np.ndarray) -> np.ndarray:
+    """Reassign units in place: each donor gives its last ``-delta`` units of every layer, which
+    go in layer order to the newcomers with ``delta > 0``. Returns the mask of moved units."""
+    L, U = own.shape
+    N = delta.shape[1]
+    shed = np.maximum(-delta, 0).astype(np.int64)
+    if not shed.any():
+        return np.zeros(own.shape, dtype=bool)
+    flat = own.reshape(-1)
+    key = np.where(flat >= 0, np.repeat(np.arange(L), U) * N + flat, -1)
+    # rank of each unit among its owner's units in the layer, counted from the end
+    order = np.lexsort((-np.tile(np.arange(U), L), key))
+    k_sorted = key[order]
+    first = np.ones(k_sorted.size, dtype=bool)
+    first[1:] = k_sorted[1:] != k_sorted[:-1]
+    start = np.maximum.accumulate(np.where(first, np.arange(k_sorted.size), 0))
+    rank = np.empty(flat.size, dtype=np.int64)
+    rank[order] = np.arange(k_sorted.size) - start
+    moved = (key >= 0) & (rank < shed.reshape(-1)[np.maximum(key, 0)])
+    take = np.maximum(delta, 0).astype(np.int64)
+    targets = np.repeat(np.tile(np.arange(N), L), take.reshape(-1))
+    idx = np.flatnonzero(moved)  # in layer order, as the targets are
+    if idx.size != targets.size:
+        raise AssertionError(f"internal: {idx.size} units shed, {targets.size} taken")
+    flat[idx] = targets
+    return moved.reshape(own.shape)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from tpfed import aio
 from tpfed.coordinator import Coordinator, GenerationStats, Link
 from tpfed.errors import PeerError, TpfedError
 from tpfed.peerspec import PeerSpec, parse_peers
@@ -180,7 +181,7 @@ async def run(opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = Non
 
 def run_sync(opts: RunOptions, **kw) -> RunResult:
     try:
-        return asyncio.run(run(opts, **kw))
+        return aio.run(run(opts, **kw))
     except (OSError, ConnectionError) as exc:
         raise PeerError(f"peer connection failed: {exc}") from exc
 

@@ -1,10 +1,16 @@
-"""HIL fixtures: a framed link to one board, emulated in QEMU unless --board-port is given."""
+"""HIL fixtures: a framed link to one board, emulated in QEMU unless --board-port is given.
+
+``board`` is an emulated lm3s6965evb (or the real board given with --board-port),
+``musca_board`` an emulated musca-b1, and ``emulated_board`` runs a test once on each emulated
+board kind (``link.env`` says which)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from tpfed.protocol.codec import Frame, decode_frame, encode_frame
@@ -24,6 +30,7 @@ class BoardLink:
 
     ser: object
     board: object | None = None  # tpfed.emulator.EmulatedBoard when emulated
+    env: str | None = None  # PlatformIO env of the emulated board
     framer: StreamFramer = field(default_factory=StreamFramer)
     pending: list[bytes] = field(default_factory=list)
     seq: int = 0
@@ -63,19 +70,49 @@ class BoardLink:
                 return out
 
 
+EMULATED_ENVS = ("musca-b1", "lm3s6965evb")
+
+
 @pytest.fixture(scope="session")
-def firmware_elf():
+def firmware_elf_of() -> Callable[[str], Path]:
+    """The firmware ELF of an emulated board's PlatformIO env, built once per session."""
     from tpfed.emulator import EmulatorError, firmware_path
 
-    try:
-        return firmware_path("lm3s6965evb", build=True)
-    except EmulatorError as exc:
-        pytest.fail(str(exc))
+    built: dict[str, Path] = {}
+
+    def get(env: str) -> Path:
+        if env not in built:
+            try:
+                built[env] = firmware_path(env, build=True)
+            except EmulatorError as exc:
+                pytest.fail(str(exc))
+        return built[env]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def firmware_elf(firmware_elf_of) -> Path:
+    return firmware_elf_of("lm3s6965evb")
+
+
+@contextlib.contextmanager
+def emulated_link(env: str, elf: Path, name: str = "hil") -> Iterator[BoardLink]:
+    """A fresh QEMU board of ``env`` running ``elf``, with a framed link to its UART."""
+    from tpfed.emulator import BoardSpec, EmulatedBoard, board_type
+
+    spec = BoardSpec(firmware=elf, machine=board_type(env).machine, name=f"{name}-{env}")
+    with EmulatedBoard(spec) as emu:
+        ser = emu.open_serial(timeout=0.05)
+        try:
+            yield BoardLink(ser, board=emu, env=env)
+        finally:
+            ser.close()
 
 
 @pytest.fixture
 def board(board_ports, firmware_elf) -> Iterator[BoardLink]:
-    """A fresh emulated board per test, or the first real board given with --board-port."""
+    """A fresh emulated lm3s6965evb per test, or the first real board given with --board-port."""
     import serial
 
     if board_ports:
@@ -85,10 +122,35 @@ def board(board_ports, firmware_elf) -> Iterator[BoardLink]:
         yield BoardLink(ser)
         ser.close()
         return
-    from tpfed.emulator import BoardSpec, EmulatedBoard
-
-    with EmulatedBoard(BoardSpec(firmware=firmware_elf, name="hil")) as emu:
-        ser = emu.open_serial(timeout=0.05)
-        link = BoardLink(ser, board=emu)
+    with emulated_link("lm3s6965evb", firmware_elf) as link:
         yield link
-        ser.close()
+
+
+@pytest.fixture
+def musca_board(firmware_elf_of) -> Iterator[BoardLink]:
+    """A fresh emulated musca-b1 per test."""
+    with emulated_link("musca-b1", firmware_elf_of("musca-b1")) as link:
+        yield link
+
+
+@pytest.fixture
+def link_to() -> Iterator[Callable[[object], BoardLink]]:
+    """Opens a framed link to a started tpfed.emulator.EmulatedBoard; closed after the test."""
+    opened: list[BoardLink] = []
+
+    def open_link(emu) -> BoardLink:
+        link = BoardLink(emu.open_serial(timeout=0.05), board=emu)
+        opened.append(link)
+        return link
+
+    yield open_link
+    for link in opened:
+        link.ser.close()
+
+
+@pytest.fixture(params=EMULATED_ENVS)
+def emulated_board(request, firmware_elf_of) -> Iterator[BoardLink]:
+    """A fresh emulated board of each kind in turn."""
+    env = request.param
+    with emulated_link(env, firmware_elf_of(env)) as link:
+        yield link

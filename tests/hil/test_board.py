@@ -1,5 +1,6 @@
-"""Hardware-in-the-loop tests of the firmware: emulated lm3s6965evb boards by default, a real
-board with ``--board-port PORT``."""
+"""Hardware-in-the-loop tests of the firmware: emulated boards by default (lm3s6965evb for the
+protocol tests, which also run on a real board with ``--board-port PORT``; musca-b1 for real
+stories260K shards), and both emulated boards for the build, unit-test and HELLO checks."""
 
 from __future__ import annotations
 
@@ -27,26 +28,87 @@ def _pio(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
 
 
-def test_firmware_builds_with_platformio():
-    proc = _pio("run", "-e", "lm3s6965evb")
+@pytest.mark.parametrize("env", ["lm3s6965evb", "musca-b1"])
+def test_firmware_builds_with_platformio(env):
+    from tpfed.emulator import board_type
+
+    proc = _pio("run", "-e", env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    elf = FIRMWARE / ".pio" / "build" / "lm3s6965evb" / "firmware.elf"
+    elf = FIRMWARE / ".pio" / "build" / env / "firmware.elf"
     size = subprocess.run(["arm-none-eabi-size", "-A", "-d", str(elf)], capture_output=True,
                           text=True, check=True).stdout
     sections = {line.split()[0]: int(line.split()[1]) for line in size.splitlines()
                 if line.startswith(".") and len(line.split()) >= 2}
     ram = sections.get(".data", 0) + sections.get(".bss", 0) + sections.get(".stack", 0)
-    assert ram <= 64 * 1024
-    assert sections[".text"] + sections.get(".data", 0) <= 256 * 1024
+    profile = board_type(env).profile
+    assert ram <= profile.ram_bytes
+    assert sections[".text"] + sections.get(".data", 0) <= profile.flash_bytes
 
 
 @pytest.mark.slow
-def test_firmware_unit_tests_pass_under_qemu():
+@pytest.mark.parametrize("env", ["lm3s6965evb", "musca-b1"])
+def test_firmware_unit_tests_pass_under_qemu(env):
     """`pio test`: the board's kernel results over UART equal the host CFFI build's, bit for bit."""
-    proc = _pio("test", "-e", "lm3s6965evb")
+    proc = _pio("test", "-e", env)
     out = proc.stdout + proc.stderr
     failed = [line for line in out.splitlines() if "FAILED" in line or "ERRORED" in line]
     assert proc.returncode == 0, "\n".join(failed) or out[-3000:]
+
+
+# What each emulated board announces: (name, ram_kb, flash_kb, psram_kb, cpu_mhz, cores).
+EMULATED_HELLO = {
+    "lm3s6965evb": ("lm3s6965evb", 64, 256, 0, 12, 1),
+    "musca-b1": ("musca-b1", 512, 8192, 0, 40, 1),
+}
+
+
+def test_emulated_boards_boot_and_answer_hello(emulated_board):
+    """Each emulated board boots its own firmware and describes itself as its profile says."""
+    from tpfed.emulator import board_type
+
+    reply = emulated_board.hello(device_id=4)
+    assert reply.type == MsgType.HELLO and reply.src == 4 and reply.dst == COORDINATOR
+    h = reply.payload
+    env = emulated_board.env
+    name, ram_kb, flash_kb, psram_kb, cpu_mhz, cores = EMULATED_HELLO[env]
+    assert (h["name"], h["ram_kb"], h["flash_kb"], h["psram_kb"], h["cpu_mhz"], h["cores"]) == \
+        (name, ram_kb, flash_kb, psram_kb, cpu_mhz, cores)
+    assert h["device_class"] == DeviceClass.CORTEX_M_EMU and h["features"] == 0
+    profile = board_type(env).profile
+    assert h["ram_kb"] * 1024 == profile.ram_bytes
+    # The profile's usable memory is what the planner counts on before HELLO: never more than
+    # the arena the board announces.
+    assert profile.usable_bytes <= h["arena_kb"] * 1024 < profile.ram_bytes
+    assert 10_000 <= h["int8_macs"] <= 10**11, h["int8_macs"]
+    assert emulated_board.board.alive(), emulated_board.board.output()
+
+
+def test_emulated_boards_default_to_musca_b1(firmware_elf_of, link_to):
+    """`EmulatedBoards(n)` (what `--peers emu:N` starts) runs musca-b1 boards, each its own QEMU."""
+    from tpfed.emulator import EmulatedBoards
+
+    elf = firmware_elf_of("musca-b1")
+    with EmulatedBoards(2, firmware=elf) as boards:
+        assert len({b.port for b in boards}) == 2 and len({b.pid for b in boards}) == 2
+        names = [link_to(b).hello(device_id=i).payload["name"] for i, b in enumerate(boards, start=1)]
+        assert names == ["musca-b1", "musca-b1"]
+        pids = [b.pid for b in boards]
+    assert all(not _running(pid) for pid in pids), "QEMU left running after the context closed"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_unknown_emulated_board_is_refused():
+    from tpfed.emulator import EmulatedBoards, EmulatorError
+
+    with pytest.raises(EmulatorError, match="not an emulated board; known: lm3s6965evb, musca-b1"):
+        EmulatedBoards(1, env="esp32dev")
 
 
 def test_hello_reports_sane_capabilities(board):
@@ -215,6 +277,53 @@ def test_partials_are_bit_identical_to_the_host(board, q8_model):
     got, want = _partials(board, q8_model, entries, _steps(q8_model.config, np.random.default_rng(9)))
     worst = max(_ulps(g, w) for g, w in zip(got, want, strict=True))
     assert worst == 0, f"board partials differ from the host's by up to {worst} ULP"
+
+
+# One board's quarter of stories260K as `--peers emu:4` hands it out: every layer, one KV group,
+# a quarter of the 172 hidden columns (44 or 43), and a KV cache for 256 positions.
+QUARTER_SEQ_LEN = 256
+QUARTER = {layer: ((3,), ((128, 172),) if layer % 2 == 0 else ((86, 129),)) for layer in range(5)}
+
+
+def test_musca_b1_takes_a_stories260k_quarter_share(musca_board, q8_model):
+    """A musca-b1 stores a real quarter share with its KV cache and answers every layer."""
+    from tpfed.protocol.schema import Stage
+
+    from tpfed.kernels import quantize_q8_0
+    from tpfed.shard import DeviceShards, kv_cache_nbytes, serialize_layer_share
+
+    board = musca_board
+    hello = board.hello(device_id=1).payload
+    assert board.request(_assign(q8_model, QUARTER, seq_len=QUARTER_SEQ_LEN)).type == MsgType.ACK
+    blobs = {layer: serialize_layer_share(q8_model, layer, g, r) for layer, (g, r) in QUARTER.items()}
+    for layer, blob in blobs.items():
+        _push(board, layer, blob, hashlib.sha256(blob).digest())
+    frames = board.drain(quiet=2.0)
+    assert [f.type for f in frames] == [MsgType.ACK] * len(QUARTER) + [MsgType.READY], frames
+    ready = frames[-1].payload
+    weights = sum(len(b) for b in blobs.values())
+    kv = len(QUARTER) * kv_cache_nbytes(q8_model.config, 1, QUARTER_SEQ_LEN)
+    assert ready["shard_bytes"] == weights
+    assert ready["arena_used"] >= weights + kv
+    assert ready["arena_used"] + ready["arena_free"] <= hello["arena_kb"] * 1024 + 8192
+
+    host = DeviceShards(_with_seq_len(q8_model, QUARTER_SEQ_LEN), QUARTER)
+    rng = np.random.default_rng(260)
+    # Positions 0-2 in every layer, then the last position: attention over the whole cache.
+    for pos in (0, 1, 2, QUARTER_SEQ_LEN - 1):
+        for layer in range(len(QUARTER)):
+            for stage in (Stage.ATTENTION, Stage.MLP):
+                xf = rng.standard_normal(q8_model.config.dim).astype(np.float32)
+                x = quantize_q8_0(xf)
+                payload = {"layer": layer, "stage": int(stage), "pos": pos, "n": len(xf),
+                           "scales": x.d.tolist(), "qs": x.qs.tolist()}
+                reply = board.request(Frame(MsgType.ACTIVATION, payload, dst=1, session=1))
+                assert reply.type == MsgType.PARTIAL, reply.payload
+                got = np.asarray(reply.payload["data"], np.float32)
+                want = host.attention(layer, x, pos) if stage == Stage.ATTENTION else host.mlp(layer, x)
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
+                                           err_msg=f"layer {layer} {stage.name} pos {pos}")
+    assert board.board.alive(), board.board.output()
 
 
 def test_garbage_on_the_uart_never_crashes_the_board(board):

@@ -24,11 +24,13 @@
 #define INT_RT (1u << 6)
 #define INT_ALL 0x7FFu
 
-void pl011_early_init(pl011 *u) {
-    UART_LCRH(u) = LCRH_WLEN8 | LCRH_FEN;
+void pl011_early_init(uintptr_t base) {
+    CM_REG(base + 0x02Cu) = LCRH_WLEN8 | LCRH_FEN;
 }
 
-void pl011_init(pl011 *u, uint32_t uart_clk_hz, uint32_t baud) {
+void pl011_init(pl011 *u, uintptr_t base, uint32_t irq, uint32_t uart_clk_hz, uint32_t baud) {
+    u->base = base;
+    u->irq = irq;
     u->rx_head = u->rx_tail = 0;
     UART_CR(u) = 0;
     // Divisor in 1/64ths: clk / (16 * baud). The emulated UART ignores it; silicon would not.

@@ -19,11 +19,13 @@ typedef struct pl011 {
     volatile uint8_t rx_ring[PL011_RX_RING];
 } pl011;
 
-// First thing after reset: enables the FIFO (which flushes the receiver) before the host's
-// first bytes can land. With the FIFO off, QEMU 7.2's PL011 drops bytes.
-void pl011_early_init(pl011 *u);
-// 8N1 at baud from a uart_clk_hz reference, FIFO on, receive interrupts on, NVIC line enabled.
-void pl011_init(pl011 *u, uint32_t uart_clk_hz, uint32_t baud);
+// First thing after reset, before .data and .bss exist: enables the FIFO of the UART at base
+// (which flushes the receiver) before the host's first bytes can land. With the FIFO off,
+// QEMU 7.2's PL011 drops bytes.
+void pl011_early_init(uintptr_t base);
+// Takes the UART at base with its interrupt line irq: 8N1 at baud from a uart_clk_hz
+// reference, FIFO on, receive interrupts on, NVIC line enabled.
+void pl011_init(pl011 *u, uintptr_t base, uint32_t irq, uint32_t uart_clk_hz, uint32_t baud);
 // The body of the UART's interrupt handler: moves received bytes into the ring.
 void pl011_irq(pl011 *u);
 // Blocks until all n bytes are in the transmit FIFO.

@@ -29,7 +29,6 @@ void board_sleep(void);
 const tpfed_hal *board_hal(void);
 const tpfed_device_info *board_info(void);
 
-void SysTick_Handler(void);
 void UART0_Handler(void);
 
 #endif

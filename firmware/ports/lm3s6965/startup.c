@@ -1,28 +1,8 @@
-// Reset handler and vector table of the LM3S6965 (Cortex-M3).
+// Vector table of the LM3S6965 (Cortex-M3); the handlers are in ports/common/cortex_m.c.
 #include <stdint.h>
 
 #include "board.h"
-
-extern uint32_t _sidata, _sdata, _edata, _sbss, _ebss, _estack;
-extern int main(void);
-
-void Reset_Handler(void);
-void fault_handler(void);
-
-void Reset_Handler(void) {
-    board_early_init();
-    uint32_t *src = &_sidata;
-    for (uint32_t *dst = &_sdata; dst < &_edata;) *dst++ = *src++;
-    for (uint32_t *dst = &_sbss; dst < &_ebss;) *dst++ = 0;
-    main();
-    board_reset();
-}
-
-// A fault is never recovered from: request a system reset. The emulator runs QEMU with
-// -no-reboot, so a crash ends the QEMU process and the host sees it.
-void fault_handler(void) {
-    board_reset();
-}
+#include "cortex_m.h"
 
 // The table stops at UART0 (IRQ 5), the last interrupt the port enables.
 __attribute__((section(".isr_vector"), used))

@@ -58,5 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     name = args.name or socket.gethostname()
     limit = int(args.memory_mb * 2**20) if args.memory_mb is not None else None
-    asyncio.run(serve(args.listen, name, limit, args.mtu, args.verbose))
+    from tpfed import aio
+
+    aio.run(serve(args.listen, name, limit, args.mtu, args.verbose))
     return 0

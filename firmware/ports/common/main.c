@@ -1,4 +1,5 @@
-// Firmware entry of the QEMU board: bring the board up and run the tpfed peer on UART0.
+// Firmware entry of the QEMU Cortex-M boards: bring the board up and run the tpfed peer on its
+// UART, with the whole arena the build gives (TPFED_ARENA_SIZE).
 #include "board.h"
 #include "tpfed_peer.h"
 #include "tpfed_proto.h"
