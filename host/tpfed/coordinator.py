@@ -39,6 +39,7 @@ from tpfed.protocol.schema import (
 )
 from tpfed.quantized import Int8Transformer, Q8Model, Stage
 from tpfed.shard import DeviceShards, serialize_layer_share
+from tpfed.transport.base import LinkClosed
 
 FRAME_OVERHEAD = HEADER_SIZE + 4
 
@@ -122,31 +123,31 @@ def min_stage_bytes(dim: int) -> int:
     return dim + 2 * n_blocks(dim) + 4 * dim
 
 
-class Coordinator(Int8Transformer):
-    """Distributed int8 forward over connected peers (see the module docstring)."""
+class PeerLinks:
+    """The connection half of the coordinator, usable without a model: HELLO every peer and
+    measure its link (``tpfed devices`` uses it alone)."""
 
-    def __init__(self, model: Q8Model, links: Sequence[Link], *, deadline_s: float = 5.0,
-                 seq_len: int | None = None, session: int = 1,
-                 chunk_bytes: int = 8192) -> None:
-        super().__init__(model, DeviceShards(model, {}))
+    def __init__(self, links: Sequence[Link], *, deadline_s: float = 5.0, session: int = 1) -> None:
         if not links:
             raise PeerError("no peers to run on")
         self.links = list(links)
         self.deadline_s = deadline_s
-        self.seq_len = min(seq_len or model.config.seq_len, model.config.seq_len)
         self.session = session
-        self.chunk_bytes = chunk_bytes
         self.peers: list[PeerConn] = []
-        self.plan: Plan | None = None
-        self.stats = GenerationStats()
         self._seq = 0
-        # per (layer, stage): the peers that hold part of it, in plan order
-        self._owners: dict[tuple[int, int], list[PeerConn]] = {}
-        self._sum = np.empty(model.config.dim, np.float32)
 
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFF
         return self._seq
+
+    @staticmethod
+    async def _recv(peer: PeerConn, timeout: float) -> bytes:
+        """The next frame from ``peer``; a link that closed under us (a board reset or
+        unplugged, a peer process gone) is reported with the peer's name and address."""
+        try:
+            return await peer.link.recv(timeout)
+        except LinkClosed as exc:
+            raise PeerError(f"peer {peer.label} went away: {exc}") from None
 
     # -- connection ------------------------------------------------------------------------
     async def _request(self, peer: PeerConn, frame: Frame, want: MsgType, what: str,
@@ -177,7 +178,7 @@ class Coordinator(Int8Transformer):
                 raise PeerTimeout(f"peer {peer.label} did not answer {what} "
                                 f"within {timeout or self.deadline_s:.1f} s")
             try:
-                data = await peer.link.recv(left)
+                data = await self._recv(peer, left)
             except TimeoutError:
                 continue
             try:
@@ -207,7 +208,6 @@ class Coordinator(Int8Transformer):
             peer.hello = dict(reply.payload)
             if not peer.name:
                 peer.name = peer.hello["name"] or f"peer-{peer.device_id}"
-            await self._probe(peer)
             return peer
 
         if len(self.links) > 254:
@@ -217,27 +217,70 @@ class Coordinator(Int8Transformer):
         for i, p in enumerate(self.peers):
             if names.count(p.name) > 1:
                 p.name = f"{p.name}#{i + 1}"
+        # one peer at a time: concurrent probes would time each other's processing here
+        for peer in self.peers:
+            await self._probe(peer)
         return self.peers
 
-    async def _probe(self, peer: PeerConn, rounds: int = 5) -> None:
+    async def _probe(self, peer: PeerConn, rounds: int = 9) -> None:
         """Latency from small probes (median one-way), bandwidth from a frame near the peer's
-        maximum compared with a small one."""
+        maximum compared with a small one. The timer runs from the link's send call returning to
+        the link handing the reply's bytes back: the coordinator's own encoding, sending and
+        decoding are not the link's (:func:`tpfed.calibration.calibrate_coordinator` measures
+        those)."""
         max_frame = max(peer.hello.get("max_frame", 256), 64)
 
         async def once(pad: int) -> float:
-            payload = {"nonce": self._next_seq(), "t_send_us": time.monotonic_ns() // 1000,
-                       "pad": bytes(pad)}
+            nonce = self._next_seq()
+            data = encode_frame(Frame(MsgType.PROBE, {"nonce": nonce, "pad": bytes(pad),
+                                                      "t_send_us": time.monotonic_ns() // 1000},
+                                      dst=peer.device_id, seq=self._next_seq()))
+            deadline = time.monotonic() + self.deadline_s
+            await peer.link.send(data)
             t0 = time.perf_counter()
-            await self._request(peer, Frame(MsgType.PROBE, payload, dst=peer.device_id,
-                                            seq=self._next_seq()), MsgType.PROBE_REPLY, "PROBE")
-            return time.perf_counter() - t0
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise PeerTimeout(f"peer {peer.label} did not answer PROBE "
+                                      f"within {self.deadline_s:.1f} s")
+                try:
+                    raw = await self._recv(peer, left)
+                except TimeoutError:
+                    continue
+                t1 = time.perf_counter()
+                try:
+                    reply = decode_frame(raw)
+                except ProtocolError:
+                    continue
+                if reply.type == MsgType.ERROR:
+                    raise PeerError(f"peer {peer.label} refused PROBE: {reply.payload['text']}")
+                if reply.type == MsgType.PROBE_REPLY and reply.payload["nonce"] == nonce:
+                    return t1 - t0
 
+        await once(0)  # the first round trip also warms caches on both sides
         small = sorted([await once(0) for _ in range(rounds)])[rounds // 2]
         big_pad = min(max_frame, 4096) - FRAME_OVERHEAD - 12
         big = sorted([await once(big_pad) for _ in range(3)])[1]
         peer.latency_s = small / 2
-        extra = max(big - small, 1e-7)
+        extra = max(big - small, 1e-6)  # lost in the noise: at most 2 pads per microsecond
         peer.bandwidth_Bps = 2 * big_pad / extra  # the pad travels both ways
+
+
+class Coordinator(PeerLinks, Int8Transformer):
+    """Distributed int8 forward over connected peers (see the module docstring)."""
+
+    def __init__(self, model: Q8Model, links: Sequence[Link], *, deadline_s: float = 5.0,
+                 seq_len: int | None = None, session: int = 1,
+                 chunk_bytes: int = 8192) -> None:
+        Int8Transformer.__init__(self, model, DeviceShards(model, {}))
+        PeerLinks.__init__(self, links, deadline_s=deadline_s, session=session)
+        self.seq_len = min(seq_len or model.config.seq_len, model.config.seq_len)
+        self.chunk_bytes = chunk_bytes
+        self.plan: Plan | None = None
+        self.stats = GenerationStats()
+        # per (layer, stage): the peers that hold part of it, in plan order
+        self._owners: dict[tuple[int, int], list[PeerConn]] = {}
+        self._sum = np.empty(model.config.dim, np.float32)
 
     # -- planning and weights ------------------------------------------------------------
     def make_plan(self, strategy: str = "round-robin") -> Plan:
@@ -351,7 +394,7 @@ class Coordinator(Int8Transformer):
                                 f"for layer {layer} {stage.name} at position {pos} within "
                                 f"{self.deadline_s:.1f} s")
             try:
-                data = await peer.link.recv(min(t_end, resend_at if resend_at > now else t_end) - now)
+                data = await self._recv(peer, min(t_end, resend_at if resend_at > now else t_end) - now)
             except TimeoutError:
                 if resend_at and time.monotonic() >= resend_at:
                     await peer.link.send(frame)
@@ -373,8 +416,11 @@ class Coordinator(Int8Transformer):
             if reply.type == MsgType.ERROR:
                 code = reply.payload["code"]
                 name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
-                raise PeerError(f"peer {peer.label} failed layer {layer} "
-                                f"{stage.name} at position {pos}: {name}: {reply.payload['text']}")
+                hint = ""
+                if code in (ErrorCode.BAD_STATE, ErrorCode.NOT_ASSIGNED, ErrorCode.BAD_SESSION):
+                    hint = " (it no longer holds its share: was it reset or restarted?)"
+                raise PeerError(f"peer {peer.label} failed layer {layer} {stage.name} at position "
+                                f"{pos}: {name}: {reply.payload['text']}{hint}")
 
     async def forward_async(self, token: int, pos: int) -> np.ndarray:
         """Logits for ``token`` at ``pos``: :meth:`Int8Transformer.forward` with the partials

@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 FIRMWARE_DIR = REPO / "firmware"
 
 EMULATED_PROFILES: tuple[str, ...] = ("musca-b1", "lm3s6965evb")
-"""Board profiles (``boards/<name>.yaml``) of the boards QEMU emulates; the first is the default."""
+"""Board profiles (``boards/<name>.yaml``) of the boards QEMU emulates."""
 DEFAULT_ENV = "musca-b1"
 
 _READY_MARK = b"waiting for connection"

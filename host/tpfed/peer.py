@@ -20,12 +20,13 @@ import numpy as np
 from tpfed import kernels
 from tpfed.config import ModelConfig
 from tpfed.kernels import Q8Tensor
-from tpfed.protocol.codec import Frame, decode_frame, encode_frame
+from tpfed.protocol.codec import Frame, assemble, check_frame, decode_frame, encode_frame
 from tpfed.protocol.errors import ProtocolError
 from tpfed.protocol.fastpath import decode_activation, encode_partial
 from tpfed.protocol.schema import (
     BATTERY_UNKNOWN,
     BROADCAST,
+    HEADER_SIZE,
     TEMPERATURE_UNKNOWN,
     DeviceClass,
     ErrorCode,
@@ -179,6 +180,8 @@ class DesktopPeer:
         try:
             if len(data) > 2 and data[2] == MsgType.ACTIVATION:
                 return self._on_activation(data)
+            if len(data) > 2 and data[2] == MsgType.PROBE:
+                return self._on_probe_fast(data)
             frame = decode_frame(data)
         except ProtocolError:
             self.stats.dropped += 1
@@ -317,6 +320,18 @@ class DesktopPeer:
         reply = Frame(type=MsgType.PROBE_REPLY, payload=dict(frame.payload), src=self._src(),
                       dst=frame.src, seq=frame.seq, session=frame.session)
         return [encode_frame(reply)]
+
+    def _on_probe_fast(self, data: bytes) -> list[bytes]:
+        """PROBE echoed without decoding its payload (a PROBE's payload is echoed unchanged),
+        so a probe times the link and this peer's frame turnaround, not the payload codec."""
+        h = check_frame(data)
+        if h.dst not in (BROADCAST, self.device_id):
+            self.stats.dropped += 1
+            return []
+        self.stats.frames_out += 1
+        payload = memoryview(data)[HEADER_SIZE:HEADER_SIZE + h.length]
+        return [assemble((int(MsgType.PROBE_REPLY), 0, self._src(), h.src, h.seq, h.session,
+                          h.version), payload)]
 
     def _on_bye(self, frame: Frame) -> list[bytes]:
         self.shards = None

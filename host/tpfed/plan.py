@@ -121,31 +121,47 @@ def shares_from_owners(
 ) -> list[dict[int, LayerShare]]:
     """Per-device ``{layer: LayerShare}`` from the owner matrices (each range maximal)."""
     L, B = block_owner.shape
+    G = group_owner.shape[1]
     hidden = model.hidden_dim
-    groups: list[dict[int, list[int]]] = [{} for _ in range(n_devices)]
-    for (li, g), d in np.ndenumerate(group_owner):
-        if d >= 0:
-            groups[d].setdefault(li, []).append(g)
-    ranges: list[dict[int, list[tuple[int, int]]]] = [{} for _ in range(n_devices)]
+    # KV groups: keyed by device * L + layer, groups ascending within a key
+    gflat = group_owner.reshape(-1)
+    gi = np.flatnonzero(gflat >= 0)
+    gkey = gflat[gi] * L + gi // G
+    o = np.argsort(gkey, kind="stable")
+    groups: dict[int, list[int]] = {}
+    for k, g in zip(gkey[o].tolist(), (gi[o] % G).tolist(), strict=True):
+        lst = groups.get(k)
+        if lst is None:
+            groups[k] = [g]
+        else:
+            lst.append(g)
+    # MLP column ranges: maximal runs of one owner within a layer, in column order
     flat = block_owner.reshape(-1)
     starts = np.ones(flat.size, dtype=bool)
     starts[1:] = flat[1:] != flat[:-1]
     starts[::B] = True
     idx = np.flatnonzero(starts)
     ends = np.append(idx[1:], flat.size)
-    for i, j, d in zip(idx.tolist(), ends.tolist(), flat[idx].tolist(), strict=True):
-        if d < 0:
-            continue
-        li, b0 = divmod(i, B)
-        b1 = j - li * B
-        ranges[d].setdefault(li, []).append((b0 * QK, min(b1 * QK, hidden)))
-    out: list[dict[int, LayerShare]] = []
-    for d in range(n_devices):
-        gd, rd = groups[d], ranges[d]
-        out.append({
-            li: LayerShare(tuple(gd.get(li, ())), tuple(rd.get(li, ())))
-            for li in sorted(set(gd) | set(rd))
-        })
+    own = flat[idx]
+    keep = own >= 0
+    idx, ends, own = idx[keep], ends[keep], own[keep]
+    li = idx // B
+    col_a = (idx - li * B) * QK
+    col_b = np.minimum((ends - li * B) * QK, hidden)
+    ranges: dict[int, list[tuple[int, int]]] = {}
+    for k, r in zip((own * L + li).tolist(), zip(col_a.tolist(), col_b.tolist(), strict=True), strict=True):
+        lst = ranges.get(k)
+        if lst is None:
+            ranges[k] = [r]
+        else:
+            lst.append(r)
+    out: list[dict[int, LayerShare]] = [{} for _ in range(n_devices)]
+    empty: tuple = ()
+    for k in sorted(groups.keys() | ranges.keys()):
+        d, layer = divmod(k, L)
+        g = groups.get(k)
+        r = ranges.get(k)
+        out[d][layer] = LayerShare(tuple(g) if g else empty, tuple(r) if r else empty)
     return out
 
 
@@ -154,15 +170,32 @@ def owner_matrices(plan: Plan, names: Sequence[str]) -> tuple[np.ndarray, np.nda
     held by a device not in ``names`` get -1."""
     m = plan.model
     index = {n: i for i, n in enumerate(names)}
+    B = costs.n_blocks(m)
     gown = np.full((m.n_layers, m.n_groups), -1, dtype=np.int64)
-    bown = np.full((m.n_layers, costs.n_blocks(m)), -1, dtype=np.int64)
+    bown = np.full((m.n_layers, B), -1, dtype=np.int64)
+    g_pos: list[int] = []
+    g_dev: list[int] = []
+    r_start: list[int] = []
+    r_end: list[int] = []
+    r_dev: list[int] = []
+    G = m.n_groups
     for dev in plan.devices:
         i = index.get(dev.name, -1)
         for li, s in dev.layers.items():
             if s.kv_groups:
-                gown[li, list(s.kv_groups)] = i
+                g_pos.extend(li * G + g for g in s.kv_groups)
+                g_dev.extend([i] * len(s.kv_groups))
             for a, b in s.mlp_ranges:
-                bown[li, a // QK: costs.ceil_div(b, QK)] = i
+                r_start.append(li * B + a // QK)
+                r_end.append(li * B + costs.ceil_div(b, QK))
+                r_dev.append(i)
+    if g_pos:
+        gown.reshape(-1)[np.array(g_pos)] = np.array(g_dev)
+    if r_start:
+        s0, e0 = np.array(r_start), np.array(r_end)
+        lens = e0 - s0
+        pos = np.repeat(s0 - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        bown.reshape(-1)[pos] = np.repeat(np.array(r_dev), lens)
     return gown, bown
 
 
@@ -171,25 +204,32 @@ def diff_owners(m: ModelConfig, names: Sequence[str], g0: np.ndarray, b0: np.nda
     """Units whose owner differs between two owner-matrix pairs (indices into ``names``)."""
     attn_w = costs.attn_weight_bytes(m)
     moves: list[Move] = []
-    for li, g in np.argwhere((g0 != g1) & (g1 >= 0)).tolist():
-        src = names[g0[li, g]] if g0[li, g] >= 0 else None
-        moves.append(Move(li, "kv", (g,), src, names[g1[li, g]], attn_w))
+    gl, gg = np.nonzero((g0 != g1) & (g1 >= 0))
+    for li, g, a, b in zip(gl.tolist(), gg.tolist(), g0[gl, gg].tolist(), g1[gl, gg].tolist(), strict=True):
+        moves.append(Move(li, "kv", (g,), names[a] if a >= 0 else None, names[b], attn_w))
     changed = (b0 != b1) & (b1 >= 0)
     nb = b0.shape[1]
     flat_c, flat0, flat1 = changed.reshape(-1), b0.reshape(-1), b1.reshape(-1)
+    same_next = (flat0[1:] == flat0[:-1]) & (flat1[1:] == flat1[:-1])
     starts = flat_c.copy()
-    starts[1:] &= ~flat_c[:-1] | (flat0[1:] != flat0[:-1]) | (flat1[1:] != flat1[:-1])
+    starts[1:] &= ~flat_c[:-1] | ~same_next
     starts[::nb] = flat_c[::nb]
     ends = flat_c.copy()
-    ends[:-1] &= ~flat_c[1:] | (flat0[1:] != flat0[:-1]) | (flat1[1:] != flat1[:-1])
+    ends[:-1] &= ~flat_c[1:] | ~same_next
     ends[nb - 1::nb] = flat_c[nb - 1::nb]
+    si, ei = np.flatnonzero(starts), np.flatnonzero(ends)
+    if not si.size:
+        return moves
     cum = np.concatenate([[0], np.cumsum(block_bytes_array(m))])
-    for i, j in zip(np.flatnonzero(starts).tolist(), np.flatnonzero(ends).tolist(), strict=True):
-        li, b = divmod(i, nb)
-        e = j - li * nb + 1
-        src = names[flat0[i]] if flat0[i] >= 0 else None
-        moves.append(Move(li, "mlp", (b * QK, min(e * QK, m.hidden_dim)), src, names[flat1[i]],
-                          int(cum[e] - cum[b])))
+    li = si // nb
+    b_first = si - li * nb
+    b_end = ei - li * nb + 1
+    nbytes = cum[b_end] - cum[b_first]
+    col_a = b_first * QK
+    col_b = np.minimum(b_end * QK, m.hidden_dim)
+    for layer, a, b, src, dst, size in zip(li.tolist(), col_a.tolist(), col_b.tolist(), flat0[si].tolist(),
+                                           flat1[si].tolist(), nbytes.tolist(), strict=True):
+        moves.append(Move(layer, "mlp", (a, b), names[src] if src >= 0 else None, names[dst], size))
     return moves
 
 

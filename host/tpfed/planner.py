@@ -519,27 +519,37 @@ def _place_orphan_blocks(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left
     if (quota.sum(axis=1) < k).any():
         _place_orphan_blocks_seq(ctx, gown, bown, mem_left)
         return
-    per = (costs.QK * ctx.uc.col_macs) / ctx.fa.speed
-    base = ctx.fa.link + cols * (ctx.uc.col_macs / ctx.fa.speed)
+    use = np.flatnonzero(quota.any(axis=0))  # devices with room somewhere
+    quota, cols = quota[:, use], cols[:, use]
+    per = (costs.QK * ctx.uc.col_macs) / ctx.fa.speed[use]
+    base = ctx.fa.link[use] + cols * (ctx.uc.col_macs / ctx.fa.speed[use])
 
     def fit(t: np.ndarray) -> np.ndarray:
         return np.clip(np.floor((t[:, None] - base) / per + 1e-9), 0, quota)
 
+    # geometric bisection: the bounds may be orders of magnitude apart (a slow device's whole
+    # quota against a fast device's one block)
     hi = np.where(quota > 0, base + quota * per, 0).max(axis=1)
-    t = _bisect_min(lambda x: fit(x).sum(axis=1) >= k, np.zeros(J), hi, iters=60)
-    c = fit(t)
+    lo = np.where(quota > 0, base + per, np.inf).min(axis=1) * (1 - 1e-9)
+    for _ in range(48):
+        mid = np.sqrt(lo * hi)
+        ok = fit(mid).sum(axis=1) >= k
+        hi = np.where(ok, mid, hi)
+        lo = np.where(ok, lo, mid)
+    c = fit(hi)
     finish = np.where(c > 0, base + c * per, -np.inf)
     order = np.argsort(-finish, axis=1, kind="stable")
     cs = np.take_along_axis(c, order, axis=1)
     excess = (c.sum(axis=1) - k)[:, None]
     take = np.clip(excess - (np.cumsum(cs, axis=1) - cs), 0, cs)
     np.put_along_axis(c, order, cs - take, axis=1)
-    c = c.astype(np.int64)
-    for jj, li in enumerate(layers.tolist()):
-        blocks = np.flatnonzero(orphan[li])
-        owners = np.repeat(np.arange(N), c[jj])
-        bown[li, blocks] = owners
-        mem_left -= np.bincount(owners, weights=ctx.bbytes[blocks], minlength=N).astype(np.int64)
+    # orphan blocks in layer order get their owners in the same order
+    owners = np.repeat(np.tile(use, J), c.astype(np.int64).reshape(-1))
+    pos = np.flatnonzero(orphan[layers])
+    rows = layers[pos // ctx.B]
+    blocks = pos % ctx.B
+    bown[rows, blocks] = owners
+    mem_left -= np.bincount(owners, weights=ctx.bbytes[blocks], minlength=N).astype(np.int64)
 
 
 def _place_orphan_blocks_seq(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: np.ndarray) -> None:
@@ -585,9 +595,11 @@ def _pull_to_newcomers(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: 
     mem_left -= (take.sum(axis=0) * ab).astype(np.int64)  # taken (> 0) and freed (< 0)
     # MLP: units are blocks of up to 32 columns; times are counted in columns, a donor sheds
     # whole blocks from its end (counted as full width, so no stage gets longer)
-    okb = bown >= 0
-    bidx = np.broadcast_to(np.arange(ctx.B), bown.shape)[okb]
-    cols = np.bincount((bown + rows)[okb], weights=ctx.widths[bidx], minlength=L * N).reshape(L, N)
+    bkey, wcols = (bown + rows).ravel(), ctx._wcols
+    if bown.min() < 0:
+        ok = bown.ravel() >= 0
+        bkey, wcols = bkey[ok], wcols[ok]
+    cols = np.bincount(bkey, weights=wcols, minlength=L * N).reshape(L, N)
     bb = int(ctx.bbytes.max())
     quota = _spread(np.where(nc, np.maximum(mem_left, 0) // bb, 0), L)
     take = _pull_stage(cols, ctx.uc.col_macs / ctx.fa.speed, float(costs.QK), ctx.fa.link, nc, quota)
@@ -615,13 +627,31 @@ def _pull_stage(load: np.ndarray, per: np.ndarray, unit: float, link: np.ndarray
     held = load > 0
     t_now = np.where(held, link + load * per, 0.0)
     cur = t_now.max(axis=1)
+    out = np.zeros(load.shape)
+    # only layers where some newcomer could finish one more unit before the stage ends now,
+    # and only the devices that hold something there or could take something
+    helpful = nc & (quota >= 1) & (link + (load + unit) * per < cur[:, None] * (1 - 1e-9))
+    rows = np.flatnonzero(helpful.any(axis=1))
+    if not rows.size:
+        return out
+    cols = np.flatnonzero(held[rows].any(axis=0) | helpful[rows].any(axis=0))
+    sub = np.ix_(rows, cols)
+    out[sub] = _pull_rows(load[sub], per[cols], unit, link[cols], nc[cols], quota[sub],
+                          t_now[sub], cur[rows])
+    return out
+
+
+def _pull_rows(load: np.ndarray, per: np.ndarray, unit: float, link: np.ndarray, nc: np.ndarray,
+               quota: np.ndarray, t_now: np.ndarray, cur: np.ndarray) -> np.ndarray:
+    held = load > 0
     donors = ~nc
     fixed_new = np.where(nc & held, t_now, 0.0).max(axis=1)  # newcomers do not shed
+    shed_ok = donors & held
 
     def plan_at(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         limit = (t[:, None] - link) / per  # load a device can finish by t
-        keep = np.clip(np.floor((limit + 1e-9) / unit) * unit, 0, None)
-        shed = np.where(donors & held, np.ceil(np.maximum(load - keep, 0) / unit - 1e-9), 0.0)
+        keep = np.maximum(np.floor((limit + 1e-9) / unit) * unit, 0)
+        shed = np.where(shed_ok, np.ceil(np.maximum(load - keep, 0) / unit - 1e-9), 0.0)
         room = np.where(nc, np.clip(np.floor((limit - load) / unit + 1e-9), 0, quota), 0.0)
         return shed, room
 
@@ -629,8 +659,7 @@ def _pull_stage(load: np.ndarray, per: np.ndarray, unit: float, link: np.ndarray
         shed, room = plan_at(t)
         return (shed.sum(axis=1) <= room.sum(axis=1)) & (fixed_new <= t)
 
-    lo = np.maximum(fixed_new, 0.0)
-    t = _bisect_min(feasible, lo, cur, iters=40)
+    t = _bisect_min(feasible, fixed_new.copy(), cur.copy(), iters=36)
     better = t < cur * (1 - 1e-9)
     shed, room = plan_at(t)
     shed[~better] = 0.0
@@ -650,16 +679,19 @@ def _apply_pull(own: np.ndarray, delta: np.ndarray, nc: np.ndarray) -> np.ndarra
     if not shed.any():
         return np.zeros(own.shape, dtype=bool)
     flat = own.reshape(-1)
-    key = np.where(flat >= 0, np.repeat(np.arange(L), U) * N + flat, -1)
+    key = np.repeat(np.arange(L, dtype=np.int64) * N, U) + flat
+    key[flat < 0] = -1
     # rank of each unit among its owner's units in the layer, counted from the end
-    order = np.lexsort((-np.tile(np.arange(U), L), key))
+    order = np.argsort(key, kind="stable")  # positions stay ascending within a key
     k_sorted = key[order]
     first = np.ones(k_sorted.size, dtype=bool)
     first[1:] = k_sorted[1:] != k_sorted[:-1]
-    start = np.maximum.accumulate(np.where(first, np.arange(k_sorted.size), 0))
-    rank = np.empty(flat.size, dtype=np.int64)
-    rank[order] = np.arange(k_sorted.size) - start
-    moved = (key >= 0) & (rank < shed.reshape(-1)[np.maximum(key, 0)])
+    starts = np.flatnonzero(first)
+    sizes = np.diff(np.append(starts, k_sorted.size))
+    pos = np.arange(k_sorted.size) - np.repeat(starts, sizes)
+    from_end = np.empty(flat.size, dtype=np.int64)
+    from_end[order] = np.repeat(sizes, sizes) - 1 - pos
+    moved = (key >= 0) & (from_end < shed.reshape(-1)[np.maximum(key, 0)])
     take = np.maximum(delta, 0).astype(np.int64)
     targets = np.repeat(np.tile(np.arange(N), L), take.reshape(-1))
     idx = np.flatnonzero(moved)  # in layer order, as the targets are

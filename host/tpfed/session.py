@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from tpfed import aio
 from tpfed.coordinator import Coordinator, GenerationStats, Link
 from tpfed.errors import PeerError, TpfedError
+from tpfed.fleet import DeviceSpec
 from tpfed.peerspec import PeerSpec, parse_peers
 from tpfed.quantized import Q8Model
 from tpfed.sampling import Sampler
@@ -44,6 +45,8 @@ class RunResult:
     peers: list[dict] = field(default_factory=list)
     plan: object | None = None
     setup_s: float = 0.0
+    devices: list[DeviceSpec] = field(default_factory=list)
+    """The peers as the planner saw them (HELLO figures and measured links), in peer order."""
 
     def to_json(self) -> dict:
         s = self.stats
@@ -168,6 +171,7 @@ async def run(opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = Non
         result = await generate(coord, tok, opts.prompt, seq_len, sampler, on_piece)
         result.plan = plan
         result.setup_s = setup_s
+        result.devices = [p.spec() for p in peers]
         by_name = {d.name: d for d in plan.devices}
         result.peers = [
             {"name": p.name, "uri": p.link.uri,

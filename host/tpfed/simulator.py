@@ -18,6 +18,28 @@ a token attends over). The same cost functions as the planner (:mod:`tpfed.costs
 
 The single-queue recurrences (NIC send order, receive queue) are vectorised with numpy, so a
 stage over 10^4 devices costs a few array operations.
+
+Measured coordinators (:func:`tpfed.calibration.calibrate_coordinator`) replace the generic
+throughput figures by the costs of the real code paths on their host: ``stage_s`` (norm,
+quantise and encode of one stage), ``send_s`` and ``recv_s`` per frame (everything the host's
+CPU does for it: system calls, event loop, reassembly, decode, sum), ``recv_after_s`` (the part
+of ``recv_s`` after the link hands the frame over) and ``token_s``. A device's ``latency_s`` is
+then read as the coordinator's probe measures it: from the activation leaving the
+coordinator's send call to the reply's bytes being handed back by the link, halved; so a
+partial's arrival already includes the receive machinery and only ``recv_after_s`` of its
+``recv_s`` lies after it on the critical path (the queue runs at ``recv_s`` per frame).
+
+CPU contention. Peers on the coordinator's own host (``CoordinatorSpec.colocated``: the
+``--peers local:N`` processes) burn the same cores as the coordinator: per activation their
+frame handling (``peer_frame_s``, measured) plus their compute, and their round trips take
+``peer_dispatch_s`` longer than the probe saw (an activation is dispatched, a probe echoed). With ``CoordinatorSpec.cores``
+set (the cores these processes actually get: the machine's, minus what other programs use), a
+stage lasts at least the CPU work of all of them, coordinator included, divided by those
+cores: ``stage = max(critical path, (stage_s + k * (send_s + recv_s) + sum of colocated
+(peer_frame_s + compute)) / cores)``, and the per-token work of the coordinator (a single
+thread) runs at ``min(cores, 1)`` of a core. On loopback with more processes than cores this
+bound, not the links, sets the token rate; the difference is reported as "cpu contention" in
+the breakdown.
 """
 
 from __future__ import annotations
@@ -45,6 +67,30 @@ class CoordinatorSpec:
     """Its NIC's payload rate; default: gigabit Ethernet."""
     per_frame_s: float = 5e-6
     """Software cost of sending or receiving one frame (system call, framing, CRC)."""
+    stage_s: float | None = None
+    """Measured: RMSNorm, quantising and encoding the activation of one stage (replaces the
+    ``ops_per_s`` estimate)."""
+    send_s: float | None = None
+    """Measured: handing one activation frame to one peer's link (replaces ``per_frame_s`` and
+    the NIC time)."""
+    recv_s: float | None = None
+    """Measured: CPU of receiving one partial frame, all included (wake-up, system call,
+    reassembly, decode, sum)."""
+    recv_after_s: float | None = None
+    """Measured: the part of ``recv_s`` after the link hands the frame over (decode, sum)."""
+    token_s: float | None = None
+    """Measured: embedding, final norm, classifier and sampling of one token."""
+    peer_frame_s: float = 0.0
+    """CPU a peer on this host spends per activation besides its MACs (wake-up, receive,
+    dispatch, encode, send); used for the ``colocated`` devices."""
+    peer_dispatch_s: float = 0.0
+    """What a round trip with a peer on this host takes beyond its probed round trip, its MACs
+    and ``recv_after_s``: the peer dispatching an activation rather than echoing a probe, and
+    the coordinator's gather bookkeeping; on the critical path of the ``colocated`` devices."""
+    cores: float | None = None
+    """Cores the coordinator and its colocated peers get; None: no CPU contention modelled."""
+    colocated: frozenset[str] = frozenset()
+    """Names of the devices running on the coordinator's host (sharing its cores)."""
 
 
 @dataclass
@@ -139,15 +185,27 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
     act, part = costs.act_frame_bytes(m), costs.partial_frame_bytes(m)
     out_link = lat + act / bw
     back_link = lat + part / bw
-    send_s = coord.per_frame_s + act / coord.bandwidth_Bps
-    recv_s = coord.per_frame_s + part / coord.bandwidth_Bps + m.dim / coord.ops_per_s
-    pre_s = 6 * m.dim / coord.ops_per_s  # RMSNorm (square, sum, scale) + Q8_0 quantise
-    head_s = (m.vocab_size * m.dim / coord.int8_macs + (6 * m.dim + 3 * m.vocab_size) / coord.ops_per_s)
+    send_s = coord.send_s if coord.send_s is not None else coord.per_frame_s + act / coord.bandwidth_Bps
+    recv_s = (coord.recv_s if coord.recv_s is not None
+              else coord.per_frame_s + part / coord.bandwidth_Bps + m.dim / coord.ops_per_s)
+    # a partial is on the coordinator's socket this long before the link hands it over
+    early_s = recv_s - (coord.recv_after_s if coord.recv_after_s is not None else recv_s)
+    # RMSNorm (square, sum, scale) + Q8_0 quantise
+    pre_s = coord.stage_s if coord.stage_s is not None else 6 * m.dim / coord.ops_per_s
+    embed_s = 0.0 if coord.token_s is not None else m.dim / coord.ops_per_s
+    head_s = (coord.token_s if coord.token_s is not None else
+              m.vocab_size * m.dim / coord.int8_macs + (6 * m.dim + 3 * m.vocab_size) / coord.ops_per_s)
+    cores = coord.cores
+    if cores is not None and not cores > 0:
+        raise PlanError(f"simulate: the coordinator's cores must be positive, got {cores}")
+    local = np.array([d.name in coord.colocated for d in specs], dtype=bool)
+    dispatch = np.where(local, coord.peer_dispatch_s, 0.0)
+    serial = 1.0 / min(cores, 1.0) if cores is not None else 1.0  # a single thread's slowdown
     stages = _stages(plan, m.n_layers)
 
     compute = np.zeros(n)
     cats = {"coordinator compute": 0.0, "coordinator send": 0.0, "links": 0.0,
-            "device compute": 0.0, "coordinator receive": 0.0}
+            "device compute": 0.0, "coordinator receive": 0.0, "cpu contention": 0.0}
     bytes_total = 0.0
     min_bytes = 0.0
     token_s: list[float] = []
@@ -156,30 +214,37 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
     for t in range(tokens):
         ctx = start_pos + t + 1
         t0 = now
-        now += m.dim / coord.ops_per_s  # embedding lookup
-        cats["coordinator compute"] += m.dim / coord.ops_per_s
+        now += embed_s * serial  # embedding lookup
+        cats["coordinator compute"] += embed_s * serial
         last = t == tokens - 1
         for st in stages:
             k = st.idx.size
             if k == 0:
                 continue
+            start = now
             begin = now + pre_s
             send_end = begin + (np.arange(k) + 1) * send_s
             arrive = send_end + out_link[st.idx]
             work = (st.fixed + st.per_ctx * ctx) / speed[st.idx]
-            done = arrive + work
+            done = arrive + work + dispatch[st.idx]
             back = done + back_link[st.idx]
             order = np.argsort(back, kind="stable")
-            finish = _queue(back[order], recv_s, begin)
+            finish = _queue(back[order] - early_s, recv_s, begin)
             end = float(finish[-1])
+            if cores is not None:
+                mine = local[st.idx]
+                cpu = pre_s + k * (send_s + recv_s) + float(np.sum(coord.peer_frame_s + work[mine]))
+                if start + cpu / cores > end:
+                    cats["cpu contention"] += start + cpu / cores - end
+                    end = start + cpu / cores
             c = int(st.idx[order[-1]]) if finish.size else 0
             ci = int(order[-1])
             crit_back = float(back[ci])
             cats["coordinator compute"] += pre_s
             cats["coordinator send"] += float(send_end[ci] - begin)
             cats["links"] += float(out_link[c] + back_link[c])
-            cats["device compute"] += float(work[ci])
-            cats["coordinator receive"] += end - crit_back
+            cats["device compute"] += float(work[ci] + dispatch[c])
+            cats["coordinator receive"] += float(finish[-1]) - crit_back
             np.add.at(compute, st.idx, work)
             bytes_total += k * (act + part)
             min_bytes += k * 5 * m.dim
@@ -187,8 +252,8 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
                 timeline.extend((plan.devices[i].name, st.kind, float(a - t0), float(b - t0))
                                 for i, a, b in zip(st.idx.tolist(), arrive.tolist(), done.tolist(), strict=True))
             now = end
-        now += head_s
-        cats["coordinator compute"] += head_s
+        now += head_s * serial
+        cats["coordinator compute"] += head_s * serial
         token_s.append(now - t0)
     total = now
     return SimResult(
