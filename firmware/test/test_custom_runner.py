@@ -19,6 +19,7 @@ from platformio.public import TestCase, TestRunnerBase, TestStatus
 
 OP_INFO, OP_QUANTIZE, OP_MATMUL, OP_SWIGLU, OP_ATTENTION = 0x01, 0x02, 0x03, 0x04, 0x05
 OP_ROPE, OP_RMSNORM, OP_SOFTMAX, OP_SHA256, OP_DEQUANTIZE, OP_BAD = 0x06, 0x07, 0x08, 0x09, 0x0A, 0xEE
+OP_MATH = 0x0B  # the portable exp/log/sincos of tpfed_math.h the kernels are built on
 
 # stories260K shapes (dim 64, hidden 172, head 8, 2 query heads per KV head) and odd ones.
 MATMUL_SHAPES = [(64, 64), (32, 64), (172, 64), (64, 172), (64, 16), (7, 33), (1, 31), (3, 100)]
@@ -194,22 +195,58 @@ class CustomTestRunner(TestRunnerBase):
                 got = link.call(OP_MATMUL, req)
                 assert got == host.matmul(wqs, wd, xqs, xd, rows, cols), f"matmul {rows}x{cols} differs"
 
+        def math():
+            def f32(bits) -> np.ndarray:
+                return np.asarray(bits, np.uint32).view(np.float32)
+
+            specials = f32([0, 0x80000000, 1, 0x80000001, 0x007FFFFF, 0x00800000, 0x33000000,
+                            0x3F800000, 0xBF800000, 0x42B17217, 0x42B17218, 0xC2CFF1B4,
+                            0xC2CFF1B5, 0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000,
+                            0x7FC00000, 0x7F812345, 0xFFC01234])
+            near_pio2 = (np.arange(1, 200) * 163 * np.pi / 2).astype(np.float32)
+            inputs = {
+                0: [specials, (rng.standard_normal(500) * 40).astype(np.float32),
+                    rng.uniform(-104, -87, 500).astype(np.float32)],
+                1: [specials, rng.integers(1, 0x7F800000, 500, dtype=np.uint32).view(np.float32),
+                    rng.uniform(0.5, 2, 500).astype(np.float32)],
+                2: [specials, near_pio2, rng.uniform(-65536, 65536, 250).astype(np.float32),
+                    rng.integers(0, 0xFF800000, 250, dtype=np.uint32).view(np.float32)],
+            }
+            funcs = {0: host.lib.exp_f32_n, 1: host.lib.log_f32_n}
+            for fn, arrays in inputs.items():
+                for x in arrays:
+                    x = np.ascontiguousarray(x, np.float32)
+                    got = link.call(OP_MATH, struct.pack("<BH", fn, len(x)) + x.tobytes())
+                    if fn == 2:
+                        s, c = np.empty_like(x), np.empty_like(x)
+                        host.lib.sincos_f32_n(host.p("float *", s), host.p("float *", c),
+                                              host.p("float *", x), len(x))
+                        want = s.tobytes() + c.tobytes()
+                    else:
+                        y = np.empty_like(x)
+                        funcs[fn](host.p("float *", y), host.p("float *", x), len(x))
+                        want = y.tobytes()
+                    name = ("exp_f32", "log_f32", "sincos_f32")[fn]
+                    assert got == want, differs(f"{name} n={len(x)}", got, want)
+
         def swiglu():
             for n in VECTOR_LENGTHS:
-                g = (rng.standard_normal(n) * 4).astype(np.float32)
-                u = rng.standard_normal(n).astype(np.float32)
-                got = link.call(OP_SWIGLU, struct.pack("<H", n) + g.tobytes() + u.tobytes())
-                want = g.copy()
-                host.lib.swiglu_f32(host.p("float *", want), host.p("float *", g), host.p("float *", u), n)
-                assert got == want.tobytes(), differs(f"swiglu n={n}", got, want.tobytes())
+                for scale in (4, 40):  # 40: exp(-g) overflows to inf and underflows
+                    g = (rng.standard_normal(n) * scale).astype(np.float32)
+                    u = rng.standard_normal(n).astype(np.float32)
+                    got = link.call(OP_SWIGLU, struct.pack("<H", n) + g.tobytes() + u.tobytes())
+                    want = g.copy()
+                    host.lib.swiglu_f32(host.p("float *", want), host.p("float *", g), host.p("float *", u), n)
+                    assert got == want.tobytes(), differs(f"swiglu n={n} scale={scale}", got, want.tobytes())
 
         def softmax():
             for n in VECTOR_LENGTHS:
-                x = (rng.standard_normal(n) * 5).astype(np.float32)
-                got = link.call(OP_SOFTMAX, struct.pack("<H", n) + x.tobytes())
-                want = x.copy()
-                host.lib.softmax_f32(host.p("float *", want), n)
-                assert got == want.tobytes(), differs(f"softmax n={n}", got, want.tobytes())
+                for scale in (5, 40):  # 40: exp of large negative arguments, subnormal results
+                    x = (rng.standard_normal(n) * scale).astype(np.float32)
+                    got = link.call(OP_SOFTMAX, struct.pack("<H", n) + x.tobytes())
+                    want = x.copy()
+                    host.lib.softmax_f32(host.p("float *", want), n)
+                    assert got == want.tobytes(), differs(f"softmax n={n} scale={scale}", got, want.tobytes())
 
         def attention():
             for n_q, hs, pos in ((2, 8, 0), (2, 8, 5), (2, 8, 63), (1, 16, 20), (4, 8, 100)):
@@ -224,11 +261,12 @@ class CustomTestRunner(TestRunnerBase):
                 assert got == want.tobytes(), differs(f"attention n_q={n_q} hs={hs} pos={pos}", got, want.tobytes())
 
         def rope():
-            for n, hs, pos in ((64, 8, 0), (64, 8, 1), (32, 8, 511), (16, 16, 77)):
+            for n, hs, pos, theta in ((64, 8, 0, 1e4), (64, 8, 1, 1e4), (32, 8, 511, 1e4),
+                                      (16, 16, 77, 1e4), (64, 64, 4097, 5e5), (16, 8, 65535, 1e4)):
                 x = rng.standard_normal(n).astype(np.float32)
-                got = link.call(OP_ROPE, struct.pack("<HHHf", n, hs, pos, 10000.0) + x.tobytes())
+                got = link.call(OP_ROPE, struct.pack("<HHHf", n, hs, pos, theta) + x.tobytes())
                 want = x.copy()
-                host.lib.rope_f32(host.p("float *", want), n, hs, pos, 10000.0)
+                host.lib.rope_f32(host.p("float *", want), n, hs, pos, theta)
                 assert got == want.tobytes(), differs(f"rope n={n} hs={hs} pos={pos}", got, want.tobytes())
 
         def rmsnorm():
@@ -247,7 +285,7 @@ class CustomTestRunner(TestRunnerBase):
                 assert got == hashlib.sha256(data).digest(), f"sha256 of {n} bytes differs"
 
         for name, fn in (("quantize", quantize), ("dequantize", dequantize), ("matmul", matmul),
-                         ("swiglu", swiglu), ("softmax", softmax), ("attention", attention),
+                         ("math", math), ("swiglu", swiglu), ("softmax", softmax), ("attention", attention),
                          ("rope", rope), ("rmsnorm", rmsnorm), ("sha256", sha256),
                          ("bad_request", bad_request)):
             self.check(name, fn)

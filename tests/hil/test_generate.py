@@ -76,7 +76,7 @@ def test_board_reset_mid_run_is_reported(model, board_ports):
 
     async def scenario():
         with EmulatedBoards(2) as emu:
-            opts = RunOptions(peers=",".join(b.url for b in emu), prompt=PROMPT, steps=400,
+            opts = RunOptions(peers=",".join(b.url for b in emu), prompt=PROMPT, steps=160,
                               strategy="round-robin", deadline_s=2.0)
             statuses: list[str] = []
             task = asyncio.create_task(run(opts, model=model, on_status=statuses.append))

@@ -1,9 +1,11 @@
 """The C kernels (tpfed._native via tpfed.kernels) against numpy oracles.
 
 Integer results and the Q8_0 kernels are checked bit for bit: against an independent numpy
-oracle, and the selected (optimised) variant against the reference. Float kernels built on libm
-(expf, powf, cosf, sinf, sqrtf) are checked against float64 numpy with the tolerances stated
-next to each test.
+oracle, and the selected (optimised) variant against the reference. Float kernels are checked
+against float64 numpy with the tolerances stated next to each test, and bit for bit against a
+float32 numpy replay of their specified operations, with exp, log, sin and cos taken from the
+library's portable math (tpfed_math.h, tested in test_math.py: < 1 ULP each), which the kernels
+use instead of libm so that every target gives the same bits.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from tpfed._native import lib
+from tpfed._native import ffi, lib
 
 from tpfed import kernels as K
 
@@ -385,8 +387,32 @@ def test_softmax(n: int) -> None:
         want /= want.sum()
         got = K.softmax_f32(x)
         assert got is x and np.isfinite(got).all()
-        # expf within a few ulp, float32 sum of n terms
+        # exp_f32 < 1 ulp, float32 sum of n terms
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def c_exp(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    lib.exp_f32_n(ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", x), x.size)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 2, 17, 172, 513])
+def test_softmax_and_silu_are_the_specified_float32_operations(n: int) -> None:
+    """Bit for bit: softmax = exp_f32(x - max) / (sequential float32 sum); silu and swiglu =
+    x * (1 / (1 + exp_f32(-x))) (* up)."""
+    rng = np.random.default_rng(RNG_SEED)
+    x = (rng.standard_normal(n) * 20).astype(np.float32)
+    e = c_exp(x - x.max())
+    want = e / np.add.accumulate(e, dtype=np.float32)[-1]
+    assert_same_bits(K.softmax_f32(x.copy()), want)
+    x = np.concatenate([x, np.float32([0, -0.0, 88.8, -88.8, -103, 104, 1e-30])])
+    up = rng.standard_normal(x.size).astype(np.float32)
+    with np.errstate(over="ignore"):
+        silu = x * (np.float32(1) / (np.float32(1) + c_exp(-x)))
+    assert_same_bits(K.silu_f32(x.copy()), silu)
+    assert_same_bits(K.swiglu_f32(x, up), silu * up)
 
 
 def np_rope(x: np.ndarray, head_size: int, pos: int, theta: float) -> np.ndarray:
@@ -400,18 +426,52 @@ def np_rope(x: np.ndarray, head_size: int, pos: int, theta: float) -> np.ndarray
     return x
 
 
+def rope_tolerance(x: np.ndarray, head_size: int, pos: int, theta: float = 10000.0) -> np.ndarray:
+    """Per-element bound for RoPE against float64. freq = theta^(-j/hs) is exp_f32 (< 1 ulp) of
+    a float32 argument -(j/hs) * ln(theta) that is off by about 2^-23 of its size |ln freq|, so
+    freq is off by (1 + |ln freq|) * freq * 2^-23; the angle pos * freq is then rounded (half an
+    ulp, freq * pos * 2^-24). The rotated pair of length |v| moves by |v| * angle error, plus a
+    few ulp of |v| for cos, sin and the rotation itself."""
+    v = x.astype(np.float64).reshape(-1, 2)
+    r = np.hypot(v[:, 0], v[:, 1])
+    j = np.arange(0, x.size, 2) % head_size
+    freq = theta ** -(j / head_size)
+    angle_err = pos * freq * ((1 - np.log(freq)) * 2.0**-23 + 2.0**-24)
+    return np.repeat(r * (1.25 * angle_err + 2.0**-21), 2).reshape(x.shape)
+
+
 @pytest.mark.parametrize("head_size,heads", [(2, 1), (8, 8), (8, 4), (64, 3)])
-@pytest.mark.parametrize("pos", [0, 1, 7, 511])
+@pytest.mark.parametrize("pos", [0, 1, 7, 511, 65535])
 def test_rope(head_size: int, heads: int, pos: int) -> None:
     rng = np.random.default_rng(RNG_SEED)
     x = rng.standard_normal((heads, head_size)).astype(np.float32)
     want = np_rope(x, head_size, pos, 10000.0).reshape(heads, head_size)
-    # the angle pos * freq is a float32 (rounding error up to pos * 2^-24 rad) and powf, cosf,
-    # sinf are a few ulp: 1e-4 absolute at pos 511 on unit-sized inputs
-    np.testing.assert_allclose(K.rope_f32(x, head_size, pos), want, rtol=0, atol=1e-4)
+    got = K.rope_f32(x.copy(), head_size, pos)
+    assert (np.abs(got - want) <= rope_tolerance(x, head_size, pos)).all()
     flat = rng.standard_normal(heads * head_size).astype(np.float32)
     want = np_rope(flat, head_size, pos, 500000.0)
-    np.testing.assert_allclose(K.rope_f32(flat, head_size, pos, theta=500000.0), want, atol=1e-4)
+    got = K.rope_f32(flat.copy(), head_size, pos, theta=500000.0)
+    assert (np.abs(got - want) <= rope_tolerance(flat, head_size, pos, 500000.0)).all()
+
+
+@pytest.mark.parametrize("pos", [0, 3, 511, 4097, 65535])
+def test_rope_rotates_by_the_specified_float32_angle(pos: int) -> None:
+    """With the kernel's own float32 angle (freq = exp_f32(-(j/hs) * log_f32(theta)), 1 for
+    j = 0; angle = pos * freq), the rotation matches float64 cos/sin of that angle to a few ulp
+    of the pair's length, also at angles up to 65535 rad."""
+    rng = np.random.default_rng(RNG_SEED)
+    hs, theta = 16, np.float32(10000.0)
+    x = rng.standard_normal(4 * hs).astype(np.float32)
+    j = (np.arange(0, x.size, 2) % hs).astype(np.float32)
+    arg = -(j / np.float32(hs)) * np.float32(lib.log_f32(float(theta)))
+    freq = np.where(j == 0, np.float32(1), c_exp(arg))
+    angle = (np.float32(pos) * freq).astype(np.float64)
+    v0, v1 = x[0::2].astype(np.float64), x[1::2].astype(np.float64)
+    want = np.empty(x.size)
+    want[0::2] = v0 * np.cos(angle) - v1 * np.sin(angle)
+    want[1::2] = v0 * np.sin(angle) + v1 * np.cos(angle)
+    got = K.rope_f32(x.copy(), hs, pos, theta=float(theta))
+    assert (np.abs(got - want) <= rope_tolerance(x, hs, 0)).all()
 
 
 def test_silu_and_swiglu() -> None:
@@ -421,7 +481,7 @@ def test_silu_and_swiglu() -> None:
     up = rng.standard_normal(x.size).astype(np.float32)
     x64 = x.astype(np.float64)
     silu = x64 / (1 + np.exp(-x64))
-    # expf within a few ulp; where expf(-x) overflows the exact answer is below 1e-30
+    # exp_f32 < 1 ulp; where exp_f32(-x) overflows the exact answer is below 1e-30
     np.testing.assert_allclose(K.silu_f32(x.copy()), silu, rtol=1e-6, atol=1e-30)
     np.testing.assert_allclose(K.swiglu_f32(x, up), silu * up, rtol=1e-6, atol=1e-30)
     g = x.copy()
@@ -447,7 +507,7 @@ def test_attention_on_strided_cache_views(pos: int) -> None:
     k, v = kc[:, kvh * hs:(kvh + 1) * hs], vc[:, kvh * hs:(kvh + 1) * hs]
     q = (rng.standard_normal((n_q, hs)) * 2).astype(np.float32)
     want = np_attention(q, k, v, pos)
-    # float32 dot products of 8 terms, expf and a float32 weighted sum of pos+1 rows
+    # float32 dot products of 8 terms, exp_f32 and a float32 weighted sum of pos+1 rows
     np.testing.assert_allclose(K.attention_f32(q, k, v, pos), want, rtol=1e-5, atol=1e-6)
     out, scratch = np.empty_like(q), np.empty(pos + 1, np.float32)
     assert K.attention_f32(q, k[: pos + 1], v[: pos + 1], pos, out, scratch) is out

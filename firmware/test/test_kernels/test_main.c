@@ -10,6 +10,7 @@
 #include "board.h"
 #include "tpfed_cobs.h"
 #include "tpfed_kernels.h"
+#include "tpfed_math.h"
 #include "tpfed_sha256.h"
 
 enum {
@@ -23,6 +24,7 @@ enum {
     OP_SOFTMAX = 0x08,
     OP_SHA256 = 0x09,
     OP_DEQUANTIZE = 0x0A,
+    OP_MATH = 0x0B,     // u8 function (0 exp, 1 log, 2 sincos), u16 n, n floats
     OP_BAD = 0xEE,
 };
 
@@ -178,6 +180,21 @@ static size_t handle(const uint8_t *req, size_t len) {
         if (r.bad || r.left) return 0;
         softmax_f32(x, n);
         out = put(out, x, 4u * n);
+        break;
+    }
+    case OP_MATH: {
+        int fn = (int)rd(&r, 1), n = (int)rd(&r, 2);
+        float *x = take(&r, 4u * n, &used);
+        float *y = scratch(8u * n, &used, &r);
+        if (r.bad || r.left || fn > 2 || 1 + (fn == 2 ? 8u : 4u) * n > REPLY_BYTES) return 0;
+        if (fn == 0) {
+            exp_f32_n(y, x, n);
+        } else if (fn == 1) {
+            log_f32_n(y, x, n);
+        } else {
+            sincos_f32_n(y, y + n, x, n);
+        }
+        out = put(out, y, (fn == 2 ? 8u : 4u) * n);
         break;
     }
     case OP_SHA256: {

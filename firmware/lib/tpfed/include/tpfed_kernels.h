@@ -11,6 +11,12 @@
 // this build (an optimised one on hosts with SIMD, the reference otherwise). Integer outputs
 // of every variant are bit-exact with the reference; matmul's float output is bit-exact too
 // (blocks are accumulated in the same order).
+//
+// Every kernel gives the same bits on every target (x86-64 hosts, soft-float Cortex-M, ESP32):
+// float work is plain IEEE binary32 arithmetic in a fixed order (compiled with
+// -ffp-contract=off), sqrtf is correctly rounded everywhere, and exp, log, sin and cos come from
+// tpfed_math.h (exp_f32, log_f32, sincos_f32) rather than the C library, whose results differ
+// between libms by a few ULP.
 #ifndef TPFED_KERNELS_H
 #define TPFED_KERNELS_H
 
@@ -50,6 +56,7 @@ void rmsnorm_f32(float *o, const float *x, const float *w, int n, float eps);
 void softmax_f32(float *x, int n);
 // llama2.c RoPE on interleaved pairs: for i even, j = i % head_size,
 // theta = pos * theta_base^(-j/head_size); (x[i], x[i+1]) rotated by theta. n % head_size == 0.
+// The power is exp_f32(-((float)j / head_size) * log_f32(theta_base)), and exactly 1 for j = 0.
 void rope_f32(float *x, int n, int head_size, int pos, float theta_base);
 // x = x * sigmoid(x), in place
 void silu_f32(float *x, int n);

@@ -1,10 +1,14 @@
 // Reference kernels: the plain C99 definition of every kernel in tpfed_kernels.h and the oracle
 // the optimised variants (kernels.c) are tested against. Also the variant boards run.
 // No heap, no VLAs; every loop is written in the order the numerics are specified in.
+// Transcendentals come from tpfed_math.h (exp_f32, log_f32, sincos_f32), never from the C
+// library, so that every target computes the same bits; the libm functions still used (fabsf,
+// roundf, sqrtf) are exact or correctly rounded by IEEE 754 on every target.
 #include <math.h>
 #include <string.h>
 
 #include "tpfed_kernels.h"
+#include "tpfed_math.h"
 
 static uint32_t f32_bits(float f)
 {
@@ -190,7 +194,7 @@ void softmax_f32(float *x, int n)
     }
     float sum = 0.0f;
     for (int i = 0; i < n; i++) {
-        x[i] = expf(x[i] - max);
+        x[i] = exp_f32(x[i] - max);
         sum += x[i];
     }
     for (int i = 0; i < n; i++) {
@@ -200,12 +204,14 @@ void softmax_f32(float *x, int n)
 
 void rope_f32(float *x, int n, int head_size, int pos, float theta_base)
 {
+    float log_theta = log_f32(theta_base);
     for (int i = 0; i + 1 < n; i += 2) {
         int j = i % head_size;
-        float freq = 1.0f / powf(theta_base, (float)j / (float)head_size);
+        // theta_base^(-j/head_size); x^0 = 1 for every theta_base, as pow has it
+        float freq = j == 0 ? 1.0f : exp_f32(-((float)j / (float)head_size) * log_theta);
         float val = (float)pos * freq;
-        float fcr = cosf(val);
-        float fci = sinf(val);
+        float fcr, fci;
+        sincos_f32(val, &fci, &fcr);
         float v0 = x[i];
         float v1 = x[i + 1];
         x[i] = v0 * fcr - v1 * fci;
@@ -216,7 +222,7 @@ void rope_f32(float *x, int n, int head_size, int pos, float theta_base)
 void silu_f32(float *x, int n)
 {
     for (int i = 0; i < n; i++) {
-        x[i] = x[i] * (1.0f / (1.0f + expf(-x[i])));
+        x[i] = x[i] * (1.0f / (1.0f + exp_f32(-x[i])));
     }
 }
 
@@ -224,7 +230,7 @@ void swiglu_f32(float *out, const float *gate, const float *up, int n)
 {
     for (int i = 0; i < n; i++) {
         float g = gate[i];
-        out[i] = g * (1.0f / (1.0f + expf(-g))) * up[i];
+        out[i] = g * (1.0f / (1.0f + exp_f32(-g))) * up[i];
     }
 }
 
