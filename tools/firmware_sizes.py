@@ -3,10 +3,11 @@
 Prints, for each PlatformIO env of firmware/platformio.ini that builds here, flash and RAM use
 (text/data/bss of firmware.elf, via arm-none-eabi-size), then the arena a stories260K shard
 needs on 1, 2 and 4 boards: int8 weights (Q8_0: rows*cols + rows*ceil(cols/32)*2 bytes per
-matrix; wo quantised per KV group) plus the float32 KV cache for a stated sequence length, and
-the longest sequence that fits the board's arena.
+matrix; wo quantised per KV group) plus the float32 KV cache for a stated sequence length, and,
+for each emulated board (lm3s6965evb, musca-b1), whether that fits its arena and the longest
+sequence that would.
 
-Usage: python tools/firmware_sizes.py [--seq-len 64] [--no-build]
+Usage: python tools/firmware_sizes.py [--seq-len 256] [--no-build]
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 FIRMWARE = REPO / "firmware"
-OFFLINE_ENVS = ("lm3s6965evb",)  # the envs that build without PlatformIO's registry
-PEER_FIXED = 2 * 1024  # tpfed_peer: receive + transmit frame buffers (TPFED_PEER_MAX_FRAME each)
+OFFLINE_ENVS = ("lm3s6965evb", "musca-b1")  # the envs that build without PlatformIO's registry
+PEER_MAX_FRAME = 1024  # TPFED_PEER_MAX_FRAME
+# tpfed_peer_init: receive buffer (a COBS-encoded frame, n + n/254 + 2) and transmit buffer,
+# each 8-aligned in the arena.
+PEER_FIXED = -(-(PEER_MAX_FRAME + PEER_MAX_FRAME // 254 + 2) // 8) * 8 + PEER_MAX_FRAME
 PEER_WORK_RESERVE = 4096  # tpfed_peer: announced arena excludes this (compute buffers)
 
 # stories260K geometry
@@ -105,9 +109,11 @@ def arena_size(env: str) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seq-len", type=int, default=64, help="KV cache length to size for (default 64)")
+    ap.add_argument("--seq-len", type=int, default=256, help="KV cache length to size for (default 256)")
     ap.add_argument("--no-build", action="store_true", help="use existing builds only")
     args = ap.parse_args(argv)
+    if args.seq_len < 1:
+        ap.error("--seq-len must be at least 1")
     cfg = configparser.ConfigParser(interpolation=None, strict=False)
     cfg.read(FIRMWARE / "platformio.ini")
     print("firmware (bytes)")
@@ -123,21 +129,26 @@ def main(argv: list[str] | None = None) -> int:
         ram = s["data"] + s["bss"] + s["stack"]
         print(f"  {env:<22}{s['text'] + s['data']:>8}{s['text']:>8}{s['data']:>7}{s['bss']:>8}"
               f"{s['stack']:>7}{ram:>8}")
-    arena = arena_size("lm3s6965evb") or 0
-    usable = arena - PEER_FIXED
+
+    # What the peer can give to weights + KV: the arena less its frame buffers and work reserve.
+    room = {env: max((arena_size(env) or 0) - PEER_FIXED - PEER_WORK_RESERVE, 0) for env in OFFLINE_ENVS}
     print(f"\nstories260K int8 shards (Q8_0 weights + f32 KV for seq_len {args.seq_len}), "
           f"largest board's share")
     print(f"  whole model weights: {N_LAYERS * (N_KV * group_bytes() + mlp_bytes(HIDDEN))} bytes")
-    print(f"  lm3s6965evb arena: {arena} bytes, {usable} after the peer's frame buffers "
-          f"(HELLO announces {max(usable - PEER_WORK_RESERVE, 0) // 1024} KiB)")
-    print(f"  {'boards':>6}{'weights':>10}{'KV/pos':>8}{'need':>10}  fits lm3s6965evb?  longest seq_len")
+    for env in OFFLINE_ENVS:
+        print(f"  {env} arena: {arena_size(env) or 0} bytes, about {room[env]} for weights + KV "
+              f"(after the peer's frame buffers and {PEER_WORK_RESERVE} B work reserve)")
+    head = "".join(f"  {'fits ' + env:>18}{'max seq':>8}" for env in OFFLINE_ENVS)
+    print(f"  {'boards':>6}{'weights':>10}{'KV/pos':>8}{'need':>10}{head}")
     for n in (1, 2, 4):
         sh = shards(n)
         need = sh.need(args.seq_len)
-        longest = (usable - PEER_WORK_RESERVE - sh.weights) // sh.kv_per_pos
-        fits = "yes" if need <= usable - PEER_WORK_RESERVE else "no"
-        print(f"  {n:>6}{sh.weights:>10}{sh.kv_per_pos:>8}{need:>10}  {fits:<17} "
-              f"{max(longest, 0) if longest > 0 else 'none'}")
+        cols = ""
+        for env in OFFLINE_ENVS:
+            longest = (room[env] - sh.weights) // sh.kv_per_pos
+            fits = "yes" if need <= room[env] else "no"
+            cols += f"  {fits:>18}{longest if longest > 0 else 'none':>8}"
+        print(f"  {n:>6}{sh.weights:>10}{sh.kv_per_pos:>8}{need:>10}{cols}")
     return 0
 
 

@@ -3,7 +3,8 @@
 A spec is a comma list of items:
 
 - ``local:N``: start N desktop peer processes on loopback UDP (stopped afterwards);
-- ``emu:N``: start N emulated boards (QEMU) reached over their UART;
+- ``emu:N`` or ``emu:N@ENV``: start N emulated boards (QEMU running the firmware of PlatformIO
+  env ENV, ``musca-b1`` by default, or ``lm3s6965evb``) reached over their UART;
 - ``udp://HOST:PORT``: a running peer (``tpfed peer``);
 - ``serial:///dev/ttyUSB0?baud=921600`` or ``/dev/ttyUSB0``: a board on a serial port;
 - ``socket://HOST:PORT``: a board whose UART is exposed on a TCP socket.
@@ -32,7 +33,7 @@ class PeerSpec:
     kind: str
     host: str = ""
     port: int = 0
-    device: str = ""
+    device: str = ""  # serial device, or the PlatformIO env of an emulated board
     baud: int = DEFAULT_BAUD
 
     @property
@@ -51,7 +52,7 @@ class PeerSpec:
         return self.kind in ("serial", "socket", "emu")
 
 
-_COUNT = re.compile(r"^(local|emu):(\d+)$")
+_COUNT = re.compile(r"^(local|emu):(\d+)(?:@([A-Za-z0-9_.-]+))?$")
 
 
 def _host_port(item: str, netloc: str) -> tuple[str, int]:
@@ -67,10 +68,12 @@ def parse_item(item: str) -> list[PeerSpec]:
         raise PeerSpecError("empty item in --peers (two commas in a row?)")
     m = _COUNT.match(item)
     if m:
-        n = int(m.group(2))
+        kind, n, env = m.group(1), int(m.group(2)), m.group(3) or ""
         if not 1 <= n <= MAX_LOCAL:
             raise PeerSpecError(f"peer {item!r}: count must be 1..{MAX_LOCAL}")
-        return [PeerSpec(kind=m.group(1)) for _ in range(n)]
+        if env and kind != "emu":
+            raise PeerSpecError(f"peer {item!r}: only emu:N takes @ENV")
+        return [PeerSpec(kind=kind, device=env) for _ in range(n)]
     if item.startswith("/dev/") or re.match(r"^COM\d+$", item):
         return [PeerSpec(kind="serial", device=item)]
     parts = urlsplit(item)

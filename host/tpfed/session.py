@@ -78,18 +78,22 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
     from tpfed.transport import open_serial_link, open_udp_link
 
     n_local = sum(1 for s in specs if s.kind == "local")
-    n_emu = sum(1 for s in specs if s.kind == "emu")
     local_uris: list[str] = []
     emu_urls: list[str] = []
     if n_local:
         from tpfed.localpeers import LocalPeers
 
         local_uris = await stack.enter_async_context(LocalPeers(n_local))
-    if n_emu:
-        from tpfed.emulator import EmulatedBoards
+    if any(s.kind == "emu" for s in specs):
+        from tpfed.emulator import DEFAULT_ENV, EmulatedBoards
 
-        boards = await asyncio.to_thread(stack.enter_context, EmulatedBoards(n_emu))
-        emu_urls = [b.url for b in boards]
+        emu_envs = [s.device or DEFAULT_ENV for s in specs if s.kind == "emu"]
+        pools: dict[str, list[str]] = {}
+        for env in dict.fromkeys(emu_envs):
+            boards = await asyncio.to_thread(stack.enter_context,
+                                             EmulatedBoards(emu_envs.count(env), env=env))
+            pools[env] = [b.url for b in boards]
+        emu_urls = [pools[env].pop(0) for env in emu_envs]  # in the order the specs name them
     links: list[Link] = []
     i_local = i_emu = 0
     for spec in specs:

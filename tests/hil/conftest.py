@@ -57,8 +57,22 @@ class BoardLink:
         self.send(frame)
         return self.recv(timeout)
 
-    def hello(self, device_id: int = 1) -> Frame:
-        return self.request(Frame(MsgType.HELLO, dict(COORDINATOR_HELLO), src=COORDINATOR, dst=device_id))
+    def hello(self, device_id: int = 1, attempts: int = 3, timeout: float = 4.0) -> Frame:
+        """HELLO, sent again if unanswered: bytes that reach an emulated board's UART before its
+        firmware has enabled the PL011 FIFO are lost (the coordinator retries the same way).
+        Replies to the repeats are dropped."""
+        for attempt in range(1, attempts + 1):
+            self.send(Frame(MsgType.HELLO, dict(COORDINATOR_HELLO), src=COORDINATOR, dst=device_id))
+            try:
+                reply = self.recv(timeout)
+            except TimeoutError:
+                if attempt == attempts:
+                    raise
+                continue
+            if attempt > 1:
+                self.drain(quiet=0.5)
+            return reply
+        raise AssertionError("unreachable")
 
     def drain(self, quiet: float = 0.3) -> list[Frame]:
         """Frames that arrive until the link has been quiet for ``quiet`` seconds."""

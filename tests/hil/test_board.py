@@ -279,10 +279,11 @@ def test_partials_are_bit_identical_to_the_host(board, q8_model):
     assert worst == 0, f"board partials differ from the host's by up to {worst} ULP"
 
 
-# One board's quarter of stories260K as `--peers emu:4` hands it out: every layer, one KV group,
-# a quarter of the 172 hidden columns (44 or 43), and a KV cache for 256 positions.
+# One board's quarter of stories260K as `--peers emu:4` hands it out: every layer, one of the 4
+# KV groups, the larger quarter of the 172 hidden columns (ranges start on 32-column blocks:
+# 32 + the last 12 = 44), and a KV cache for 256 positions.
 QUARTER_SEQ_LEN = 256
-QUARTER = {layer: ((3,), ((128, 172),) if layer % 2 == 0 else ((86, 129),)) for layer in range(5)}
+QUARTER = {layer: ((3,), ((128, 172),)) for layer in range(5)}
 
 
 def test_musca_b1_takes_a_stories260k_quarter_share(musca_board, q8_model):
@@ -304,8 +305,9 @@ def test_musca_b1_takes_a_stories260k_quarter_share(musca_board, q8_model):
     weights = sum(len(b) for b in blobs.values())
     kv = len(QUARTER) * kv_cache_nbytes(q8_model.config, 1, QUARTER_SEQ_LEN)
     assert ready["shard_bytes"] == weights
-    assert ready["arena_used"] >= weights + kv
-    assert ready["arena_used"] + ready["arena_free"] <= hello["arena_kb"] * 1024 + 8192
+    # Weights and KV cache, plus frame and compute buffers of a few KiB; room left over.
+    assert weights + kv <= ready["arena_used"] <= weights + kv + 16 * 1024, ready
+    assert ready["arena_free"] > 0 and hello["arena_kb"] * 1024 >= weights + kv
 
     host = DeviceShards(_with_seq_len(q8_model, QUARTER_SEQ_LEN), QUARTER)
     rng = np.random.default_rng(260)

@@ -26,3 +26,10 @@ def test_serial_forms():
 def test_bad_specs_give_one_clear_error(bad):
     with pytest.raises(PeerSpecError):
         parse_peers(bad)
+
+
+def test_emulated_board_kind_is_chosen_with_at():
+    peers = parse_peers("emu:2@lm3s6965evb,emu:1")
+    assert [(p.kind, p.device) for p in peers] == [("emu", "lm3s6965evb")] * 2 + [("emu", "")]
+    with pytest.raises(PeerSpecError):
+        parse_peers("local:2@lm3s6965evb")

@@ -26,6 +26,10 @@
 
 void pl011_early_init(uintptr_t base) {
     CM_REG(base + 0x02Cu) = LCRH_WLEN8 | LCRH_FEN;
+    // A byte that reached QEMU's PL011 before this (FIFO off: one byte fills it) made QEMU stop
+    // reading the socket, and the FIFO reset above dropped the byte without letting QEMU read
+    // on: the link would stay silent for good. A DR read makes QEMU poll the socket again.
+    (void)CM_REG(base + 0x000u);
 }
 
 void pl011_init(pl011 *u, uintptr_t base, uint32_t irq, uint32_t uart_clk_hz, uint32_t baud) {
@@ -42,24 +46,29 @@ void pl011_init(pl011 *u, uintptr_t base, uint32_t irq, uint32_t uart_clk_hz, ui
     UART_IMSC(u) = INT_RX | INT_RT;
     UART_CR(u) = CR_UARTEN | CR_TXE | CR_RXE;
     cm_nvic_enable(u->irq);
+    // Bytes already waiting lost their interrupt to the ICR write: QEMU raises RX only when
+    // the FIFO reaches its trigger level, so let the handler drain them now.
+    if (!(UART_FR(u) & FR_RXFE)) cm_nvic_set_pending(u->irq);
 }
 
+// The interrupt is cleared before the FIFO is drained, never after: QEMU raises RX only when
+// a byte lands in an empty FIFO, so clearing it after the last read could swallow the edge of
+// a byte that arrived in between and leave it (and all after it) unnoticed.
 // When the ring is full the receive interrupt is masked and bytes stay in the FIFO, so the
 // sender is held back (QEMU stops reading the socket) instead of losing data; pl011_read
-// unmasks it once there is room again.
+// unmasks it, and pends the interrupt, once there is room again.
 void pl011_irq(pl011 *u) {
+    UART_ICR(u) = INT_RX | INT_RT;
     uint32_t head = u->rx_head;
     while (!(UART_FR(u) & FR_RXFE)) {
         if (head - u->rx_tail >= PL011_RX_RING) {
-            UART_IMSC(u) = 0;   // FIFO left full: no ICR write, the pending level must survive
-            u->rx_head = head;
-            return;
+            UART_IMSC(u) = 0;
+            break;
         }
         u->rx_ring[head & (PL011_RX_RING - 1u)] = (uint8_t)UART_DR(u);
         head++;
     }
     u->rx_head = head;
-    UART_ICR(u) = INT_RX | INT_RT;
 }
 
 void pl011_write(pl011 *u, const uint8_t *buf, uint32_t n) {

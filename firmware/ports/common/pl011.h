@@ -20,8 +20,9 @@ typedef struct pl011 {
 } pl011;
 
 // First thing after reset, before .data and .bss exist: enables the FIFO of the UART at base
-// (which flushes the receiver) before the host's first bytes can land. With the FIFO off,
-// QEMU 7.2's PL011 drops bytes.
+// (which flushes the receiver) and makes sure QEMU keeps feeding it. With the FIFO off,
+// QEMU 7.2's PL011 drops bytes; bytes that arrive before this may be lost (the host's frames
+// begin with a delimiter and HELLO is retried), but the link never stalls.
 void pl011_early_init(uintptr_t base);
 // Takes the UART at base with its interrupt line irq: 8N1 at baud from a uart_clk_hz
 // reference, FIFO on, receive interrupts on, NVIC line enabled.

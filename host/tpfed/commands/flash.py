@@ -33,8 +33,11 @@ def run(args: argparse.Namespace) -> int:
     envs = sorted(s[4:] for s in cfg.sections() if s.startswith("env:"))
     if args.env not in envs:
         raise TpfedError(f"unknown env {args.env!r}; firmware/platformio.ini has: {', '.join(envs)}")
-    if args.env == "lm3s6965evb":
-        raise TpfedError("lm3s6965evb is the QEMU board: it is not flashed; use `--peers emu:N`")
+    from tpfed.emulator import EMULATED_PROFILES
+
+    if args.env in EMULATED_PROFILES:
+        raise TpfedError(f"{args.env} is an emulated board (QEMU): it is not flashed; "
+                         f"use `--peers emu:N@{args.env}`")
     if find_spec("platformio") is None and shutil.which("pio") is None:
         raise TpfedError("PlatformIO is not installed (pip install platformio)")
     port = Path(args.port)

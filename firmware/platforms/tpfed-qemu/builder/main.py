@@ -38,6 +38,8 @@ env.Replace(
 if env.get("PROGNAME", "program") == "program":
     env.Replace(PROGNAME="firmware")
 
+# Soft-float on every board, also the Cortex-M33 (musca-b1) whose FPU QEMU models: libgcc's
+# IEEE single-precision routines give the host's results bit for bit (with -ffp-contract=off).
 machine_flags = [f"-mcpu={cpu}", "-mthumb", "-mfloat-abi=soft"]
 env.Append(
     ASFLAGS=machine_flags,
