@@ -115,6 +115,22 @@ class PartialView(NamedTuple):
         return self.qs.astype(np.float32) * np.repeat(d, Q8_BLOCK)[: self.n]
 
 
+def activation_frame_size(n: int) -> int:
+    """Bytes of an ACTIVATION frame carrying n Q8_0 values (header, prefix, scales, CRC)."""
+    return _ACT_DATA + ((n + Q8_BLOCK - 1) // Q8_BLOCK) * _SB + n + CRC_SIZE
+
+
+def partial_frame_size(n: int) -> int:
+    """Bytes of an F32 PARTIAL frame of n values."""
+    return _PART_DATA + 4 * n + CRC_SIZE
+
+
+def min_stage_bytes(n: int) -> int:
+    """The least one device's part in one stage can cost on the wire: its Q8_0 activation (n int8
+    values and ceil(n/32) fp16 scales) out and an f32 partial of n values back, no framing."""
+    return n + ((n + Q8_BLOCK - 1) // Q8_BLOCK) * _SB + 4 * n
+
+
 def _check_header_args(src: int, dst: int, seq: int, session: int, flags: int) -> None:
     if not (0 <= src < 256 and 0 <= dst < 256 and 0 <= seq < 65536 and 0 <= session < 65536
             and 0 <= flags < 256) or flags & _BAD_FLAGS:

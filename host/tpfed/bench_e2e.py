@@ -44,7 +44,7 @@ def single_process_tps(q8: Q8Model, tok: Tokenizer, steps: int, repeat: int) -> 
         prompt = tok.encode(PROMPT, bos=True)
         token, out = prompt[0], list(prompt)
         t0 = time.perf_counter()
-        for pos in range(steps - 1):
+        for pos in range(steps):
             logits = model.forward(token, pos)
             token = prompt[pos + 1] if pos + 1 < len(prompt) else sampler.sample(logits)
             if pos + 1 >= len(prompt):

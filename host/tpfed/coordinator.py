@@ -4,8 +4,10 @@ Per token it owns the embedding, the norms, the classifier and sampling (the ste
 :class:`tpfed.quantized.Int8Transformer`); per layer and stage it broadcasts the Q8_0
 activation once to every device holding part of that stage, gathers their PARTIAL vectors and
 adds them to the residual in plan order (so the result does not depend on arrival order).
-The activations broadcast for the sequence are kept in ``history``, so a device lost
-mid-sequence can be replaced by replaying them.
+The activations broadcast for the sequence are kept in ``history``: that is what a replacement
+device needs to rebuild a lost device's KV cache exactly (``AttentionShard.replay``). Replacing a
+device mid-run is not wired in yet; a device that stops answering, goes away or loses its share
+ends the run with an error that names it.
 """
 
 from __future__ import annotations
@@ -14,34 +16,63 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from tpfed.errors import PeerError, PeerTimeout
+from tpfed.errors import PeerError, PeerRefused, PeerTimeout
 from tpfed.fleet import DeviceSpec
-from tpfed.kernels import Q8Tensor, n_blocks
+from tpfed.kernels import Q8Tensor
 from tpfed.plan import Plan
 from tpfed.planner import plan as make_plan
-from tpfed.protocol.codec import Frame, decode_frame, encode_frame
+from tpfed.protocol.codec import Frame, decode_frame, encode_frame, encode_payload
 from tpfed.protocol.errors import ProtocolError
-from tpfed.protocol.fastpath import decode_partial, encode_activation
+from tpfed.protocol.fastpath import (
+    activation_frame_size,
+    decode_partial,
+    encode_activation,
+    min_stage_bytes,
+    partial_frame_size,
+)
 from tpfed.protocol.schema import (
+    BATTERY_UNKNOWN,
     BROADCAST,
     COORDINATOR,
+    CRC_SIZE,
     HEADER_SIZE,
+    TEMPERATURE_UNKNOWN,
     DeviceClass,
     ErrorCode,
     Flag,
     MsgType,
+    PartialEncoding,
 )
 from tpfed.quantized import Int8Transformer, Q8Model, Stage
 from tpfed.shard import DeviceShards, serialize_layer_share
 from tpfed.transport.base import LinkClosed
 
-FRAME_OVERHEAD = HEADER_SIZE + 4
+T = TypeVar("T")
+FRAME_OVERHEAD = HEADER_SIZE + CRC_SIZE
+# payload bytes WEIGHTS and PROBE carry before their data, measured on the schema's own encoding
+WEIGHTS_PREFIX = len(encode_payload(MsgType.WEIGHTS, {"shard_id": 0, "offset": 0, "total": 0,
+                                                      "sha256": bytes(32), "data": b""}))
+PROBE_PREFIX = len(encode_payload(MsgType.PROBE, {"nonce": 0, "t_send_us": 0, "pad": b""}))
+
+
+async def all_of(coros: Iterable[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently; the first failure cancels the others and is raised as itself (not as
+    an exception group), so the CLI can print it as one line."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in coros]
+    except BaseExceptionGroup as group:
+        first: BaseException = group
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+    return [t.result() for t in tasks]
 
 
 class Link(Protocol):
@@ -82,7 +113,7 @@ class PeerConn:
                    DeviceClass.ESP32: "mcu", DeviceClass.ESP32S3: "mcu", DeviceClass.ESP32C3: "mcu",
                    DeviceClass.CORTEX_M_EMU: "mcu"}
         battery = h["battery_pct"] if h["battery_pct"] <= 100 else None
-        temp = h["temperature_dc"] / 10 if h["temperature_dc"] != -32768 else None
+        temp = h["temperature_dc"] / 10 if h["temperature_dc"] != TEMPERATURE_UNKNOWN else None
         return DeviceSpec(
             name=self.name,
             memory_bytes=h["arena_kb"] * 1024,
@@ -117,12 +148,6 @@ class GenerationStats:
         return self.min_wire_bytes / self.tokens if self.tokens else 0.0
 
 
-def min_stage_bytes(dim: int) -> int:
-    """The least a stage can cost per participating device: the Q8_0 activation (dim int8 and
-    ceil(dim/32) fp16 scales) out and a float32 partial of dim values back."""
-    return dim + 2 * n_blocks(dim) + 4 * dim
-
-
 class PeerLinks:
     """The connection half of the coordinator, usable without a model: HELLO every peer and
     measure its link (``tpfed devices`` uses it alone)."""
@@ -141,6 +166,13 @@ class PeerLinks:
         return self._seq
 
     @staticmethod
+    async def _send(peer: PeerConn, data: bytes) -> None:
+        try:
+            await peer.link.send(data)
+        except LinkClosed as exc:
+            raise PeerError(f"peer {peer.label} went away: {exc}") from None
+
+    @staticmethod
     async def _recv(peer: PeerConn, timeout: float) -> bytes:
         """The next frame from ``peer``; a link that closed under us (a board reset or
         unplugged, a peer process gone) is reported with the peer's name and address."""
@@ -155,7 +187,7 @@ class PeerLinks:
         """Send ``frame`` and wait for a ``want`` answer; with ``retry_s`` the frame is sent
         again at that interval until the deadline (for requests that are safe to repeat)."""
         data = encode_frame(frame)
-        await peer.link.send(data)
+        await self._send(peer, data)
         if retry_s is None:
             return await self._expect(peer, want, what, timeout)
         deadline = time.monotonic() + (timeout or self.deadline_s)
@@ -167,10 +199,11 @@ class PeerLinks:
                 if time.monotonic() >= deadline:
                     raise PeerTimeout(f"peer {peer.label} did not answer {what} within "
                                       f"{timeout or self.deadline_s:.1f} s") from None
-            await peer.link.send(data)
+            await self._send(peer, data)
 
     async def _expect(self, peer: PeerConn, want: MsgType, what: str,
-                      timeout: float | None = None) -> Frame:
+                      timeout: float | None = None,
+                      match: Callable[[Frame], bool] | None = None) -> Frame:
         deadline = time.monotonic() + (timeout or self.deadline_s)
         while True:
             left = deadline - time.monotonic()
@@ -188,9 +221,9 @@ class PeerLinks:
             if reply.type == MsgType.ERROR:
                 code = reply.payload["code"]
                 name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
-                raise PeerError(f"peer {peer.label} refused {what}: "
-                                f"{name}: {reply.payload['text']}")
-            if reply.type == want:
+                raise PeerRefused(f"peer {peer.label} refused {what}: "
+                                  f"{name}: {reply.payload['text']}", code)
+            if reply.type == want and (match is None or match(reply)):
                 return reply
 
     async def connect(self) -> list[PeerConn]:
@@ -200,7 +233,8 @@ class PeerLinks:
             peer = PeerConn(link=link, device_id=i + 1, hello={}, name=link.name)
             me = {"device_class": int(DeviceClass.DESKTOP), "name": "coordinator", "ram_kb": 0,
                   "psram_kb": 0, "flash_kb": 0, "cpu_mhz": 0, "cores": 0, "features": 0,
-                  "int8_macs": 0, "battery_pct": 255, "temperature_dc": -32768, "transports": 0,
+                  "int8_macs": 0, "battery_pct": BATTERY_UNKNOWN,
+                  "temperature_dc": TEMPERATURE_UNKNOWN, "transports": 0,
                   "max_frame": 0xFFFF, "arena_kb": 0}
             reply = await self._request(peer, Frame(MsgType.HELLO, me, src=COORDINATOR,
                                                     dst=peer.device_id, seq=self._next_seq()),
@@ -212,7 +246,7 @@ class PeerLinks:
 
         if len(self.links) > 254:
             raise PeerError(f"{len(self.links)} peers: the protocol addresses at most 254")
-        self.peers = list(await asyncio.gather(*(hello(i, link) for i, link in enumerate(self.links))))
+        self.peers = await all_of(hello(i, link) for i, link in enumerate(self.links))
         names = [p.name for p in self.peers]
         for i, p in enumerate(self.peers):
             if names.count(p.name) > 1:
@@ -236,7 +270,7 @@ class PeerLinks:
                                                       "t_send_us": time.monotonic_ns() // 1000},
                                       dst=peer.device_id, seq=self._next_seq()))
             deadline = time.monotonic() + self.deadline_s
-            await peer.link.send(data)
+            await self._send(peer, data)
             t0 = time.perf_counter()
             while True:
                 left = deadline - time.monotonic()
@@ -259,7 +293,7 @@ class PeerLinks:
 
         await once(0)  # the first round trip also warms caches on both sides
         small = sorted([await once(0) for _ in range(rounds)])[rounds // 2]
-        big_pad = min(max_frame, 4096) - FRAME_OVERHEAD - 12
+        big_pad = min(max_frame, 4096) - FRAME_OVERHEAD - PROBE_PREFIX
         big = sorted([await once(big_pad) for _ in range(3)])[1]
         peer.latency_s = small / 2
         extra = max(big - small, 1e-6)  # lost in the noise: at most 2 pads per microsecond
@@ -314,8 +348,13 @@ class Coordinator(PeerLinks, Int8Transformer):
         by_name = {p.name: p for p in self.peers}
         c = self.config
 
+        need = max(activation_frame_size(c.dim), partial_frame_size(c.dim))
+
         async def push(dev) -> None:
             peer = by_name[dev.name]
+            if peer.hello["max_frame"] < need:
+                raise PeerError(f"peer {peer.label} takes frames of at most {peer.hello['max_frame']} "
+                                f"bytes; this model's activations and partials need {need}")
             entries = [{"layer": layer, "kv_groups": list(s.kv_groups),
                         "mlp_ranges": [{"start": a, "end": b} for a, b in s.mlp_ranges]}
                        for layer, s in sorted(dev.layers.items())]
@@ -325,36 +364,55 @@ class Coordinator(PeerLinks, Int8Transformer):
             await self._request(peer, Frame(MsgType.ASSIGN, assign, dst=peer.device_id,
                                             seq=self._next_seq(), session=self.session),
                                 MsgType.ACK, "ASSIGN")
-            max_chunk = min(self.chunk_bytes, peer.hello["max_frame"] - FRAME_OVERHEAD - 42)
+            max_chunk = min(self.chunk_bytes, peer.hello["max_frame"] - FRAME_OVERHEAD - WEIGHTS_PREFIX)
             if max_chunk <= 0:
-                raise PeerError(f"peer {peer.name} takes frames of {peer.hello['max_frame']} bytes, "
+                raise PeerError(f"peer {peer.label} takes frames of {peer.hello['max_frame']} bytes, "
                                 "too small for WEIGHTS")
             layers = sorted(dev.layers.items())
             for i, (layer, share) in enumerate(layers):
                 blob = serialize_layer_share(self.model, layer, share.kv_groups, share.mlp_ranges)
-                digest = hashlib.sha256(blob).digest()
-                for attempt in range(3):
-                    for off in range(0, len(blob), max_chunk):
-                        last = off + max_chunk >= len(blob)
-                        frame = Frame(MsgType.WEIGHTS, {"shard_id": layer, "offset": off,
-                                                        "total": len(blob), "sha256": digest,
-                                                        "data": blob[off:off + max_chunk]},
-                                      dst=peer.device_id, seq=self._next_seq(),
-                                      session=self.session,
-                                      flags=int(Flag.LAST | Flag.ACK_REQUESTED) if last else 0)
-                        await peer.link.send(encode_frame(frame))
-                        if progress is not None:
-                            progress(peer.name, min(max_chunk, len(blob) - off))
-                    try:
-                        await self._expect(peer, MsgType.ACK, f"the shard of layer {layer}")
-                        break
-                    except PeerTimeout:
-                        if attempt == 2:
-                            raise
+                await self._push_shard(peer, layer, blob, max_chunk, progress)
                 if i == len(layers) - 1:
                     await self._expect(peer, MsgType.READY, "READY")
 
-        await asyncio.gather(*(push(dev) for dev in self.plan.devices))
+        await all_of(push(dev) for dev in self.plan.devices)
+
+    async def _push_shard(self, peer: PeerConn, layer: int, blob: bytes, max_chunk: int,
+                          progress: Callable[[str, int], None] | None, attempts: int = 3) -> None:
+        """Stream one layer share in WEIGHTS chunks until the peer acknowledges it. A share
+        damaged on the way (the peer reports a hash mismatch or a missing chunk) or not
+        acknowledged in time is sent again from the start, up to ``attempts`` times."""
+        digest = hashlib.sha256(blob).digest()
+        for attempt in range(attempts):
+            for off in range(0, len(blob), max_chunk):
+                last = off + max_chunk >= len(blob)
+                frame = Frame(MsgType.WEIGHTS, {"shard_id": layer, "offset": off,
+                                                "total": len(blob), "sha256": digest,
+                                                "data": blob[off:off + max_chunk]},
+                              dst=peer.device_id, seq=self._next_seq(), session=self.session,
+                              flags=int(Flag.LAST | Flag.ACK_REQUESTED) if last else 0)
+                await self._send(peer, encode_frame(frame))
+                if progress is not None:
+                    progress(peer.name, min(max_chunk, len(blob) - off))
+            try:
+                await self._expect(peer, MsgType.ACK, f"the shard of layer {layer}",
+                                   match=lambda f: f.payload["acked_type"] == MsgType.WEIGHTS)
+                return
+            except (PeerTimeout, PeerRefused) as exc:
+                retryable = isinstance(exc, PeerTimeout) or exc.code in (
+                    ErrorCode.SHARD_HASH_MISMATCH, ErrorCode.BAD_PAYLOAD, ErrorCode.BAD_CRC)
+                if not retryable or attempt == attempts - 1:
+                    raise
+                await self._drain(peer)
+
+    async def _drain(self, peer: PeerConn, quiet_s: float = 0.1) -> None:
+        """Drop what the peer still sends about an abandoned attempt (one ERROR per chunk after
+        a lost one, say) until it has been quiet for ``quiet_s``."""
+        while True:
+            try:
+                await self._recv(peer, quiet_s)
+            except TimeoutError:
+                return
 
     # -- generation ----------------------------------------------------------------------
     async def partials_remote(self, layer: int, stage: Stage, x: Q8Tensor, pos: int) -> np.ndarray:
@@ -363,7 +421,7 @@ class Coordinator(PeerLinks, Int8Transformer):
         frame = encode_activation(layer, int(stage), pos, x.qs, x.d, dst=BROADCAST, seq=seq,
                                   session=self.session)
         for p in owners:
-            await p.link.send(frame)
+            await self._send(p, frame)
         # Answers are awaited one after the other (they all travel at once) and summed in plan
         # order, so the sum does not depend on which peer answered first.
         out = self._sum
@@ -397,7 +455,7 @@ class Coordinator(PeerLinks, Int8Transformer):
                 data = await self._recv(peer, min(t_end, resend_at if resend_at > now else t_end) - now)
             except TimeoutError:
                 if resend_at and time.monotonic() >= resend_at:
-                    await peer.link.send(frame)
+                    await self._send(peer, frame)
                     self.stats.wire_bytes += len(frame)
                     resend_at = 0.0
                 continue
@@ -407,7 +465,8 @@ class Coordinator(PeerLinks, Int8Transformer):
                 except ProtocolError:
                     continue
                 if p.layer == layer and p.stage == stage and p.pos == pos and p.session == self.session:
-                    return p.to_f32(), len(data)
+                    # F32 (what desktop peers and boards send) is used in place, no copy
+                    return (p.values if p.encoding == PartialEncoding.F32 else p.to_f32()), len(data)
                 continue  # a stale answer to a resent activation
             try:
                 reply = decode_frame(data)
@@ -439,11 +498,12 @@ class Coordinator(PeerLinks, Int8Transformer):
 
     async def close(self, bye: bool = True) -> None:
         for peer in self.peers:
-            if bye:
-                with contextlib.suppress(OSError, ConnectionError):
+            if bye:  # best effort: a peer already gone must not hide why the run ended
+                with contextlib.suppress(OSError, ConnectionError, PeerError):
                     await peer.link.send(encode_frame(Frame(MsgType.BYE, {"reason": 0},
                                                             dst=peer.device_id,
                                                             seq=self._next_seq(),
                                                             session=self.session)))
         for link in self.links:
-            await link.close()
+            with contextlib.suppress(OSError, ConnectionError, PeerError):
+                await link.close()

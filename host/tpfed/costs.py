@@ -22,14 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tpfed.config import ModelConfig
+from tpfed.protocol.fastpath import activation_frame_size, partial_frame_size
 
 QK = 32
 """Q8_0 block length (values per scale) and the MLP column granularity."""
 
-ACT_HEADER_BYTES = 16
-"""Frame overhead of an activation broadcast (header + CRC)."""
-PARTIAL_HEADER_BYTES = 20
-"""Frame overhead of a partial-sum reply (header + CRC)."""
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -92,13 +89,13 @@ def mlp_col_macs(m: ModelConfig) -> int:
 
 
 def act_frame_bytes(m: ModelConfig) -> int:
-    """Q8_0 activation broadcast: dim int8 values, one f16 scale per 32, frame header."""
-    return m.dim + 2 * ceil_div(m.dim, QK) + ACT_HEADER_BYTES
+    """The Q8_0 activation broadcast frame of a stage (the protocol's own size)."""
+    return activation_frame_size(m.dim)
 
 
 def partial_frame_bytes(m: ModelConfig) -> int:
-    """f32 partial-sum reply of length dim plus its frame header."""
-    return 4 * m.dim + PARTIAL_HEADER_BYTES
+    """The f32 partial-sum reply frame of length dim (the protocol's own size)."""
+    return partial_frame_size(m.dim)
 
 
 def mean_context(seq_len: int) -> float:

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +36,7 @@ from functools import cache
 from pathlib import Path
 
 from tpfed.errors import TpfedError
+from tpfed.process import die_with_parent
 from tpfed.profiles import BoardProfile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -122,14 +121,6 @@ def machine_of(firmware: str | Path) -> str:
         raise EmulatorError(f"cannot tell which board {firmware} is for (its folder {env!r} is not an "
                             f"emulated board's env: {', '.join(sorted(types))}); give BoardSpec.machine")
     return types[env].machine
-
-
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def free_port() -> int:
@@ -248,7 +239,7 @@ class EmulatedBoard:
             ]
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None,
+                preexec_fn=die_with_parent(),
             )
             line = self._await_listening(proc, timeout)
             if line is None:

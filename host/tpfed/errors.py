@@ -23,3 +23,11 @@ class FleetError(TpfedError):
 
 class PeerTimeout(PeerError):
     """A peer did not answer within its deadline (as opposed to answering with an error)."""
+
+
+class PeerRefused(PeerError):
+    """A peer answered with an ERROR frame; ``code`` is its protocol error code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code

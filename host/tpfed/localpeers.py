@@ -1,7 +1,8 @@
 """Desktop peer processes started on loopback for ``--peers local:N`` (and the tests).
 
 Each peer is a real ``tpfed peer`` process on its own UDP port; the port is read from the
-first line it prints. Processes are always stopped on exit, also when startup fails half-way.
+first line it prints. Processes are stopped on exit, also when startup fails half-way, and on
+Linux the kernel kills them if the starting process itself is killed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from dataclasses import dataclass, field
 
 from tpfed.errors import PeerError
+from tpfed.process import die_with_parent
 
 _LISTENING = re.compile(r"listening on (udp://\S+)")
 
@@ -36,6 +38,7 @@ class LocalPeers:
                     "--listen", "udp://127.0.0.1:0", "--name", f"local-{i}", *self.extra_args,
                     stdout=asyncio.subprocess.PIPE,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    preexec_fn=die_with_parent(),
                 )
                 self.procs.append(proc)
             for i, proc in enumerate(self.procs):

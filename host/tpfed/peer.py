@@ -147,6 +147,7 @@ class DesktopPeer:
         self.assignment: dict[int, tuple[tuple[int, ...], tuple[tuple[int, int], ...]]] = {}
         self.shares: dict[int, LayerShare] = {}
         self.shard_bytes: dict[int, int] = {}
+        self._digests: dict[int, bytes] = {}
         self.shards: DeviceShards | None = None
         self._assembly: dict[int, _Assembly] = {}
         self._seq = 0
@@ -175,8 +176,16 @@ class DesktopPeer:
 
     # -- entry point -----------------------------------------------------------------------
     def handle(self, data: bytes) -> list[bytes]:
-        """Process one received frame; return the frames to send back to its sender."""
+        """Process one received frame; return the frames to send back to its sender. Never
+        raises: a frame that cannot be served is answered with ERROR or dropped and counted."""
         self.stats.frames_in += 1
+        try:
+            return self._handle(data)
+        except Exception:  # a peer keeps serving whatever one frame holds
+            self.stats.dropped += 1
+            return []
+
+    def _handle(self, data: bytes) -> list[bytes]:
         try:
             if len(data) > 2 and data[2] == MsgType.ACTIVATION:
                 return self._on_activation(data)
@@ -229,6 +238,7 @@ class DesktopPeer:
         self.assignment = assignment
         self.shares.clear()
         self.shard_bytes.clear()
+        self._digests.clear()
         self._assembly.clear()
         self.shards = None
         return [self._frame(frame.src, MsgType.ACK, {"acked_seq": frame.seq,
@@ -245,6 +255,9 @@ class DesktopPeer:
             return self._error(frame.src, ErrorCode.OUT_OF_MEMORY,
                                f"shard of layer {layer} ({total} bytes) exceeds the arena "
                                f"({self.caps.arena_bytes} bytes)")
+        done = self.shares.get(layer)
+        if done is not None and self._digests.get(layer) == bytes(p["sha256"]):
+            return []  # a late duplicate of a chunk of a shard already complete
         asm = self._assembly.get(layer)
         if asm is None or asm.total != total or asm.sha256 != p["sha256"]:
             asm = self._assembly[layer] = _Assembly(total=total, sha256=bytes(p["sha256"]),
@@ -274,6 +287,7 @@ class DesktopPeer:
                                f"shard of layer {layer} does not hold what ASSIGN said")
         self.shares[layer] = share
         self.shard_bytes[layer] = total
+        self._digests[layer] = asm.sha256
         out = [self._frame(frame.src, MsgType.ACK, {"acked_seq": frame.seq,
                                                      "acked_type": int(MsgType.WEIGHTS)})]
         if len(self.shares) == len(self.assignment):
@@ -295,6 +309,8 @@ class DesktopPeer:
             return self._error(a.src, ErrorCode.BAD_STATE if self.shards is None else ErrorCode.BAD_SESSION,
                                f"ACTIVATION for session {a.session} while "
                                f"{'not ready' if self.shards is None else f'in session {self.session}'}")
+        if a.stage not in (Stage.ATTENTION, Stage.MLP):
+            return self._error(a.src, ErrorCode.BAD_PAYLOAD, f"ACTIVATION for unknown stage {a.stage}")
         x = Q8Tensor(a.qs, a.scales)
         try:
             if a.stage == Stage.ATTENTION:
@@ -309,7 +325,7 @@ class DesktopPeer:
         self.stats.activations += 1
         self.stats.frames_out += 1
         return [encode_partial(a.layer, a.stage, a.pos, part, dst=a.src, seq=a.seq,
-                               session=self.session, src=self.device_id)]
+                               session=self.session, src=self._src())]
 
     def _on_heartbeat(self, frame: Frame) -> list[bytes]:
         uptime = int((time.monotonic() - self._started) * 1000) & 0xFFFFFFFF
@@ -334,6 +350,9 @@ class DesktopPeer:
                           h.version), payload)]
 
     def _on_bye(self, frame: Frame) -> list[bytes]:
+        if frame.session != self.session:  # only the coordinator of this session ends it
+            self.stats.dropped += 1
+            return []
         self.shards = None
         self.shares.clear()
         self._assembly.clear()

@@ -409,8 +409,12 @@ class Plan:
         """Write the plan as JSON (atomically: a temporary file renamed into place)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1))
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise PlanError(f"cannot save the plan to {path}: {exc.strerror or exc}") from None
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Plan:

@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tpfed.errors import TpfedError
+
+
+class SamplingError(TpfedError, ValueError):
+    """A sampling setting that makes no sense (negative or NaN temperature, NaN top-p)."""
+
 
 @dataclass
 class Sampler:
@@ -18,9 +24,9 @@ class Sampler:
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise SamplingError(f"temperature must be a number >= 0, got {self.temperature}")
         if not np.isfinite(self.top_p):
-            raise ValueError(f"top_p must be a number, got {self.top_p}")
+            raise SamplingError(f"top-p must be a number, got {self.top_p}")
         self.rng = np.random.default_rng(self.seed)
 
     def sample(self, logits: np.ndarray) -> int:

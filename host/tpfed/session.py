@@ -126,7 +126,8 @@ async def generate(coord: Coordinator, tokenizer: Tokenizer, prompt: str, steps:
     out_tokens: list[int] = []
     token = prompt_tokens[0]
     t0 = time.perf_counter()
-    for pos in range(steps - 1):
+    pos = -1
+    for pos in range(steps):  # llama2.c's `while (pos < steps)`: steps forward passes at most
         logits = await coord.forward_async(token, pos)
         if pos + 1 < len(prompt_tokens):
             nxt = prompt_tokens[pos + 1]
@@ -139,7 +140,7 @@ async def generate(coord: Coordinator, tokenizer: Tokenizer, prompt: str, steps:
                 on_piece(tokenizer.piece(token, nxt))
         token = nxt
     stats.seconds = time.perf_counter() - t0
-    stats.tokens = pos + 1 if steps > 1 else 0
+    stats.tokens = pos + 1
     text = prompt + tokenizer.decode(out_tokens, prev_token=prompt_tokens[-1])
     return RunResult(text=text, tokens=prompt_tokens + out_tokens, stats=stats)
 

@@ -228,7 +228,7 @@ class AttentionShard:
         rc = lib.attention_units_forward(
             self._pout, self._units, len(self.groups), self._pk, self._pv, self.key_cache.shape[1],
             x._pqs, x._pd, c.dim, c.head_size, c.group_size, pos, c.seq_len, c.rope_theta,
-            self._pscratch)
+            self._pscratch, self._scratch.nbytes)
         if rc != 0:
             raise ShardError(f"layer {self.layer}: attention_units_forward refused its arguments")
         return self.out
@@ -275,8 +275,8 @@ class MlpShard:
                                      f"{t.shape}, expected {shape}")
                 _c_matrix(getattr(self._units[i], name), t)
         widest = max(b - a for a, b in self.ranges)
-        self._scratch_bytes = lib.mlp_units_scratch_bytes(config.dim, widest)
-        self._scratch = np.empty((self._scratch_bytes + 3) // 4, np.float32)
+        nbytes = lib.mlp_units_scratch_bytes(config.dim, widest)
+        self._scratch = np.empty((nbytes + 3) // 4, np.float32)
         self._pscratch = ffi.cast("void *", ffi.from_buffer("float[]", self._scratch))
         self.out = np.empty(config.dim, np.float32)
         self._pout = _f32_ptr(self.out)
@@ -285,7 +285,7 @@ class MlpShard:
         if x.shape != (self.config.dim,):
             raise ShardError(f"activation of shape {x.shape}, expected ({self.config.dim},)")
         rc = lib.mlp_units_forward(self._pout, self._units, len(self.ranges), x._pqs, x._pd,
-                                   self.config.dim, self._pscratch, self._scratch_bytes)
+                                   self.config.dim, self._pscratch, self._scratch.nbytes)
         if rc != 0:
             raise ShardError(f"layer {self.layer}: mlp_units_forward refused its arguments")
         return self.out

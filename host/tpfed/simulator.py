@@ -53,6 +53,7 @@ from tpfed import costs
 from tpfed.errors import PlanError
 from tpfed.fleet import DeviceSpec
 from tpfed.plan import Plan
+from tpfed.protocol.fastpath import min_stage_bytes
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,7 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
             cats["coordinator receive"] += float(finish[-1]) - crit_back
             np.add.at(compute, st.idx, work)
             bytes_total += k * (act + part)
-            min_bytes += k * 5 * m.dim
+            min_bytes += k * min_stage_bytes(m.dim)
             if last:
                 timeline.extend((plan.devices[i].name, st.kind, float(a - t0), float(b - t0))
                                 for i, a, b in zip(st.idx.tolist(), arrive.tolist(), done.tolist(), strict=True))
@@ -304,5 +305,9 @@ def plot(plan: Plan, result: SimResult, path: str, max_devices: int = 48) -> Non
     ax2.set_xlabel("ms into the token (blue: attention, orange: MLP)")
     ax2.set_title(f"one token: {result.token_ms[-1]:.2f} ms; {result.tokens_per_s:.2f} tokens/s")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as exc:
+        raise PlanError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)

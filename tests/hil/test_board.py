@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from tpfed.protocol.codec import Frame
-from tpfed.protocol.schema import COORDINATOR, DeviceClass, ErrorCode, MsgType, TransportKind
+from tpfed.protocol.schema import (
+    COORDINATOR,
+    CRC_SIZE,
+    HEADER_SIZE,
+    ByeReason,
+    DeviceClass,
+    ErrorCode,
+    MsgType,
+    TransportKind,
+)
 
 pytestmark = pytest.mark.hil
 
@@ -287,7 +296,8 @@ QUARTER = {layer: ((3,), ((128, 172),)) for layer in range(5)}
 
 
 def test_musca_b1_takes_a_stories260k_quarter_share(musca_board, q8_model):
-    """A musca-b1 stores a real quarter share with its KV cache and answers every layer."""
+    """A musca-b1 stores a real quarter share with its KV cache and answers every layer with
+    the host's partials, bit for bit."""
     from tpfed.protocol.schema import Stage
 
     from tpfed.kernels import quantize_q8_0
@@ -323,9 +333,59 @@ def test_musca_b1_takes_a_stories260k_quarter_share(musca_board, q8_model):
                 assert reply.type == MsgType.PARTIAL, reply.payload
                 got = np.asarray(reply.payload["data"], np.float32)
                 want = host.attention(layer, x, pos) if stage == Stage.ATTENTION else host.mlp(layer, x)
-                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
-                                           err_msg=f"layer {layer} {stage.name} pos {pos}")
+                assert got.shape == want.shape
+                worst = _ulps(got, want)
+                assert worst == 0, f"layer {layer} {stage.name} pos {pos}: {worst} ULP off the host"
     assert board.board.alive(), board.board.output()
+
+
+def _geometry_assign(dim, session=1, device_id=1):
+    """An ASSIGN of a one-head model of width ``dim`` with nothing to hold."""
+    payload = {"dim": dim, "hidden_dim": 32, "n_layers": 1, "n_heads": 1, "n_kv_heads": 1,
+               "seq_len": 8, "norm_eps": 1e-5, "rope_theta": 10000.0, "entries": []}
+    return Frame(MsgType.ASSIGN, payload, dst=device_id, session=session)
+
+
+def test_assign_whose_frames_do_not_fit_the_board_is_refused(board):
+    """A PARTIAL is 8 + 4*dim bytes of payload: the widest model whose frames still fit is taken,
+    one value wider is refused up front rather than never answered."""
+    max_frame = board.hello(device_id=1).payload["max_frame"]
+    overhead = HEADER_SIZE + CRC_SIZE
+    widest = (max_frame - overhead - 8) // 4
+    assert board.request(_geometry_assign(widest)).type == MsgType.ACK
+    reply = board.request(_geometry_assign(widest + 1, session=2))
+    assert reply.type == MsgType.ERROR and reply.payload["code"] == ErrorCode.UNSUPPORTED
+    need = overhead + 8 + 4 * (widest + 1)
+    assert reply.payload["text"] == \
+        f"dim {widest + 1} needs frames of {need} bytes, this board takes {max_frame}"
+
+
+def test_bye_of_another_session_leaves_the_board_serving(board, q8_model):
+    """BYE ends only the session it names: one of another session is ignored, the board keeps
+    its share and answers; a BYE of its own session then ends it."""
+    from tpfed.protocol.schema import Stage
+
+    entries = {0: ((1,), ((0, 32),))}
+    x = np.random.default_rng(11).standard_normal(q8_model.config.dim).astype(np.float32)
+    got, want = _partials(board, q8_model, entries, [(0, Stage.MLP, 0, x)])
+    board.send(Frame(MsgType.BYE, {"reason": int(ByeReason.NORMAL)}, dst=1, session=2))
+    assert board.drain(quiet=0.5) == []
+    got2, _ = _activation(board, q8_model, Stage.MLP, x)
+    assert got2.type == MsgType.PARTIAL, got2.payload
+    assert _ulps(np.asarray(got2.payload["data"], np.float32), want[0]) == 0
+    assert _ulps(got[0], want[0]) == 0
+    board.send(Frame(MsgType.BYE, {"reason": int(ByeReason.NORMAL)}, dst=1, session=1))
+    after, _ = _activation(board, q8_model, Stage.MLP, x)
+    assert after.type == MsgType.ERROR and after.payload["code"] == ErrorCode.BAD_STATE
+
+
+def _activation(board, model, stage, xf, layer=0, pos=0, session=1):
+    from tpfed.kernels import quantize_q8_0
+
+    x = quantize_q8_0(xf)
+    payload = {"layer": layer, "stage": int(stage), "pos": pos, "n": len(xf),
+               "scales": x.d.tolist(), "qs": x.qs.tolist()}
+    return board.request(Frame(MsgType.ACTIVATION, payload, dst=1, session=session)), x
 
 
 def test_garbage_on_the_uart_never_crashes_the_board(board):

@@ -35,7 +35,7 @@ def single_device_tokens(model):
     m, sampler = Int8Transformer(q8), Sampler(0.0)
     prompt = tok.encode(PROMPT, bos=True)
     token, out = prompt[0], list(prompt)
-    for pos in range(STEPS - 1):
+    for pos in range(STEPS):
         logits = m.forward(token, pos)
         token = prompt[pos + 1] if pos + 1 < len(prompt) else sampler.sample(logits)
         if pos + 1 >= len(prompt):

@@ -47,7 +47,7 @@ def single_device_tokens(model):
     m, sampler = Int8Transformer(q8), Sampler(0.0)
     prompt = tok.encode(PROMPT, bos=True)
     token, out = prompt[0], list(prompt)
-    for pos in range(STEPS - 1):
+    for pos in range(STEPS):
         logits = m.forward(token, pos)
         token = prompt[pos + 1] if pos + 1 < len(prompt) else sampler.sample(logits)
         if pos + 1 >= len(prompt):
@@ -94,7 +94,7 @@ def test_cli_run_json_local_peers(stories260k_dir):
     assert set(out) >= {"text", "tokens", "tokens_per_s", "wire_bytes_per_token",
                         "min_wire_bytes_per_token", "peers"}
     assert out["text"].startswith(FLOAT_GREEDY[:60])
-    assert out["tokens"] == 63 and out["tokens_per_s"] > 0
+    assert out["tokens"] == 64 and out["tokens_per_s"] > 0
     assert [p["name"] for p in out["peers"]] == ["local-0", "local-1", "local-2"]
     assert out["wire_bytes_per_token"] <= 1.15 * out["min_wire_bytes_per_token"]
 

@@ -64,6 +64,7 @@ def _attempt(n: int, model) -> tuple[float, float, float, float]:
     return real, sim.tokens_per_s, sim.tokens_per_s / real - 1, window.available_cores
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_simulated_tokens_per_s_within_25_percent_of_real(model, n):
     tried = []

@@ -36,7 +36,14 @@ def test_q8_bytes_and_unit_costs_match_the_formulas():
     assert costs.kv_bytes(m, 512) == 2 * 512 * 8 * 4
     assert costs.mlp_range_bytes(m, 32) == 2 * costs.q8_bytes(32, 64) + costs.q8_bytes(64, 32)
     assert costs.block_widths(m) == [32, 32, 32, 32, 32, 12]
-    assert costs.act_frame_bytes(m) == 64 + 4 + 16 and costs.partial_frame_bytes(m) == 256 + 20
+    # the frames the coordinator really sends and receives
+    from tpfed.protocol.fastpath import encode_activation, encode_partial
+
+    from tpfed.kernels import quantize_q8_0
+
+    x = quantize_q8_0(np.ones(m.dim, np.float32))
+    assert costs.act_frame_bytes(m) == len(encode_activation(0, 0, 0, x.qs, x.d))
+    assert costs.partial_frame_bytes(m) == len(encode_partial(0, 0, 0, np.ones(m.dim, np.float32)))
 
 
 # --------------------------------------------------------------------------- round-robin

@@ -85,11 +85,12 @@ def test_units_refuse_inconsistent_arguments(q8):
     scratch = np.zeros(4096, np.float32)
     out = np.zeros(c.dim, np.float32)
 
-    def call(pos=0, n_units=1, seq_len=8, kv_stride=c.head_size):
+    def call(pos=0, n_units=1, seq_len=8, kv_stride=c.head_size, scratch_bytes=scratch.nbytes):
         return lib.attention_units_forward(
             ffi.from_buffer("float[]", out), units, n_units, ffi.from_buffer("float[]", kc),
             ffi.from_buffer("float[]", kc), kv_stride, x._pqs, x._pd, c.dim, c.head_size,
-            c.group_size, pos, seq_len, c.rope_theta, ffi.from_buffer("float[]", scratch))
+            c.group_size, pos, seq_len, c.rope_theta, ffi.from_buffer("float[]", scratch),
+            scratch_bytes)
 
     assert call() == -1  # units point nowhere
     u = q8.attention_unit(0, 0)
@@ -102,6 +103,13 @@ def test_units_refuse_inconsistent_arguments(q8):
     assert call(pos=8) == -1 and call(pos=-1) == -1
     assert call(n_units=0) == -1
     assert call(kv_stride=c.head_size - 1) == -1
+    need = lib.attention_units_scratch_bytes(c.dim, c.head_size, c.group_size, 8)
+    assert need <= scratch.nbytes
+    assert call(scratch_bytes=need) == 0
+    out.fill(7.0)
+    kc_before = kc.copy()
+    assert call(pos=1, scratch_bytes=need - 1) == -1  # too little scratch: refused untouched
+    assert (out == 7.0).all() and np.array_equal(kc, kc_before)
     units[0].wo.rows = c.dim - 1
     assert call() == -1
     small = np.zeros(4, np.float32)

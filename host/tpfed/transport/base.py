@@ -73,6 +73,12 @@ class FrameQueue(Generic[T]):
                 return await fut
             async with asyncio.timeout(timeout):
                 return await fut
+        except (TimeoutError, asyncio.CancelledError):
+            # put() may have handed us an item in the same loop pass as the timeout or
+            # cancellation: keep it for the next get() instead of losing it
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                self._items.appendleft(fut.result())
+            raise
         finally:
             if self._waiter is fut:
                 self._waiter = None
