@@ -22,7 +22,12 @@ from tpfed.config import ModelConfig
 from tpfed.kernels import Q8Tensor
 from tpfed.protocol.codec import Frame, assemble, check_frame, decode_frame, encode_frame
 from tpfed.protocol.errors import ProtocolError
-from tpfed.protocol.fastpath import decode_activation, encode_partial
+from tpfed.protocol.fastpath import (
+    activation_frame_size,
+    decode_activation,
+    encode_partial,
+    partial_frame_size,
+)
 from tpfed.protocol.schema import (
     BATTERY_UNKNOWN,
     BROADCAST,
@@ -225,6 +230,10 @@ class DesktopPeer:
                                  rope_theta=p["rope_theta"])
         except ValueError as exc:
             return self._error(frame.src, ErrorCode.UNSUPPORTED, f"ASSIGN geometry: {exc}")
+        need = max(activation_frame_size(config.dim), partial_frame_size(config.dim))
+        if need > MAX_FRAME:
+            return self._error(frame.src, ErrorCode.UNSUPPORTED,
+                               f"dim {config.dim} needs frames of {need} bytes, this peer takes {MAX_FRAME}")
         assignment = {}
         for e in p["entries"]:
             if not 0 <= e["layer"] < config.n_layers or e["layer"] in assignment:

@@ -112,3 +112,13 @@ def test_any_valid_activation_frame_never_raises(q8, layer, stage, pos, n):
     d = x.d if x is not None else np.zeros(0, np.uint16)
     replies = peer.handle(encode_activation(layer, stage, pos, qs, d, dst=1, session=5))
     assert len(replies) == 1
+
+
+def test_assign_whose_frames_do_not_fit_is_refused():
+    peer = DesktopPeer(Capabilities("p", int8_macs=1, ram_bytes=1 << 30, arena_bytes=1 << 30))
+    assign = {"dim": 16384, "hidden_dim": 64, "n_layers": 1, "n_heads": 128, "n_kv_heads": 128,
+              "seq_len": 16, "norm_eps": 1e-5, "rope_theta": 1e4, "entries": []}
+    (reply,) = peer.handle(encode_frame(Frame(MsgType.ASSIGN, assign, dst=1, session=1)))
+    err = decode_frame(reply)
+    assert err.type == MsgType.ERROR and err.payload["code"] == ErrorCode.UNSUPPORTED
+    assert "needs frames of" in err.payload["text"]

@@ -5,12 +5,15 @@
 // (KV groups and MLP column ranges) and lays the share out in the arena; WEIGHTS chunks fill
 // one shard per layer (the layer-share format of host/tpfed/shard.py), hashed on the fly and
 // refused with an ERROR unless the SHA-256 matches and the shard parses; once every assigned
-// layer is in, it sends READY and answers ACTIVATION with PARTIAL (float32). HEARTBEAT, PROBE
-// and BYE are served in any state; malformed frames are dropped and counted.
+// layer is in, it sends READY and answers ACTIVATION with PARTIAL (float32), computed by
+// attention_units_forward / mlp_units_forward (tpfed_units.h) over unit views of the shard.
+// An ASSIGN whose PARTIAL or ACTIVATION frames would exceed TPFED_PEER_MAX_FRAME is refused
+// (UNSUPPORTED). HEARTBEAT and PROBE are served in any state, BYE only from the current
+// session; malformed frames are dropped and counted.
 //
 // Memory: everything lives in the arena the port hands to tpfed_peer_init: the receive and
-// transmit frame buffers first, then, per ASSIGN, the layer table, the shards, the f32 KV
-// caches and the compute buffers. WEIGHTS chunks of one shard must arrive in order (repeats of
+// transmit frame buffers first, then, per ASSIGN, the layer table, the shards, the unit views
+// of each shard, the f32 KV caches and the compute buffers. WEIGHTS chunks of one shard must arrive in order (repeats of
 // already received chunks are ignored), which a stream link gives.
 #ifndef TPFED_PEER_H
 #define TPFED_PEER_H
@@ -63,9 +66,11 @@ typedef struct tpfed_peer {
     uint16_t n_entries;
     tpfed_peer_layer *layers;
     // compute buffers (arena)
-    float *q, *att, *part, *out, *h1, *h3, *scratch;
-    int8_t *xq_qs, *aq_qs;
-    uint16_t *xq_d, *aq_d;
+    float *out;                 // (dim) partial of the current ACTIVATION
+    int8_t *xq_qs;              // (dim) activation values
+    uint16_t *xq_d;             // (ceil(dim/32)) activation fp16 scales
+    void *work;                 // scratch of attention_units_forward / mlp_units_forward
+    uint32_t work_bytes;
     tpfed_peer_stats stats;
 } tpfed_peer;
 

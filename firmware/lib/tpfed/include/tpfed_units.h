@@ -43,12 +43,13 @@ size_t mlp_units_scratch_bytes(int dim, int max_cols);
 // For each unit: q = rope(wq @ x), k = rope(wk @ x) and v = wv @ x are written to row pos of
 // the unit's KV cache, then its query heads attend over rows 0..pos. Unit u's cache is
 // key_cache + u*head_size (and value_cache + u*head_size), rows kv_stride floats apart.
-// Returns 0, or -1 if the arguments are inconsistent (nothing is written then).
+// Returns 0, or -1 if the arguments are inconsistent or scratch_bytes is below
+// attention_units_scratch_bytes(dim, head_size, group_size, seq_len) (nothing is written then).
 int attention_units_forward(float *out, const tpfed_attention_unit *units, int n_units,
                             float *key_cache, float *value_cache, int kv_stride,
                             const int8_t *xqs, const uint16_t *xd, int dim, int head_size,
                             int group_size, int pos, int seq_len, float rope_theta,
-                            void *scratch);
+                            void *scratch, size_t scratch_bytes);
 
 // Only the KV-cache part of attention_units_forward (k, v of every unit at pos): rebuilds a
 // cache by replaying the activations broadcast earlier. Returns 0 or -1.
@@ -58,7 +59,8 @@ int attention_units_append_kv(const tpfed_attention_unit *units, int n_units,
                               int pos, int seq_len, float rope_theta);
 
 // out (dim) = sum over units u, in order, of w2_u @ q8(silu(w1_u @ x) * (w3_u @ x)).
-// Returns 0, or -1 if the arguments are inconsistent.
+// Returns 0, or -1 if the arguments are inconsistent or scratch_bytes is below
+// mlp_units_scratch_bytes(dim, widest range).
 int mlp_units_forward(float *out, const tpfed_mlp_unit *units, int n_units,
                       const int8_t *xqs, const uint16_t *xd, int dim, void *scratch,
                       size_t scratch_bytes);

@@ -1,5 +1,5 @@
-// tpfed portable peer (see tpfed_peer.h). Compute mirrors host/tpfed/shard.py step for step so
-// that a board's partials are bit-identical to the host's for the same kernels.
+// tpfed portable peer (see tpfed_peer.h). Compute is units.c, the code host/tpfed/shard.py
+// runs too, so a board's partials are bit-identical to the host's for the same kernels.
 #include "tpfed_peer.h"
 
 #include <stdio.h>
@@ -7,6 +7,7 @@
 
 #include "tpfed_kernels.h"
 #include "tpfed_proto.h"
+#include "tpfed_units.h"
 
 #define MAX_GROUPS 32
 #define MAX_RANGES 8
@@ -26,6 +27,8 @@ struct tpfed_peer_layer {
     tpfed_sha256_ctx sha;
     float *key_cache;                   // (seq_len, ng * head_size)
     float *value_cache;                 // (seq_len, ng * head_size)
+    tpfed_attention_unit *att_units;    // (ng) views into shard, set once it is complete
+    tpfed_mlp_unit *mlp_units;          // (nr) views into shard, set once it is complete
 };
 
 static uint32_t pad4(uint32_t n) { return (n + 3u) & ~3u; }
@@ -35,15 +38,13 @@ static uint32_t q8_bytes(uint32_t rows, uint32_t cols) {
     return pad4(rows * cols) + pad4(2u * rows * nblocks(cols));
 }
 
-typedef struct {
-    const int8_t *qs;     // (rows, cols)
-    const uint16_t *d;    // (rows, nblocks(cols))
-} q8_matrix;
-
-static q8_matrix q8_at(const uint8_t *base, uint32_t *off, uint32_t rows, uint32_t cols) {
-    q8_matrix m;
+// View of the (rows, cols) Q8_0 matrix at base + *off; moves *off past it.
+static tpfed_q8_matrix q8_at(const uint8_t *base, uint32_t *off, uint32_t rows, uint32_t cols) {
+    tpfed_q8_matrix m;
     m.qs = (const int8_t *)(base + *off);
     m.d = (const uint16_t *)(base + *off + pad4(rows * cols));
+    m.rows = (int)rows;
+    m.cols = (int)cols;
     *off += q8_bytes(rows, cols);
     return m;
 }
@@ -319,6 +320,17 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
         send_error(p, h->src, TPFED_ERR_UNSUPPORTED, msg);
         return;
     }
+    // Every ACTIVATION and PARTIAL (float32) of this model must fit one frame: payloads of
+    // 7 + 2*ceil(dim/32) + dim and 8 + 4*dim bytes (layouts in tpfed_proto.h).
+    size_t act_len = 7u + 2u * (size_t)nblocks(a.dim) + a.dim, part_len = 8u + 4u * (size_t)a.dim;
+    size_t biggest = act_len > part_len ? act_len : part_len;
+    if (biggest > payload_cap()) {
+        snprintf(msg, sizeof msg, "dim %u needs frames of %lu bytes, this board takes %u",
+                 (unsigned)a.dim, (unsigned long)(biggest + TPFED_FRAME_OVERHEAD),
+                 (unsigned)TPFED_PEER_MAX_FRAME);
+        send_error(p, h->src, TPFED_ERR_UNSUPPORTED, msg);
+        return;
+    }
     // The new geometry, checked and sized before anything of the old assignment is touched.
     tpfed_peer g = *p;
     g.dim = a.dim;
@@ -329,7 +341,6 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
     g.head_size = (uint16_t)(a.dim / a.n_heads);
     g.group_size = (uint16_t)(a.n_heads / a.n_kv_heads);
     g.seq_len = a.seq_len;
-    uint32_t gq = (uint32_t)g.group_size * g.head_size;
     uint64_t need = sizeof(tpfed_peer_layer) * (uint64_t)a.n_entries + 8u * a.n_entries;
     uint32_t max_ng = 0, max_w = 0;
     const uint8_t *q = a.entries;
@@ -354,16 +365,21 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
             send_error(p, h->src, (uint16_t)code, msg);
             return;
         }
-        need += shard_bytes(&g, &e) + 8u + kv_bytes(&g, e.ng) + 16u;
+        need += shard_bytes(&g, &e) + 8u + kv_bytes(&g, e.ng) + 16u +
+                sizeof(tpfed_attention_unit) * e.ng + 8u + sizeof(tpfed_mlp_unit) * e.nr + 8u;
         if (e.ng > max_ng) max_ng = e.ng;
         for (int r = 0; r < e.nr; r++) {
             uint32_t w = tpfed_rd_u32(e.ranges + 8 * r + 4) - tpfed_rd_u32(e.ranges + 8 * r);
             if (w > max_w) max_w = w;
         }
     }
-    uint32_t q8n = gq > max_w ? gq : max_w;
-    need += 4u * (max_ng * gq + gq + 2u * g.dim + 2u * max_w + g.seq_len) + pad4(g.dim) +
-            2u * nblocks(g.dim) + pad4(q8n) + 2u * nblocks(q8n) + 12u * 8u;
+    size_t work = 0;
+    if (max_ng) work = attention_units_scratch_bytes(g.dim, g.head_size, g.group_size, g.seq_len);
+    if (max_w) {
+        size_t mlp = mlp_units_scratch_bytes(g.dim, (int)max_w);
+        if (mlp > work) work = mlp;
+    }
+    need += 4u * g.dim + pad4(g.dim) + 2u * nblocks(g.dim) + work + 4u * 8u;
     if (p->arena_fixed + need > p->arena_size) {
         snprintf(msg, sizeof msg, "assignment needs %lu bytes of arena (weights, KV cache for %u "
                  "positions, buffers), this peer has %lu", (unsigned long)need, (unsigned)a.seq_len,
@@ -398,24 +414,23 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
         L->shard_size = shard_bytes(&g, &e);
         L->shard = arena_take(&g, &used, L->shard_size);
         if (e.ng) {
+            L->att_units = (tpfed_attention_unit *)arena_take(
+                &g, &used, (uint32_t)(sizeof(tpfed_attention_unit) * e.ng));
             uint32_t kv = kv_bytes(&g, e.ng) / 2u;
             L->key_cache = (float *)arena_take(&g, &used, kv);
             L->value_cache = (float *)arena_take(&g, &used, kv);
             memset(L->key_cache, 0, kv);
             memset(L->value_cache, 0, kv);
         }
+        if (e.nr)
+            L->mlp_units = (tpfed_mlp_unit *)arena_take(&g, &used,
+                                                        (uint32_t)(sizeof(tpfed_mlp_unit) * e.nr));
     }
-    g.q = (float *)arena_take(&g, &used, 4u * max_ng * gq);
-    g.att = (float *)arena_take(&g, &used, 4u * gq);
-    g.part = (float *)arena_take(&g, &used, 4u * g.dim);
     g.out = (float *)arena_take(&g, &used, 4u * g.dim);
-    g.h1 = (float *)arena_take(&g, &used, 4u * max_w);
-    g.h3 = (float *)arena_take(&g, &used, 4u * max_w);
-    g.scratch = (float *)arena_take(&g, &used, 4u * g.seq_len);
     g.xq_qs = (int8_t *)arena_take(&g, &used, pad4(g.dim));
     g.xq_d = (uint16_t *)arena_take(&g, &used, 2u * nblocks(g.dim));
-    g.aq_qs = (int8_t *)arena_take(&g, &used, pad4(q8n));
-    g.aq_d = (uint16_t *)arena_take(&g, &used, 2u * nblocks(q8n));
+    g.work_bytes = (uint32_t)work;
+    g.work = arena_take(&g, &used, g.work_bytes);
     g.arena_used = used;
     *p = g;
     send_ack(p, h->src, h->seq, TPFED_MSG_ASSIGN);
@@ -496,6 +511,26 @@ static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg
     return status;
 }
 
+// Point the layer's compute units at the matrices of its (complete, checked) shard.
+static void build_units(const tpfed_peer *p, tpfed_peer_layer *L) {
+    uint32_t dim = p->dim, hs = p->head_size, gq = (uint32_t)p->group_size * hs;
+    uint32_t off = SHARD_HEADER + pad4(2u * L->ng) + 8u * L->nr;
+    for (int i = 0; i < L->ng; i++) {
+        tpfed_attention_unit *u = &L->att_units[i];
+        u->wq = q8_at(L->shard, &off, gq, dim);
+        u->wk = q8_at(L->shard, &off, hs, dim);
+        u->wv = q8_at(L->shard, &off, hs, dim);
+        u->wo = q8_at(L->shard, &off, dim, gq);
+    }
+    for (int r = 0; r < L->nr; r++) {
+        tpfed_mlp_unit *u = &L->mlp_units[r];
+        uint32_t n = L->ranges[r][1] - L->ranges[r][0];
+        u->w1 = q8_at(L->shard, &off, n, dim);
+        u->w3 = q8_at(L->shard, &off, n, dim);
+        u->w2 = q8_at(L->shard, &off, dim, n);
+    }
+}
+
 static tpfed_peer_layer *find_layer(tpfed_peer *p, uint32_t layer) {
     for (int i = 0; i < p->n_entries; i++)
         if (p->layers[i].layer == layer) return &p->layers[i];
@@ -566,6 +601,7 @@ static void on_weights(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl
         send_error(p, h->src, TPFED_ERR_BAD_PAYLOAD, msg);
         return;
     }
+    build_units(p, L);
     L->complete = 1;
     send_ack(p, h->src, h->seq, TPFED_MSG_WEIGHTS);
     uint32_t total = 0;
@@ -581,68 +617,6 @@ static void on_weights(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl
 }
 
 // -------------------------------------------------------------------------------- compute
-
-static void add_into(float *out, const float *part, int n) {
-    for (int i = 0; i < n; i++) out[i] = out[i] + part[i];
-}
-
-// shard.py AttentionShard.forward: q/k/v of the owned groups, RoPE, KV append, attention per
-// group, its output quantised on its own, times the group's wo columns, partials summed.
-static void attention_forward(tpfed_peer *p, tpfed_peer_layer *L, int pos) {
-    int dim = p->dim, hs = p->head_size, gs = p->group_size, gq = gs * hs, ng = L->ng;
-    int kv_stride = ng * hs;
-    float *k_row = L->key_cache + (size_t)pos * kv_stride;
-    float *v_row = L->value_cache + (size_t)pos * kv_stride;
-    uint32_t off = SHARD_HEADER + pad4(2u * L->ng) + 8u * L->nr;
-    q8_matrix wo[MAX_GROUPS];
-    for (int i = 0; i < ng; i++) {
-        q8_matrix wq = q8_at(L->shard, &off, (uint32_t)gq, (uint32_t)dim);
-        q8_matrix wk = q8_at(L->shard, &off, (uint32_t)hs, (uint32_t)dim);
-        q8_matrix wv = q8_at(L->shard, &off, (uint32_t)hs, (uint32_t)dim);
-        wo[i] = q8_at(L->shard, &off, (uint32_t)dim, (uint32_t)gq);
-        matmul_q8_0_f32(p->q + i * gq, wq.qs, wq.d, p->xq_qs, p->xq_d, gq, dim);
-        matmul_q8_0_f32(k_row + i * hs, wk.qs, wk.d, p->xq_qs, p->xq_d, hs, dim);
-        matmul_q8_0_f32(v_row + i * hs, wv.qs, wv.d, p->xq_qs, p->xq_d, hs, dim);
-    }
-    rope_f32(p->q, ng * gq, hs, pos, p->rope_theta);
-    rope_f32(k_row, ng * hs, hs, pos, p->rope_theta);
-    for (int i = 0; i < ng; i++) {
-        attention_f32(p->att, p->q + i * gq, L->key_cache + i * hs, L->value_cache + i * hs,
-                      gs, hs, pos, kv_stride, p->scratch);
-        quantize_q8_0(p->aq_qs, p->aq_d, p->att, gq);
-        if (i == 0) {
-            matmul_q8_0_f32(p->out, wo[i].qs, wo[i].d, p->aq_qs, p->aq_d, dim, gq);
-        } else {
-            matmul_q8_0_f32(p->part, wo[i].qs, wo[i].d, p->aq_qs, p->aq_d, dim, gq);
-            add_into(p->out, p->part, dim);
-        }
-    }
-}
-
-// shard.py MlpShard.forward: per range w2[:, a:b] @ q8(silu(w1[a:b] @ x) * (w3[a:b] @ x)).
-static void mlp_forward(tpfed_peer *p, tpfed_peer_layer *L) {
-    int dim = p->dim;
-    uint32_t gq = (uint32_t)p->group_size * p->head_size;
-    uint32_t off = SHARD_HEADER + pad4(2u * L->ng) + 8u * L->nr;
-    off += L->ng * (q8_bytes(gq, (uint32_t)dim) + 2u * q8_bytes(p->head_size, (uint32_t)dim) +
-                    q8_bytes((uint32_t)dim, gq));
-    for (int r = 0; r < L->nr; r++) {
-        int n = (int)(L->ranges[r][1] - L->ranges[r][0]);
-        q8_matrix w1 = q8_at(L->shard, &off, (uint32_t)n, (uint32_t)dim);
-        q8_matrix w3 = q8_at(L->shard, &off, (uint32_t)n, (uint32_t)dim);
-        q8_matrix w2 = q8_at(L->shard, &off, (uint32_t)dim, (uint32_t)n);
-        matmul_q8_0_f32(p->h1, w1.qs, w1.d, p->xq_qs, p->xq_d, n, dim);
-        matmul_q8_0_f32(p->h3, w3.qs, w3.d, p->xq_qs, p->xq_d, n, dim);
-        swiglu_f32(p->h1, p->h1, p->h3, n);
-        quantize_q8_0(p->aq_qs, p->aq_d, p->h1, n);
-        if (r == 0) {
-            matmul_q8_0_f32(p->out, w2.qs, w2.d, p->aq_qs, p->aq_d, dim, n);
-        } else {
-            matmul_q8_0_f32(p->part, w2.qs, w2.d, p->aq_qs, p->aq_d, dim, n);
-            add_into(p->out, p->part, dim);
-        }
-    }
-}
 
 static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) {
     tpfed_activation_t a;
@@ -673,19 +647,33 @@ static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t 
     }
     memcpy(p->xq_qs, a.qs, a.n);
     for (uint32_t b = 0; b < nblocks(a.n); b++) p->xq_d[b] = tpfed_rd_u16(a.scales + 2 * b);
-    if (attention) attention_forward(p, L, a.pos);
-    else mlp_forward(p, L);
+    int rc = attention
+        ? attention_units_forward(p->out, L->att_units, L->ng, L->key_cache, L->value_cache,
+                                  L->ng * p->head_size, p->xq_qs, p->xq_d, p->dim, p->head_size,
+                                  p->group_size, a.pos, p->seq_len, p->rope_theta, p->work,
+                                  p->work_bytes)
+        : mlp_units_forward(p->out, L->mlp_units, L->nr, p->xq_qs, p->xq_d, p->dim, p->work,
+                            p->work_bytes);
+    if (rc != 0) {
+        snprintf(msg, sizeof msg, "layer %u: the compute units refused the share's arguments",
+                 (unsigned)a.layer);
+        send_error(p, h->src, TPFED_ERR_INTERNAL, msg);
+        return;
+    }
     p->stats.activations++;
 
-    uint8_t *o = payload_buf(p);
-    size_t len = 8u + 4u * p->dim;
-    if (len > payload_cap()) return;
-    tpfed_wr_u16(o, a.layer);
-    o[2] = a.stage;
-    tpfed_wr_u16(o + 3, a.pos);
-    o[5] = TPFED_ENC_F32;
-    tpfed_wr_u16(o + 6, p->dim);
-    for (int i = 0; i < p->dim; i++) tpfed_wr_f32(o + 8 + 4 * i, p->out[i]);
+    // PARTIAL data is dim little-endian float32: rewrite out as those bytes, in place.
+    uint8_t *data = (uint8_t *)p->out;
+    for (int i = 0; i < p->dim; i++) {
+        float v = p->out[i];
+        tpfed_wr_f32(data + 4 * i, v);
+    }
+    tpfed_partial_t m = {a.layer, a.stage, a.pos, TPFED_ENC_F32, p->dim, data};
+    size_t len = 0;
+    if (tpfed_partial_encode(payload_buf(p), payload_cap(), &m, &len) != TPFED_OK) {
+        send_error(p, h->src, TPFED_ERR_INTERNAL, "PARTIAL does not fit a frame");
+        return;
+    }
     send_frame(p, TPFED_MSG_PARTIAL, h->src, h->seq, p->session, len);
 }
 
@@ -704,7 +692,12 @@ static void on_probe(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) 
     send_frame(p, TPFED_MSG_PROBE_REPLY, h->src, h->seq, h->session, h->length);
 }
 
-static void on_bye(tpfed_peer *p) {
+// Only the current session may end itself: a BYE of another session is dropped.
+static void on_bye(tpfed_peer *p, const tpfed_header_t *h) {
+    if (h->session != p->session) {
+        p->stats.dropped++;
+        return;
+    }
     p->assigned = 0;
     p->ready = 0;
     p->n_entries = 0;
@@ -716,7 +709,7 @@ void tpfed_peer_handle_frame(tpfed_peer *p, const uint8_t *frame, size_t len) {
     tpfed_header_t h;
     const uint8_t *pl = NULL;
     p->stats.frames_in++;
-    if (tpfed_frame_decode(frame, len, TPFED_PEER_MAX_FRAME, &h, &pl) != TPFED_OK ||
+    if (tpfed_frame_decode(frame, len, payload_cap(), &h, &pl) != TPFED_OK ||
         tpfed_payload_validate(h.type, pl, h.length) != TPFED_OK) {
         p->stats.dropped++;
         return;
@@ -732,7 +725,7 @@ void tpfed_peer_handle_frame(tpfed_peer *p, const uint8_t *frame, size_t len) {
     case TPFED_MSG_ACTIVATION: on_activation(p, &h, pl); break;
     case TPFED_MSG_HEARTBEAT: on_heartbeat(p, &h); break;
     case TPFED_MSG_PROBE: on_probe(p, &h, pl); break;
-    case TPFED_MSG_BYE: on_bye(p); break;
+    case TPFED_MSG_BYE: on_bye(p, &h); break;
     default: {
         char msg[64];
         snprintf(msg, sizeof msg, "a peer does not take %s frames", type_name(h.type));

@@ -64,10 +64,11 @@ int attention_units_forward(float *out, const tpfed_attention_unit *units, int n
                             float *key_cache, float *value_cache, int kv_stride,
                             const int8_t *xqs, const uint16_t *xd, int dim, int head_size,
                             int group_size, int pos, int seq_len, float rope_theta,
-                            void *scratch) {
+                            void *scratch, size_t scratch_bytes) {
     int gq = group_size * head_size;
     if (n_units < 1 || dim < 1 || head_size < 1 || group_size < 1 || pos < 0 ||
         pos >= seq_len || kv_stride < n_units * head_size || scratch == 0 ||
+        scratch_bytes < attention_units_scratch_bytes(dim, head_size, group_size, seq_len) ||
         !units_ok(units, n_units, dim, head_size, gq))
         return -1;
     float *q = (float *)scratch;
