@@ -116,6 +116,7 @@ def test_any_valid_activation_frame_never_raises(q8, layer, stage, pos, n):
 
 def test_assign_whose_frames_do_not_fit_is_refused():
     peer = DesktopPeer(Capabilities("p", int8_macs=1, ram_bytes=1 << 30, arena_bytes=1 << 30))
+    peer.handle(encode_frame(Frame(MsgType.HELLO, HELLO, dst=1)))
     assign = {"dim": 16384, "hidden_dim": 64, "n_layers": 1, "n_heads": 128, "n_kv_heads": 128,
               "seq_len": 16, "norm_eps": 1e-5, "rope_theta": 1e4, "entries": []}
     (reply,) = peer.handle(encode_frame(Frame(MsgType.ASSIGN, assign, dst=1, session=1)))
