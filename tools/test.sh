@@ -20,5 +20,15 @@ python -m pip install -q --disable-pip-version-check -e ".[test]"
 [ -f tools/pio_offline.py ] && python tools/pio_offline.py
 python tools/gen_protocol_c.py --check
 python tools/gen_golden.py --check
+python tools/gen_mp_codec.py --check
+# MicroPython's WebAssembly build, for the board codec's test (tests/unit/test_protocol_micropython.py);
+# installed once into a cache outside the repo, where the test looks for it.
+MP_NPM="${XDG_CACHE_HOME:-$HOME/.cache}/tpfed/npm"
+MP_PKG="@micropython/micropython-webassembly-pyscript"
+MP_VERSION="1.27.0"  # keep in step with MP_VERSION in that test
+if ! grep -qs "\"version\": \"$MP_VERSION\"" "$MP_NPM/node_modules/$MP_PKG/package.json"; then
+  command -v npm >/dev/null || { echo "tools/test.sh: npm (node >= 18) is needed for the MicroPython tests" >&2; exit 1; }
+  npm install --prefix "$MP_NPM" --no-audit --no-fund --loglevel=error "$MP_PKG@$MP_VERSION"
+fi
 ruff check .
 python -m pytest "$@"

@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass
 
 from tpfed import aio
 from tpfed.quantized import Int8Transformer, Q8Model
-from tpfed.session import RunOptions, run
+from tpfed.sampling import Sampler
+from tpfed.session import RunOptions, generate_local, run
 from tpfed.tokenizer import Tokenizer
 
 PROMPT = "Once upon a time"
@@ -34,26 +35,13 @@ class E2EPoint:
 
 def single_process_tps(q8: Q8Model, tok: Tokenizer, steps: int, repeat: int) -> tuple[float, list[int]]:
     """Greedy positions/s of the single-process int8 forward (best of ``repeat``)."""
-    from tpfed.sampling import Sampler
-
     best = 0.0
     tokens: list[int] = []
     for _ in range(repeat):
         model = Int8Transformer(q8)
-        sampler = Sampler(0.0)
-        prompt = tok.encode(PROMPT, bos=True)
-        token, out = prompt[0], list(prompt)
         t0 = time.perf_counter()
-        for pos in range(steps):
-            logits = model.forward(token, pos)
-            token = prompt[pos + 1] if pos + 1 < len(prompt) else sampler.sample(logits)
-            if pos + 1 >= len(prompt):
-                if token == 1:
-                    break
-                out.append(token)
-        n = pos + 1
+        tokens, n = generate_local(model, tok, PROMPT, steps, Sampler(0.0))
         best = max(best, n / (time.perf_counter() - t0))
-        tokens = out
     return best, tokens
 
 

@@ -15,7 +15,7 @@ from tpfed.coordinator import Coordinator, GenerationStats, Link
 from tpfed.errors import PeerError, TpfedError
 from tpfed.fleet import DeviceSpec
 from tpfed.peerspec import PeerSpec, parse_peers
-from tpfed.quantized import Q8Model
+from tpfed.quantized import Int8Transformer, Q8Model
 from tpfed.sampling import Sampler
 from tpfed.tokenizer import Tokenizer
 
@@ -145,6 +145,24 @@ async def generate(coord: Coordinator, tokenizer: Tokenizer, prompt: str, steps:
     return RunResult(text=text, tokens=prompt_tokens + out_tokens, stats=stats)
 
 
+def generate_local(model: Int8Transformer, tokenizer: Tokenizer, prompt: str, steps: int,
+                   sampler: Sampler) -> tuple[list[int], int]:
+    """The same loop as :func:`generate` on the single-process int8 forward (the baseline the
+    distributed runs are compared with): (prompt and generated tokens, positions run)."""
+    prompt_tokens = tokenizer.encode(prompt, bos=True)
+    model.reset()
+    token, out = prompt_tokens[0], list(prompt_tokens)
+    pos = -1
+    for pos in range(steps):
+        logits = model.forward(token, pos)
+        token = prompt_tokens[pos + 1] if pos + 1 < len(prompt_tokens) else sampler.sample(logits)
+        if pos + 1 >= len(prompt_tokens):
+            if token == BOS:
+                break
+            out.append(token)
+    return out, pos + 1
+
+
 async def run(opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = None,
               on_piece: Callable[[bytes], None] | None = None,
               on_status: Callable[[str], None] | None = None) -> RunResult:
@@ -195,4 +213,4 @@ def run_sync(opts: RunOptions, **kw) -> RunResult:
         raise PeerError(f"peer connection failed: {exc}") from exc
 
 
-__all__ = ["RunOptions", "RunResult", "generate", "load_model", "open_links", "run", "run_sync"]
+__all__ = ["RunOptions", "RunResult", "generate", "generate_local", "load_model", "open_links", "run", "run_sync"]

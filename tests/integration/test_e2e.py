@@ -23,7 +23,7 @@ from tpfed.kernels import empty_q8_0
 from tpfed.localpeers import LocalPeers
 from tpfed.quantized import Int8Transformer, Q8Model
 from tpfed.sampling import Sampler
-from tpfed.session import RunOptions, run
+from tpfed.session import RunOptions, generate_local, run
 from tpfed.shard import serialize_layer_share
 from tpfed.tokenizer import Tokenizer
 from tpfed.transport import open_udp_link
@@ -44,17 +44,7 @@ def model(stories260k_dir):
 @pytest.fixture(scope="module")
 def single_device_tokens(model):
     q8, tok = model
-    m, sampler = Int8Transformer(q8), Sampler(0.0)
-    prompt = tok.encode(PROMPT, bos=True)
-    token, out = prompt[0], list(prompt)
-    for pos in range(STEPS):
-        logits = m.forward(token, pos)
-        token = prompt[pos + 1] if pos + 1 < len(prompt) else sampler.sample(logits)
-        if pos + 1 >= len(prompt):
-            if token == 1:
-                break
-            out.append(token)
-    return out
+    return generate_local(Int8Transformer(q8), tok, PROMPT, STEPS, Sampler(0.0))[0]
 
 
 @pytest.fixture(scope="module")

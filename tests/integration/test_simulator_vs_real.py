@@ -24,7 +24,7 @@ from tpfed.tokenizer import Tokenizer
 
 STEPS = 128
 TOLERANCE = 0.25
-ATTEMPTS = 3
+ATTEMPTS = 5
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@
 
 #include <stdint.h>
 
-#include "tpfed_hal.h"
+#include "qemu_board.h"
 
 // UART0 is expansion interrupt 7 + 5 (UARTINTR, combined) of the SSE-200, whose expansion
 // interrupts start at NVIC line 32 (QEMU hw/arm/musca.c make_uart, hw/arm/armsse.c).
@@ -17,23 +17,5 @@
 #define BOARD_RAM_BYTES (512u * 1024u)
 // QSPI flash on the board, which the image boots from (QEMU maps a 32 MiB window).
 #define BOARD_FLASH_BYTES (8u * 1024u * 1024u)
-
-void board_early_init(void);
-void board_init(void);
-void board_reset(void);
-uint32_t board_millis(void);
-uint64_t board_micros(void);
-
-void uart_write(const uint8_t *buf, uint32_t n);
-uint32_t uart_read(uint8_t *buf, uint32_t cap);
-uint32_t uart_available(void);
-// Sleep until an interrupt; returns at once if received bytes are waiting.
-void board_sleep(void);
-
-// The HAL and device description of this board.
-const tpfed_hal *board_hal(void);
-const tpfed_device_info *board_info(void);
-
-void UART0_Handler(void);
 
 #endif

@@ -8,21 +8,9 @@
 #include <string.h>
 
 #include "tpfed_kernels.h"
+#include "tpfed_bits.h"
 #include "tpfed_math.h"
 
-static uint32_t f32_bits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static float bits_f32(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 // Exact: every binary16 value (subnormals, infinities, NaN payloads included) is a binary32 value.
 float fp16_to_f32(uint16_t h)

@@ -7,21 +7,9 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "tpfed_bits.h"
 #include "tpfed_math.h"
 
-static uint32_t f32_bits(float f)
-{
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-static float bits_f32(uint32_t u)
-{
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 
 #define QNAN_BITS 0x7fc00000u
 #define QUIET_BIT 0x00400000u
