@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: installs what the tests need (Debian's ARM
-# cross compiler and QEMU for the emulated boards, the Python test dependencies, PlatformIO's
-# offline pieces), checks generated files and lint, then runs pytest. Extra arguments go to
+# cross compiler and QEMU for the emulated boards, node for MicroPython's WebAssembly build, the
+# Python test dependencies, PlatformIO's offline pieces), checks generated files and lint, then
+# runs pytest. Extra arguments go to
 # pytest (e.g. `tools/test.sh -m "not hil"` or `tools/test.sh --board-port /dev/ttyUSB0`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ need_apt=()
 command -v arm-none-eabi-gcc >/dev/null || need_apt+=(gcc-arm-none-eabi)
 [ -e /usr/lib/arm-none-eabi/newlib/libc.a ] || need_apt+=(libnewlib-arm-none-eabi)
 command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
+command -v npm >/dev/null || need_apt+=(nodejs npm)  # MicroPython's WebAssembly build runs on node
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
@@ -27,7 +29,6 @@ MP_NPM="${XDG_CACHE_HOME:-$HOME/.cache}/tpfed/npm"
 MP_PKG="@micropython/micropython-webassembly-pyscript"
 MP_VERSION="1.27.0"  # keep in step with MP_VERSION in that test
 if ! grep -qs "\"version\": \"$MP_VERSION\"" "$MP_NPM/node_modules/$MP_PKG/package.json"; then
-  command -v npm >/dev/null || { echo "tools/test.sh: npm (node >= 18) is needed for the MicroPython tests" >&2; exit 1; }
   npm install --prefix "$MP_NPM" --no-audit --no-fund --loglevel=error "$MP_PKG@$MP_VERSION"
 fi
 ruff check .
