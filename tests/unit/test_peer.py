@@ -123,3 +123,48 @@ def test_assign_whose_frames_do_not_fit_is_refused():
     err = decode_frame(reply)
     assert err.type == MsgType.ERROR and err.payload["code"] == ErrorCode.UNSUPPORTED
     assert "needs frames of" in err.payload["text"]
+
+
+def full_peer(q8, session=5) -> DesktopPeer:
+    """A peer holding KV groups 0 and 2 and two MLP ranges of every layer."""
+    c = q8.config
+    peer = DesktopPeer(Capabilities("p", int8_macs=1, ram_bytes=1 << 30, arena_bytes=1 << 30))
+    peer.handle(encode_frame(Frame(MsgType.HELLO, HELLO, dst=3)))
+    ranges = ((32, 64), (160, 172))
+    assign = {"dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
+              "n_kv_heads": c.n_kv_heads, "seq_len": 32, "norm_eps": c.norm_eps,
+              "rope_theta": c.rope_theta,
+              "entries": [{"layer": li, "kv_groups": [0, 2],
+                           "mlp_ranges": [{"start": a, "end": b} for a, b in ranges]}
+                          for li in range(c.n_layers)]}
+    peer.handle(encode_frame(Frame(MsgType.ASSIGN, assign, dst=3, session=session)))
+    for li in range(c.n_layers):
+        blob = serialize_layer_share(q8, li, (0, 2), ranges)
+        peer.handle(encode_frame(Frame(MsgType.WEIGHTS, {
+            "shard_id": li, "offset": 0, "total": len(blob), "sha256": hashlib.sha256(blob).digest(),
+            "data": blob}, dst=3, session=session)))
+    assert peer.ready
+    return peer
+
+
+def test_c_answer_path_gives_the_python_path_bytes(q8):
+    """The one-call C path (tpfed_units_answer.h) and the general Python path produce the same
+    PARTIAL frames, KV cache state included, for every layer and stage over a sequence."""
+    fast, slow = full_peer(q8), full_peer(q8)
+    assert fast._answer is not None
+    rng = np.random.default_rng(3)
+    for pos in range(12):
+        for layer in range(q8.config.n_layers):
+            for stage in (0, 1):
+                x = quantize_q8_0(rng.standard_normal(q8.config.dim, dtype=np.float32))
+                frame = encode_activation(layer, stage, pos, x.qs, x.d, dst=3, seq=pos, session=5)
+                (a,) = fast.handle(frame)
+                (b,) = slow._on_activation(frame)
+                assert a == b
+    np.testing.assert_array_equal(fast.shards.layers[4][0].key_cache, slow.shards.layers[4][0].key_cache)
+    # what the C path declines, the general path answers with its error
+    x = quantize_q8_0(np.ones(q8.config.dim, np.float32))
+    (err,) = fast.handle(encode_activation(0, 0, 40, x.qs, x.d, dst=3, session=5))  # pos >= seq_len
+    assert decode_frame(err).type == MsgType.ERROR
+    (err,) = fast.handle(encode_activation(0, 0, 1, x.qs, x.d, dst=3, session=4))
+    assert decode_frame(err).payload["code"] == ErrorCode.BAD_SESSION
