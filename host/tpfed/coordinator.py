@@ -420,14 +420,29 @@ class Coordinator(PeerLinks, Int8Transformer):
         seq = self._next_seq()
         frame = encode_activation(layer, int(stage), pos, x.qs, x.d, dst=BROADCAST, seq=seq,
                                   session=self.session)
-        for p in owners:
-            await self._send(p, frame)
-        # Answers are awaited one after the other (they all travel at once) and summed in plan
-        # order, so the sum does not depend on which peer answered first.
+        n = len(owners)
+        got: list[tuple[np.ndarray, int] | None] = [None] * n
+        done = asyncio.get_running_loop().create_future()
+        for i, p in enumerate(owners):
+            p.link.on_frame = self._collector(i, got, done, layer, stage, pos)
+        try:
+            for p in owners:
+                await self._send(p, frame)
+            try:
+                async with asyncio.timeout(self.deadline_s / 4):
+                    await done
+            except TimeoutError:
+                pass
+        finally:
+            for p in owners:
+                p.link.on_frame = None
+        # Whoever did not answer in time (or answered with an ERROR) goes through the general
+        # path: the activation is sent again, errors are reported, the deadline applies.
         out = self._sum
         received = 0
         for i, p in enumerate(owners):
-            part, size = await self._gather(p, layer, stage, pos, frame)
+            part, size = got[i] or await self._gather(p, layer, stage, pos, frame)
+            # summed in plan order, so the sum does not depend on who answered first
             if i == 0:
                 out[:] = part
             else:
@@ -437,6 +452,34 @@ class Coordinator(PeerLinks, Int8Transformer):
         self.stats.wire_bytes += n * len(frame) + received
         self.stats.min_wire_bytes += n * min_stage_bytes(self.config.dim)
         return out
+
+    def _collector(self, i: int, got: list, done: asyncio.Future, layer: int, stage: Stage,
+                   pos: int) -> Callable[[bytes], bool]:
+        """A link hook that takes this stage's PARTIAL from owner ``i`` as it arrives (no queue
+        or task switch per frame) and completes ``done`` when every owner has answered or one
+        sent an ERROR (queued for the general path, which reports it)."""
+        session = self.session
+
+        def hook(data: bytes) -> bool:
+            kind = data[2] if len(data) > 2 else -1
+            if kind != MsgType.PARTIAL:
+                if kind == MsgType.ERROR and not done.done():
+                    done.set_result(None)
+                return False
+            try:
+                p = decode_partial(data)
+            except ProtocolError:
+                return True  # malformed: dropped (the link counted the bytes)
+            if (p.layer, p.stage, p.pos, p.session) != (layer, stage, pos, session):
+                return True  # a stale answer to an earlier, resent activation
+            if got[i] is None:
+                values = p.values if p.encoding == PartialEncoding.F32 else p.to_f32()
+                got[i] = (values, len(data))
+                if all(g is not None for g in got) and not done.done():
+                    done.set_result(None)
+            return True
+
+        return hook
 
     async def _gather(self, peer: PeerConn, layer: int, stage: Stage, pos: int,
                       frame: bytes) -> tuple[np.ndarray, int]:

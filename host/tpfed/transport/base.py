@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -91,6 +92,10 @@ class Link(ABC):
     closed (frames already received are still delivered first). One receiver at a time."""
 
     name: str = "link"
+    # When set, every received frame is offered to this callback first, as it arrives (no
+    # queue, no task switch); it returns True when it took the frame, False to queue it for
+    # ``recv``. The coordinator gathers a stage's partials this way.
+    on_frame: Callable[[bytes], bool] | None = None
 
     @abstractmethod
     async def send(self, frame: bytes) -> None: ...

@@ -88,7 +88,9 @@ class SerialLink(Link):
         dropped = self.framer.stats.dropped
         for frame in self.framer.feed(data):
             self._stats.frames_received += 1
-            self._queue.put(frame)
+            hook = self.on_frame
+            if hook is None or not hook(frame):
+                self._queue.put(frame)
         self._stats.dropped += self.framer.stats.dropped - dropped
 
     async def send(self, frame: bytes) -> None:

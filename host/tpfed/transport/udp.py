@@ -174,7 +174,9 @@ class UdpLink(Link):
     def _deliver(self, frame: bytes) -> None:
         self._stats.frames_received += 1
         self._stats.bytes_received += len(frame)
-        self._queue.put(frame)
+        hook = self.on_frame
+        if hook is None or not hook(frame):
+            self._queue.put(frame)
 
     async def send(self, frame: bytes) -> None:
         self.endpoint.send_nowait(frame, self.addr)
