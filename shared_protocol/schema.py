@@ -27,8 +27,13 @@ except where the last field is ``GreedyBytes`` (it takes the rest of the payload
 Datagram fragments (only when a frame does not fit the link MTU) start with their own header
 (``FragmentHeader``, magic 0xA8); a frame that fits is sent as one datagram, unchanged.
 
+Weight shards pushed in WEIGHTS chunks are layer shares (``LayerShareHeader``, magic ``b"TPLS"``)
+followed by their tables and Q8_0 matrices; that section layout is documented in
+``host/tpfed/shard.py``. The header is defined here so that host and firmware share it.
+
 Conventions the C generator relies on: every field is a named construct from the small set
-used below (fixed-width integers and floats, ``Bytes(int)``, ``GreedyBytes``, a u8-prefixed
+used below (fixed-width integers and floats, ``Bytes(int)``, ``Const(bytes)`` (checked on decode,
+written on encode, no C member), ``GreedyBytes``, a u8-prefixed
 UTF-8 ``PascalString``, ``Rebuild`` count fields, ``Array`` whose count is a ``this``
 expression, ``Switch`` on an earlier field, nested ``Struct``); the text after ``*`` is the
 field's documentation and ends up in the C header.
@@ -41,6 +46,7 @@ from enum import IntEnum, IntFlag
 from construct import (
     Array,
     Bytes,
+    Const,
     Error,
     Float32l,
     GreedyBytes,
@@ -251,6 +257,31 @@ C_CONSTANTS["FRAGMENT_HEADER_SIZE"] = FRAGMENT_HEADER_SIZE
 C_CONSTANTS["FRAME_OVERHEAD"] = HEADER_SIZE + CRC_SIZE
 
 # ---------------------------------------------------------------------------------------------
+# Layer share (the content of a weight shard, not a frame payload)
+
+SHARE_MAGIC = b"TPLS"
+SHARE_VERSION = 1
+
+LayerShareHeader = Struct(
+    "magic" / Const(SHARE_MAGIC) * '"TPLS"',
+    "version" / Int16ul * "layer-share format version (SHARE_VERSION)",
+    "header_size" / Int16ul * "bytes of this header (SHARE_HEADER_SIZE)",
+    "layer" / Int32ul * "layer index",
+    "dim" / Int32ul,
+    "hidden_dim" / Int32ul,
+    "head_size" / Int16ul,
+    "group_size" / Int16ul * "query heads per KV group",
+    "n_groups" / Int16ul * "KV groups in this share",
+    "n_ranges" / Int16ul * "MLP column ranges in this share",
+    "n_kv_heads" / Int16ul * "of the model (group indices are below it)",
+    "reserved" / Int16ul * "sent as 0",
+    "total" / Int64ul * "share size in bytes, header included",
+)
+SHARE_HEADER_SIZE = LayerShareHeader.sizeof()
+C_CONSTANTS["SHARE_VERSION"] = SHARE_VERSION
+C_CONSTANTS["SHARE_HEADER_SIZE"] = SHARE_HEADER_SIZE
+
+# ---------------------------------------------------------------------------------------------
 # Payloads
 
 
@@ -411,4 +442,7 @@ PAYLOADS: dict[MsgType, Struct] = {
 }
 
 # Extra structs the C generator emits with a codec of their own (not frame payloads).
-C_EXTRA_STRUCTS: dict[str, Struct] = {"fragment_header": FragmentHeader}
+C_EXTRA_STRUCTS: dict[str, Struct] = {
+    "fragment_header": FragmentHeader,
+    "share_header": LayerShareHeader,
+}

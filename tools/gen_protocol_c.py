@@ -11,6 +11,7 @@ tpfed_rd_*):
 
     Int8ul..Int64ul, Int8sl, Int16sl, Float32l   scalar member
     Bytes(N)                                      const uint8_t *name          (N bytes)
+    Const(b"...")                                 no member: checked on decode (TPFED_E_BAD_MAGIC), written on encode
     PascalString(Int8ul, "utf8")                  const uint8_t *name; uint8_t name_len  (UTF-8 checked)
     GreedyBytes (last field)                      const uint8_t *name; uint16_t name_len
     Array(expr, scalar)                           const uint8_t *name (int8: const int8_t *), expr elements
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from construct import (  # noqa: E402
     Array,
     Bytes,
+    Const,
     FormatField,
     GreedyBytes,
     Prefixed,
@@ -70,11 +72,12 @@ OPS = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.floordi
 @dataclass
 class CField:
     name: str
-    kind: str  # scalar bytes string greedy array switch
+    kind: str  # scalar bytes const string greedy array switch
     docs: str = ""
     ctype: str = ""  # scalar
     acc: str = ""  # scalar accessor suffix
-    size: int = 0  # scalar / bytes / array element size
+    size: int = 0  # scalar / bytes / const / array element size
+    value: bytes = b""  # const
     count: str = ""  # array: C expression of the element count
     count_doc: str = ""
     item: CStruct | None = None  # array of structs
@@ -93,7 +96,7 @@ class CStruct:
     def fixed_size(self) -> int | None:
         total = 0
         for f in self.fields:
-            if f.kind == "scalar" or f.kind == "bytes":
+            if f.kind in ("scalar", "bytes", "const"):
                 total += f.size
             else:
                 return None
@@ -119,6 +122,15 @@ def c_expr(e, doc: bool = False) -> str:
             raise TypeError(f"operator {e.op} not supported in count expressions")
         return f"({c_expr(e.lhs, doc)} {OPS[e.op]} {c_expr(e.rhs, doc)})"
     raise TypeError(f"unsupported count expression {e!r}")
+
+
+def c_string(b: bytes) -> str:
+    """A C string literal of exactly these bytes (octal escapes never swallow a next digit)."""
+    out = []
+    for c in b:
+        ch = chr(c)
+        out.append(ch if 0x20 <= c < 0x7F and ch not in '"\\?' else f"\\{c:03o}")
+    return '"' + "".join(out) + '"'
 
 
 class Model:
@@ -150,6 +162,10 @@ class Model:
             return CField(name, "scalar", docs, ctype, acc, size)
         if isinstance(con, Bytes) and isinstance(con.length, int):
             return CField(name, "bytes", docs, size=con.length)
+        if isinstance(con, Const):
+            if not isinstance(con.value, bytes) or not con.value:
+                raise TypeError(f"{owner}.{name}: only non-empty bytes constants are supported")
+            return CField(name, "const", docs, size=len(con.value), value=con.value)
         if con is GreedyBytes:
             if not last:
                 raise TypeError(f"{owner}.{name}: GreedyBytes must be the last field")
@@ -227,6 +243,8 @@ def members(s: CStruct) -> list[str]:
     out = []
     for f in s.fields:
         doc = f" // {f.docs}" if f.docs else ""
+        if f.kind == "const":
+            continue
         if f.kind == "scalar":
             out.append(f"    {f.ctype} {f.name};{doc}")
         elif f.kind == "bytes":
@@ -263,6 +281,8 @@ def layout_comment(s: CStruct) -> list[str]:
             desc = f"{f.ctype}"
         elif f.kind == "bytes":
             desc = f"{f.size} bytes"
+        elif f.kind == "const":
+            desc = f"{f.size} bytes {c_string(f.value)} (checked, no member)"
         elif f.kind == "string":
             desc = "u8 length, then that many UTF-8 bytes"
         elif f.kind == "greedy":
@@ -274,7 +294,7 @@ def layout_comment(s: CStruct) -> list[str]:
         else:
             desc = "; ".join(f"{f.key}={v}: {d}" for v, _, d in f.cases)
         lines.append(f"//   {where}  {f.name:<15} {desc}")
-        if off is not None and f.kind in ("scalar", "bytes"):
+        if off is not None and f.kind in ("scalar", "bytes", "const"):
             off += f.size
         else:
             off = None
@@ -421,6 +441,10 @@ def decode_body(s: CStruct) -> list[str]:
             L.append(f"    if (len - off < {f.size}u) return TPFED_E_BAD_PAYLOAD;")
             L.append(f"    t.{n} = p + off;")
             L.append(f"    off += {f.size}u;")
+        elif f.kind == "const":
+            L.append(f"    if (len - off < {f.size}u) return TPFED_E_BAD_PAYLOAD;")
+            L.append(f"    if (memcmp(p + off, {c_string(f.value)}, {f.size}u) != 0) return TPFED_E_BAD_MAGIC;")
+            L.append(f"    off += {f.size}u;")
         elif f.kind == "string":
             L.append("    if (len - off < 1u) return TPFED_E_BAD_PAYLOAD;")
             L.append(f"    t.{n}_len = p[off];")
@@ -487,6 +511,11 @@ def encode_body(s: CStruct) -> list[str]:
         if f.kind == "scalar":
             L.append(f"    if (cap - off < {f.size}u) return TPFED_E_NO_SPACE;")
             L.append(f"    tpfed_wr_{f.acc}(p + off, t.{n});")
+            L.append(f"    off += {f.size}u;")
+            continue
+        if f.kind == "const":
+            L.append(f"    if (cap - off < {f.size}u) return TPFED_E_NO_SPACE;")
+            L.append(f"    memcpy(p + off, {c_string(f.value)}, {f.size}u);")
             L.append(f"    off += {f.size}u;")
             continue
         if f.kind == "bytes":

@@ -18,7 +18,11 @@ Every unit returns a partial vector of length ``dim``; the sum of all units' par
 single-device int8 result up to float summation order, whatever the split.
 
 Wire format of one device's share of one layer (``serialize_layer_share``), little-endian,
-every section starting 4-byte aligned, padding bytes zero:
+every section starting 4-byte aligned, padding bytes zero. The 40-byte header is
+``LayerShareHeader`` in ``shared_protocol/schema.py`` (constants ``SHARE_MAGIC``,
+``SHARE_VERSION``, ``SHARE_HEADER_SIZE``), from which ``HEADER`` below is derived and the C
+``tpfed_share_header_t`` codec in ``tpfed_proto.h`` is generated; change it there. The
+sections after the header are defined here (firmware/lib/tpfed/src/peer.c implements them too):
 
 =======  ==========  ==========================================================================
 offset   type        field
@@ -55,6 +59,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from construct import Const, Struct
 
 from tpfed._native import ffi, lib
 from tpfed.config import ModelConfig
@@ -64,11 +69,31 @@ from tpfed.kernels import (
     Q8Tensor,
     n_blocks,
 )
+from tpfed.protocol.layout import all_fixed, fixed_prefix, joined, unwrap
+from tpfed.protocol.schema import SHARE_HEADER_SIZE, SHARE_MAGIC, SHARE_VERSION, LayerShareHeader
 
-MAGIC = b"TPLS"
-VERSION = 1
-HEADER = struct.Struct("<4sHHIIIHHHHHHQ")
-assert HEADER.size == 40
+MAGIC = SHARE_MAGIC
+VERSION = SHARE_VERSION
+
+
+def _header_struct() -> tuple[struct.Struct, tuple[str, ...]]:
+    """``LayerShareHeader`` as a struct.Struct (its bytes magic as ``4s``) and its field names."""
+    first, *rest = LayerShareHeader.subcons
+    magic, name, _ = unwrap(first)
+    body = Struct(*rest)
+    if name != "magic" or not isinstance(magic, Const) or not isinstance(magic.value, bytes):
+        raise TypeError("LayerShareHeader must start with a bytes Const named magic")
+    if not all_fixed(body):
+        raise TypeError("LayerShareHeader fields after the magic must be fixed-width scalars")
+    fmt, names = fixed_prefix(body)
+    return joined(f"{len(magic.value)}s", fmt), ("magic", *names)
+
+
+HEADER, _HEADER_FIELDS = _header_struct()
+# serialize_layer_share / parse_layer_share pack and unpack the header in this order.
+assert _HEADER_FIELDS == ("magic", "version", "header_size", "layer", "dim", "hidden_dim", "head_size",
+                          "group_size", "n_groups", "n_ranges", "n_kv_heads", "reserved", "total")
+assert HEADER.size == SHARE_HEADER_SIZE
 
 Range = tuple[int, int]
 

@@ -244,3 +244,70 @@ def test_random_header_corruption_never_crashes(q8, data):
     group_table = range(HEADER.size, HEADER.size + 4)
     assert off in layer_field or off in group_table, f"byte {off} changed to {val} went unnoticed"
     assert (share.layer, share.groups) != (2, (1, 3))
+
+
+def _c_share_header(blob: bytes):
+    """(status, decoded header, bytes used) of the generated C decoder (what peer.c runs)."""
+    from tpfed._native import ffi, lib
+
+    m = ffi.new("tpfed_share_header_t *")
+    used = ffi.new("size_t *")
+    return lib.tpfed_share_header_decode(ffi.from_buffer(blob), len(blob), m, used), m, used[0]
+
+
+@pytest.mark.parametrize(("groups", "ranges"), SPLITS)
+def test_c_share_header_decoder_agrees_with_shard_py(q8, groups, ranges):
+    from tpfed._native import lib
+
+    c = q8.config
+    blob = serialize_layer_share(q8, 3, groups, ranges)
+    share = parse_layer_share(blob, c)
+    rc, h, used = _c_share_header(blob)
+    assert rc == lib.TPFED_OK and used == HEADER.size == lib.TPFED_SHARE_HEADER_SIZE
+    assert (h.version, h.header_size) == (lib.TPFED_SHARE_VERSION, lib.TPFED_SHARE_HEADER_SIZE)
+    assert (h.layer, h.n_groups, h.n_ranges, h.total) == (
+        share.layer, len(share.groups), len(share.ranges), len(blob))
+    assert (h.dim, h.hidden_dim, h.head_size, h.group_size, h.n_kv_heads, h.reserved) == (
+        c.dim, c.hidden_dim, c.head_size, c.group_size, c.n_kv_heads, 0)
+    # the tables start right after the header on both sides
+    assert struct.unpack_from(f"<{len(groups)}H", blob, h.header_size) == share.groups
+
+
+def test_corrupted_share_header_is_refused_by_c_and_python(q8):
+    """Each header field corrupted: shard.py refuses it, and the C decoder either refuses it or
+    hands peer.c a field that differs from what it checks against (the constant or ASSIGN)."""
+    from tpfed._native import lib
+
+    c = q8.config
+    blob = serialize_layer_share(q8, 1, (0, 2), ((32, 64),))
+    expect = {"version": lib.TPFED_SHARE_VERSION, "header_size": lib.TPFED_SHARE_HEADER_SIZE,
+              "layer": 1, "dim": c.dim, "hidden_dim": c.hidden_dim, "head_size": c.head_size,
+              "group_size": c.group_size, "n_groups": 2, "n_ranges": 1,
+              "n_kv_heads": c.n_kv_heads, "reserved": 0, "total": len(blob)}
+    rc, h, _ = _c_share_header(blob)
+    assert rc == lib.TPFED_OK and {k: getattr(h, k) for k in expect} == expect
+    for i in range(4):
+        bad = bytearray(blob)
+        bad[i] ^= 0x01
+        with pytest.raises(ShardError, match="not a layer share"):
+            parse_layer_share(bytes(bad), c)
+        assert _c_share_header(bytes(bad))[0] == lib.TPFED_E_BAD_MAGIC
+    for cut in range(HEADER.size):
+        with pytest.raises(ShardError, match="truncated"):
+            parse_layer_share(blob[:cut], c)
+        assert _c_share_header(blob[:cut])[0] == lib.TPFED_E_BAD_PAYLOAD
+    # every other byte of the header: one bit flipped lands in exactly one field, which both
+    # sides see changed (shard.py refuses all but an in-range layer index, which is legal in
+    # isolation and caught against ASSIGN by peer.c and by the caller of parse_layer_share)
+    for off in range(4, HEADER.size):
+        bad = bytearray(blob)
+        bad[off] ^= 0x02
+        rc, h, _ = _c_share_header(bytes(bad))
+        assert rc == lib.TPFED_OK
+        changed = {k for k, v in expect.items() if getattr(h, k) != v}
+        assert len(changed) == 1, (off, changed)
+        if changed == {"layer"} and h.layer < c.n_layers:
+            assert parse_layer_share(bytes(bad), c).layer == h.layer != 1
+        else:
+            with pytest.raises(ShardError):
+                parse_layer_share(bytes(bad), c)

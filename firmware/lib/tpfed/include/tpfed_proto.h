@@ -29,6 +29,8 @@
 #define TPFED_HEADER_SIZE 12
 #define TPFED_FRAGMENT_HEADER_SIZE 5
 #define TPFED_FRAME_OVERHEAD 16
+#define TPFED_SHARE_VERSION 1
+#define TPFED_SHARE_HEADER_SIZE 40
 
 // Return codes of the generated C codec (tpfed_status_t); 0 is success.
 typedef enum {
@@ -173,6 +175,37 @@ typedef struct {
 } tpfed_fragment_header_t;
 int tpfed_fragment_header_decode(const uint8_t *p, size_t len, tpfed_fragment_header_t *m, size_t *used);
 int tpfed_fragment_header_encode(uint8_t *p, size_t cap, const tpfed_fragment_header_t *m, size_t *out_len);
+
+// tpfed_share_header_t wire layout (little-endian):
+//     0  magic           4 bytes "TPLS" (checked, no member)
+//     4  version         uint16_t
+//     6  header_size     uint16_t
+//     8  layer           uint32_t
+//    12  dim             uint32_t
+//    16  hidden_dim      uint32_t
+//    20  head_size       uint16_t
+//    22  group_size      uint16_t
+//    24  n_groups        uint16_t
+//    26  n_ranges        uint16_t
+//    28  n_kv_heads      uint16_t
+//    30  reserved        uint16_t
+//    32  total           uint64_t
+typedef struct {
+    uint16_t version; // layer-share format version (SHARE_VERSION)
+    uint16_t header_size; // bytes of this header (SHARE_HEADER_SIZE)
+    uint32_t layer; // layer index
+    uint32_t dim;
+    uint32_t hidden_dim;
+    uint16_t head_size;
+    uint16_t group_size; // query heads per KV group
+    uint16_t n_groups; // KV groups in this share
+    uint16_t n_ranges; // MLP column ranges in this share
+    uint16_t n_kv_heads; // of the model (group indices are below it)
+    uint16_t reserved; // sent as 0
+    uint64_t total; // share size in bytes, header included
+} tpfed_share_header_t;
+int tpfed_share_header_decode(const uint8_t *p, size_t len, tpfed_share_header_t *m, size_t *used);
+int tpfed_share_header_encode(uint8_t *p, size_t cap, const tpfed_share_header_t *m, size_t *out_len);
 
 // tpfed_hello_t wire layout (little-endian):
 //     0  device_class    uint8_t

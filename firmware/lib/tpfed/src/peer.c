@@ -11,8 +11,6 @@
 
 #define MAX_GROUPS 32
 #define MAX_RANGES 8
-#define SHARD_HEADER 40
-#define SHARD_VERSION 1
 
 struct tpfed_peer_layer {
     uint16_t layer;
@@ -31,6 +29,8 @@ struct tpfed_peer_layer {
     tpfed_mlp_unit *mlp_units;          // (nr) views into shard, set once it is complete
 };
 
+// A shard is a layer share: tpfed_share_header_t (generated from shared_protocol/schema.py), the
+// group table padded to 4, the ranges, then the Q8_0 matrices (layout: host/tpfed/shard.py).
 static uint32_t pad4(uint32_t n) { return (n + 3u) & ~3u; }
 static uint32_t nblocks(uint32_t n) { return (n + TPFED_Q8_BLOCK - 1u) / TPFED_Q8_BLOCK; }
 // Bytes of one Q8_0 matrix in a shard: int8 values, then fp16 scales, each padded to 4.
@@ -262,7 +262,7 @@ static const uint8_t *read_entry(const uint8_t *q, entry_view *e) {
 
 static uint32_t shard_bytes(const tpfed_peer *p, const entry_view *e) {
     uint32_t gq = (uint32_t)p->group_size * p->head_size, hs = p->head_size, dim = p->dim;
-    uint32_t n = SHARD_HEADER + pad4(2u * e->ng) + 8u * e->nr;
+    uint32_t n = TPFED_SHARE_HEADER_SIZE + pad4(2u * e->ng) + 8u * e->nr;
     n += e->ng * (q8_bytes(gq, dim) + 2u * q8_bytes(hs, dim) + q8_bytes(dim, gq));
     for (int r = 0; r < e->nr; r++) {
         uint32_t w = tpfed_rd_u32(e->ranges + 8 * r + 4) - tpfed_rd_u32(e->ranges + 8 * r);
@@ -456,28 +456,30 @@ static int check_matrix(const uint8_t *s, uint32_t *off, uint32_t rows, uint32_t
 static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg, size_t cap) {
     const uint8_t *s = L->shard;
     uint32_t gq = (uint32_t)p->group_size * p->head_size;
-    if (memcmp(s, "TPLS", 4) != 0) {
-        snprintf(msg, cap, "shard of layer %u: not a layer share (bad magic)", (unsigned)L->layer);
+    tpfed_share_header_t h;
+    size_t used;
+    int rc = tpfed_share_header_decode(s, L->shard_size, &h, &used);
+    if (rc != TPFED_OK) {
+        snprintf(msg, cap, "shard of layer %u: not a layer share (%s)", (unsigned)L->layer,
+                 tpfed_status_str(rc));
         return 1;
     }
-    if (tpfed_rd_u16(s + 4) != SHARD_VERSION || tpfed_rd_u16(s + 6) != SHARD_HEADER) {
+    if (h.version != TPFED_SHARE_VERSION || h.header_size != TPFED_SHARE_HEADER_SIZE) {
         snprintf(msg, cap, "shard of layer %u: layer share version %u (header %u bytes) unsupported",
-                 (unsigned)L->layer, (unsigned)tpfed_rd_u16(s + 4), (unsigned)tpfed_rd_u16(s + 6));
+                 (unsigned)L->layer, (unsigned)h.version, (unsigned)h.header_size);
         return 1;
     }
-    if (tpfed_rd_u64(s + 32) != L->shard_size) {
+    if (h.total != L->shard_size) {
         snprintf(msg, cap, "shard of layer %u: layer share size mismatch", (unsigned)L->layer);
         return 1;
     }
-    if (tpfed_rd_u32(s + 12) != p->dim || tpfed_rd_u32(s + 16) != p->hidden_dim ||
-        tpfed_rd_u16(s + 20) != p->head_size || tpfed_rd_u16(s + 22) != p->group_size ||
-        tpfed_rd_u16(s + 28) != p->n_kv_heads || tpfed_rd_u16(s + 30) != 0) {
+    if (h.dim != p->dim || h.hidden_dim != p->hidden_dim || h.head_size != p->head_size ||
+        h.group_size != p->group_size || h.n_kv_heads != p->n_kv_heads || h.reserved != 0) {
         snprintf(msg, cap, "shard of layer %u: layer share is for another model", (unsigned)L->layer);
         return 1;
     }
-    int same = tpfed_rd_u32(s + 8) == L->layer && tpfed_rd_u16(s + 24) == L->ng &&
-               tpfed_rd_u16(s + 26) == L->nr;
-    uint32_t off = SHARD_HEADER;
+    int same = h.layer == L->layer && h.n_groups == L->ng && h.n_ranges == L->nr;
+    uint32_t off = TPFED_SHARE_HEADER_SIZE;
     for (int i = 0; same && i < L->ng; i++) same = tpfed_rd_u16(s + off + 2 * i) == L->groups[i];
     for (uint32_t i = off + 2u * L->ng; same && i < off + pad4(2u * L->ng); i++) same = s[i] == 0;
     off += pad4(2u * L->ng);
@@ -514,7 +516,7 @@ static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg
 // Point the layer's compute units at the matrices of its (complete, checked) shard.
 static void build_units(const tpfed_peer *p, tpfed_peer_layer *L) {
     uint32_t dim = p->dim, hs = p->head_size, gq = (uint32_t)p->group_size * hs;
-    uint32_t off = SHARD_HEADER + pad4(2u * L->ng) + 8u * L->nr;
+    uint32_t off = TPFED_SHARE_HEADER_SIZE + pad4(2u * L->ng) + 8u * L->nr;
     for (int i = 0; i < L->ng; i++) {
         tpfed_attention_unit *u = &L->att_units[i];
         u->wq = q8_at(L->shard, &off, gq, dim);

@@ -123,6 +123,106 @@ int tpfed_fragment_header_encode(uint8_t *p, size_t cap, const tpfed_fragment_he
     return TPFED_OK;
 }
 
+int tpfed_share_header_decode(const uint8_t *p, size_t len, tpfed_share_header_t *m, size_t *used) {
+    if (!m || !used || (!p && len)) return TPFED_E_BAD_ARG;
+    tpfed_share_header_t t;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    memset(&t, 0, sizeof t);
+    if (len - off < 4u) return TPFED_E_BAD_PAYLOAD;
+    if (memcmp(p + off, "TPLS", 4u) != 0) return TPFED_E_BAD_MAGIC;
+    off += 4u;
+    if (len - off < 2u) return TPFED_E_BAD_PAYLOAD;
+    t.version = tpfed_rd_u16(p + off);
+    off += 2u;
+    if (len - off < 2u) return TPFED_E_BAD_PAYLOAD;
+    t.header_size = tpfed_rd_u16(p + off);
+    off += 2u;
+    if (len - off < 4u) return TPFED_E_BAD_PAYLOAD;
+    t.layer = tpfed_rd_u32(p + off);
+    off += 4u;
+    if (len - off < 4u) return TPFED_E_BAD_PAYLOAD;
+    t.dim = tpfed_rd_u32(p + off);
+    off += 4u;
+    if (len - off < 4u) return TPFED_E_BAD_PAYLOAD;
+    t.hidden_dim = tpfed_rd_u32(p + off);
+    off += 4u;
+    if (len - off < 2u) return TPFED_E_BAD_PAYLOAD;
+    t.head_size = tpfed_rd_u16(p + off);
+    off += 2u;
+    if (len - off < 2u) return TPFED_E_BAD_PAYLOAD;
+    t.group_size = tpfed_rd_u16(p + off);
+    off += 2u;
+    if (len - off < 2u) return TPFED_E_BAD_PAYLOAD;
+    t.n_groups = tpfed_rd_u16(p + off);
+    off += 2u;
+    if (len - off < 2u) return TPFED_E_BAD_PAYLOAD;
+    t.n_ranges = tpfed_rd_u16(p + off);
+    off += 2u;
+    if (len - off < 2u) return TPFED_E_BAD_PAYLOAD;
+    t.n_kv_heads = tpfed_rd_u16(p + off);
+    off += 2u;
+    if (len - off < 2u) return TPFED_E_BAD_PAYLOAD;
+    t.reserved = tpfed_rd_u16(p + off);
+    off += 2u;
+    if (len - off < 8u) return TPFED_E_BAD_PAYLOAD;
+    t.total = tpfed_rd_u64(p + off);
+    off += 8u;
+    *used = off;
+    *m = t;
+    return TPFED_OK;
+}
+
+int tpfed_share_header_encode(uint8_t *p, size_t cap, const tpfed_share_header_t *m, size_t *out_len) {
+    if (!m || !out_len || (!p && cap)) return TPFED_E_BAD_ARG;
+    tpfed_share_header_t t = *m;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    if (cap - off < 4u) return TPFED_E_NO_SPACE;
+    memcpy(p + off, "TPLS", 4u);
+    off += 4u;
+    if (cap - off < 2u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u16(p + off, t.version);
+    off += 2u;
+    if (cap - off < 2u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u16(p + off, t.header_size);
+    off += 2u;
+    if (cap - off < 4u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u32(p + off, t.layer);
+    off += 4u;
+    if (cap - off < 4u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u32(p + off, t.dim);
+    off += 4u;
+    if (cap - off < 4u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u32(p + off, t.hidden_dim);
+    off += 4u;
+    if (cap - off < 2u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u16(p + off, t.head_size);
+    off += 2u;
+    if (cap - off < 2u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u16(p + off, t.group_size);
+    off += 2u;
+    if (cap - off < 2u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u16(p + off, t.n_groups);
+    off += 2u;
+    if (cap - off < 2u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u16(p + off, t.n_ranges);
+    off += 2u;
+    if (cap - off < 2u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u16(p + off, t.n_kv_heads);
+    off += 2u;
+    if (cap - off < 2u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u16(p + off, t.reserved);
+    off += 2u;
+    if (cap - off < 8u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u64(p + off, t.total);
+    off += 8u;
+    *out_len = off;
+    return TPFED_OK;
+}
+
 int tpfed_hello_decode(const uint8_t *p, size_t len, tpfed_hello_t *m) {
     if (!m || (!p && len)) return TPFED_E_BAD_ARG;
     tpfed_hello_t t;
