@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tpfed import kernels
-from tpfed._native import ffi, lib
 from tpfed.config import ModelConfig
-from tpfed.kernels import Q8Tensor, n_blocks
+from tpfed.kernels import Q8Tensor
 from tpfed.protocol.codec import Frame, assemble, check_frame, decode_frame, encode_frame
 from tpfed.protocol.errors import ProtocolError
 from tpfed.protocol.fastpath import (
@@ -154,11 +153,6 @@ class DesktopPeer:
         self.shares: dict[int, LayerShare] = {}
         self.shard_bytes: dict[int, int] = {}
         self._digests: dict[int, bytes] = {}
-        self._answer: object | None = None  # tpfed_answer_ctx once READY (see _build_answer)
-        self._answer_keep: tuple = ()
-        self._reply = bytearray(MAX_FRAME)
-        self._reply_view = memoryview(self._reply)
-        self._reply_ptr = ffi.from_buffer(self._reply)
         self.shards: DeviceShards | None = None
         self._assembly: dict[int, _Assembly] = {}
         self._seq = 0
@@ -199,14 +193,7 @@ class DesktopPeer:
     def _handle(self, data: bytes) -> list[bytes]:
         try:
             if len(data) > 2 and data[2] == MsgType.ACTIVATION:
-                if self._answer is not None:
-                    n = lib.tpfed_answer_activation(self._answer, ffi.from_buffer(data), len(data),
-                                                    self._reply_ptr, len(self._reply))
-                    if n:
-                        self.stats.activations += 1
-                        self.stats.frames_out += 1
-                        return [bytes(self._reply_view[:n])]
-                return self._on_activation(data)  # the general path answers with the precise ERROR
+                return self._on_activation(data)
             if len(data) > 2 and data[2] == MsgType.PROBE:
                 return self._on_probe_fast(data)
             frame = decode_frame(data)
@@ -263,7 +250,6 @@ class DesktopPeer:
         self._digests.clear()
         self._assembly.clear()
         self.shards = None
-        self._answer = None
         return [self._frame(frame.src, MsgType.ACK, {"acked_seq": frame.seq,
                                                       "acked_type": int(MsgType.ASSIGN)})]
 
@@ -315,7 +301,6 @@ class DesktopPeer:
                                                      "acked_type": int(MsgType.WEIGHTS)})]
         if len(self.shares) == len(self.assignment):
             self.shards = DeviceShards(ShareSet(self.config, self.shares.values()), self.assignment)
-            self._build_answer()
             used = self.shards.nbytes()
             out.append(self._frame(frame.src, MsgType.READY, {
                 "shard_bytes": min(sum(self.shard_bytes.values()), 0xFFFFFFFF),
@@ -323,40 +308,6 @@ class DesktopPeer:
                 "arena_free": min(max(self.caps.arena_bytes - used, 0), 0xFFFFFFFF),
             }))
         return out
-
-    def _build_answer(self) -> None:
-        """Point a ``tpfed_answer_ctx`` (tpfed_units_answer.h) at the shards just made ready:
-        from then on a valid ACTIVATION is answered by one C call with the same units, bits and
-        PARTIAL bytes as :meth:`_on_activation`, which stays the path for everything else."""
-        c, shards = self.config, self.shards
-        assert c is not None and shards is not None
-        layers = ffi.new("tpfed_layer_units[]", c.n_layers)
-        widest = 1
-        for layer, (att, mlp) in shards.layers.items():
-            entry = layers[layer]
-            if att is not None:
-                entry.att, entry.n_att = att._units, len(att.groups)
-                entry.key_cache, entry.value_cache = att._pk, att._pv
-                entry.kv_stride = att.key_cache.shape[1]
-            if mlp is not None:
-                entry.mlp, entry.n_mlp = mlp._units, len(mlp.ranges)
-                widest = max(widest, *(b - a for a, b in mlp.ranges))
-        work_bytes = lib.tpfed_answer_work_bytes(c.dim, c.head_size, c.group_size, c.seq_len, widest)
-        work = np.empty((work_bytes + 3) // 4, np.float32)
-        xq, xd = np.empty(c.dim, np.int8), np.empty(n_blocks(c.dim), np.uint16)
-        out = np.empty(c.dim, np.float32)
-        ctx = ffi.new("tpfed_answer_ctx *")
-        ctx.dim, ctx.head_size, ctx.group_size = c.dim, c.head_size, c.group_size
-        ctx.seq_len, ctx.n_layers, ctx.rope_theta = c.seq_len, c.n_layers, c.rope_theta
-        ctx.device_id, ctx.session, ctx.layers = self._src(), self.session, layers
-        ctx.xq_qs = ffi.from_buffer("int8_t[]", xq)
-        ctx.xq_d = ffi.from_buffer("uint16_t[]", xd)
-        ctx.out = ffi.from_buffer("float[]", out)
-        ctx.work = ffi.cast("void *", ffi.from_buffer("float[]", work))
-        ctx.work_bytes = work_bytes
-        # the C side holds raw pointers: keep everything they point into alive
-        self._answer_keep = (layers, work, xq, xd, out, shards)
-        self._answer = ctx
 
     def _on_activation(self, data: bytes) -> list[bytes]:
         a = decode_activation(data)
@@ -412,7 +363,6 @@ class DesktopPeer:
             self.stats.dropped += 1
             return []
         self.shards = None
-        self._answer = None
         self.shares.clear()
         self._assembly.clear()
         self.assignment = {}
