@@ -50,7 +50,7 @@ from construct import (  # noqa: E402
     Switch,
     Terminated,
 )
-from gen_protocol_c import SCALARS  # noqa: E402  (the scalar formats both codecs support)
+from gen_protocol_c import SCALARS, write_outputs  # noqa: E402  (the scalar formats both codecs support)
 
 from shared_protocol import schema  # noqa: E402
 from shared_protocol.layout import unwrap  # noqa: E402
@@ -856,18 +856,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     text = generate()
     compile(text, str(OUT), "exec")
-    if args.check:
-        if not OUT.is_file() or OUT.read_text() != text:
-            print(f"stale: {OUT.relative_to(ROOT)} (run: python tools/gen_mp_codec.py)",
-                  file=sys.stderr)
-            return 1
-        return 0
-    if not OUT.is_file() or OUT.read_text() != text:
-        tmp = OUT.with_suffix(OUT.suffix + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(OUT)
-        print(f"wrote {OUT.relative_to(ROOT)}")
-    return 0
+    return write_outputs({OUT: text}, check=args.check, tool="gen_mp_codec.py")
 
 
 if __name__ == "__main__":

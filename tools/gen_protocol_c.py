@@ -708,16 +708,13 @@ def generate() -> dict[Path, str]:
     return {HEADER_OUT: gen_header(model, by_type), SOURCE_OUT: gen_source(model, by_type)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true",
-                    help="exit 1 if the committed files differ from what would be generated")
-    args = ap.parse_args(argv)
-    outputs = generate()
-    if args.check:
+def write_outputs(outputs: dict[Path, str], *, check: bool, tool: str) -> int:
+    """Write generated files (atomically, only when changed), or with ``check`` name each
+    stale one and return 1. Shared by the generators in tools/."""
+    if check:
         stale = [p for p, text in outputs.items() if not p.is_file() or p.read_text() != text]
         for p in stale:
-            print(f"stale: {p.relative_to(ROOT)} (run: python tools/gen_protocol_c.py)", file=sys.stderr)
+            print(f"stale: {p.relative_to(ROOT)} (run: python tools/{tool})", file=sys.stderr)
         return 1 if stale else 0
     for p, text in outputs.items():
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -727,6 +724,15 @@ def main(argv: list[str] | None = None) -> int:
             tmp.replace(p)
             print(f"wrote {p.relative_to(ROOT)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 if the committed files differ from what would be generated")
+    args = ap.parse_args(argv)
+    outputs = generate()
+    return write_outputs(outputs, check=args.check, tool="gen_protocol_c.py")
 
 
 if __name__ == "__main__":

@@ -204,16 +204,26 @@ class PeerLinks:
     async def _expect(self, peer: PeerConn, want: MsgType, what: str,
                       timeout: float | None = None,
                       match: Callable[[Frame], bool] | None = None) -> Frame:
+        """The next ``want`` frame from ``peer`` that ``match`` accepts; an ERROR frame is
+        raised as :class:`PeerRefused`, silence past the deadline as :class:`PeerTimeout`."""
+        return (await self._expect_timed(peer, want, what, timeout, match))[0]
+
+    async def _expect_timed(self, peer: PeerConn, want: MsgType, what: str,
+                            timeout: float | None = None,
+                            match: Callable[[Frame], bool] | None = None) -> tuple[Frame, float]:
+        """:meth:`_expect`, with the ``perf_counter`` time the link handed the frame over
+        (before it was decoded)."""
         deadline = time.monotonic() + (timeout or self.deadline_s)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise PeerTimeout(f"peer {peer.label} did not answer {what} "
-                                f"within {timeout or self.deadline_s:.1f} s")
+                                  f"within {timeout or self.deadline_s:.1f} s")
             try:
                 data = await self._recv(peer, left)
             except TimeoutError:
                 continue
+            arrived = time.perf_counter()
             try:
                 reply = decode_frame(data)
             except ProtocolError:
@@ -224,7 +234,7 @@ class PeerLinks:
                 raise PeerRefused(f"peer {peer.label} refused {what}: "
                                   f"{name}: {reply.payload['text']}", code)
             if reply.type == want and (match is None or match(reply)):
-                return reply
+                return reply, arrived
 
     async def connect(self) -> list[PeerConn]:
         """HELLO every peer (its device id is given in the HELLO's destination), then measure
@@ -269,27 +279,11 @@ class PeerLinks:
             data = encode_frame(Frame(MsgType.PROBE, {"nonce": nonce, "pad": bytes(pad),
                                                       "t_send_us": time.monotonic_ns() // 1000},
                                       dst=peer.device_id, seq=self._next_seq()))
-            deadline = time.monotonic() + self.deadline_s
             await self._send(peer, data)
             t0 = time.perf_counter()
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PeerTimeout(f"peer {peer.label} did not answer PROBE "
-                                      f"within {self.deadline_s:.1f} s")
-                try:
-                    raw = await self._recv(peer, left)
-                except TimeoutError:
-                    continue
-                t1 = time.perf_counter()
-                try:
-                    reply = decode_frame(raw)
-                except ProtocolError:
-                    continue
-                if reply.type == MsgType.ERROR:
-                    raise PeerError(f"peer {peer.label} refused PROBE: {reply.payload['text']}")
-                if reply.type == MsgType.PROBE_REPLY and reply.payload["nonce"] == nonce:
-                    return t1 - t0
+            _, t1 = await self._expect_timed(peer, MsgType.PROBE_REPLY, "PROBE",
+                                             match=lambda f: f.payload["nonce"] == nonce)
+            return t1 - t0
 
         await once(0)  # the first round trip also warms caches on both sides
         small = sorted([await once(0) for _ in range(rounds)])[rounds // 2]

@@ -190,6 +190,21 @@ def _f32_ptr(a: np.ndarray) -> object:
     return ffi.cast("float *", ffi.from_buffer("float[]", a))
 
 
+def _unit_array(ctype: str, layer: int, units: Sequence[tuple[str, object, dict]]) -> object:
+    """A C array of ``ctype`` units (tpfed_units.h), unit i pointing at the Q8 matrices of
+    ``units[i] = (label, weights, {matrix name: expected shape})``; a wrong shape is a
+    :class:`ShardError` naming the layer and unit."""
+    arr = ffi.new(f"{ctype}[]", len(units))
+    for i, (label, weights, want) in enumerate(units):
+        for name, shape in want.items():
+            t = getattr(weights, name)
+            if t.shape != shape:
+                raise ShardError(f"layer {layer}: {name} of {label} has shape {t.shape}, "
+                                 f"expected {shape}")
+            _c_matrix(getattr(arr[i], name), t)
+    return arr
+
+
 class AttentionShard:
     """One layer's attention for a set of KV groups, with their KV caches.
 
@@ -211,14 +226,8 @@ class AttentionShard:
         hs, gq, ng = c.head_size, c.group_q_dim, len(self.groups)
         self.weights = list(weights)
         want = {"wq": (gq, c.dim), "wk": (hs, c.dim), "wv": (hs, c.dim), "wo": (c.dim, gq)}
-        self._units = ffi.new("tpfed_attention_unit[]", ng)
-        for i, w in enumerate(self.weights):
-            for name, shape in want.items():
-                t = getattr(w, name)
-                if t.shape != shape:
-                    raise ShardError(f"layer {layer}: {name} of KV group {self.groups[i]} has shape "
-                                     f"{t.shape}, expected {shape}")
-                _c_matrix(getattr(self._units[i], name), t)
+        self._units = _unit_array("tpfed_attention_unit", layer,
+                                  [(f"KV group {g}", w, want) for g, w in zip(self.groups, self.weights, strict=True)])
         # KV cache: (seq_len, ng * hs); group i's cache is the strided view [:, i*hs:(i+1)*hs].
         self.key_cache = np.zeros((c.seq_len, ng * hs), np.float32)
         self.value_cache = np.zeros((c.seq_len, ng * hs), np.float32)
@@ -289,16 +298,10 @@ class MlpShard:
         if not self.ranges or len(weights) != len(self.ranges):
             raise ShardError(f"layer {layer}: {len(self.ranges)} MLP ranges but {len(weights)} weight sets")
         self.weights = list(weights)
-        self._units = ffi.new("tpfed_mlp_unit[]", len(self.ranges))
-        for i, ((a, b), w) in enumerate(zip(self.ranges, self.weights, strict=True)):
-            n = b - a
-            want = {"w1": (n, config.dim), "w3": (n, config.dim), "w2": (config.dim, n)}
-            for name, shape in want.items():
-                t = getattr(w, name)
-                if t.shape != shape:
-                    raise ShardError(f"layer {layer}: {name} of range [{a}, {b}) has shape "
-                                     f"{t.shape}, expected {shape}")
-                _c_matrix(getattr(self._units[i], name), t)
+        d = config.dim
+        self._units = _unit_array("tpfed_mlp_unit", layer, [
+            (f"range [{a}, {b})", w, {"w1": (b - a, d), "w3": (b - a, d), "w2": (d, b - a)})
+            for (a, b), w in zip(self.ranges, self.weights, strict=True)])
         widest = max(b - a for a, b in self.ranges)
         nbytes = lib.mlp_units_scratch_bytes(config.dim, widest)
         self._scratch = np.empty((nbytes + 3) // 4, np.float32)
