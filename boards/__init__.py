@@ -1,1 +1,1 @@
-"""Board and device profiles (data). Read them through :mod:`tpfed.profiles`."""
+"""Board and device profiles (data). Read them through :mod:`tpfed.planning.profiles`."""

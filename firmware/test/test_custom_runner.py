@@ -3,7 +3,7 @@
 `pio test -e lm3s6965evb` builds the test firmware (test/<suite>/ + the port + lib/tpfed),
 then this runner boots it in QEMU (or, with `--test-port`, talks to a real board on that
 serial port), sends kernel requests over the UART and checks each answer bit for bit against
-the host's CFFI build of the same C sources (tpfed._native). Each check is one test case.
+the host's CFFI build of the same C sources (tpfed.compute._native). Each check is one test case.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Host:
     """The host's CFFI build of the kernels."""
 
     def __init__(self) -> None:
-        from tpfed._native import ffi, lib
+        from tpfed.compute._native import ffi, lib
 
         self.ffi, self.lib = ffi, lib
 
@@ -91,7 +91,7 @@ class CustomTestRunner(TestRunnerBase):
             return None
         import serial
 
-        from tpfed.emulator import BoardSpec, EmulatedBoard
+        from tpfed.runtime.emulator import BoardSpec, EmulatedBoard
 
         env = self.test_suite.env_name
         port = self.get_test_port()

@@ -29,7 +29,7 @@ class BoardLink:
     """Frames to and from one board over its (emulated) UART."""
 
     ser: object
-    board: object | None = None  # tpfed.emulator.EmulatedBoard when emulated
+    board: object | None = None  # tpfed.runtime.emulator.EmulatedBoard when emulated
     env: str | None = None  # PlatformIO env of the emulated board
     framer: StreamFramer = field(default_factory=StreamFramer)
     pending: list[bytes] = field(default_factory=list)
@@ -90,7 +90,7 @@ EMULATED_ENVS = ("musca-b1", "lm3s6965evb")
 @pytest.fixture(scope="session")
 def firmware_elf_of() -> Callable[[str], Path]:
     """The firmware ELF of an emulated board's PlatformIO env, built once per session."""
-    from tpfed.emulator import EmulatorError, firmware_path
+    from tpfed.runtime.emulator import EmulatorError, firmware_path
 
     built: dict[str, Path] = {}
 
@@ -113,7 +113,7 @@ def firmware_elf(firmware_elf_of) -> Path:
 @contextlib.contextmanager
 def emulated_link(env: str, elf: Path, name: str = "hil") -> Iterator[BoardLink]:
     """A fresh QEMU board of ``env`` running ``elf``, with a framed link to its UART."""
-    from tpfed.emulator import BoardSpec, EmulatedBoard, board_type
+    from tpfed.runtime.emulator import BoardSpec, EmulatedBoard, board_type
 
     spec = BoardSpec(firmware=elf, machine=board_type(env).machine, name=f"{name}-{env}")
     with EmulatedBoard(spec) as emu:
@@ -149,7 +149,7 @@ def musca_board(firmware_elf_of) -> Iterator[BoardLink]:
 
 @pytest.fixture
 def link_to() -> Iterator[Callable[[object], BoardLink]]:
-    """Opens a framed link to a started tpfed.emulator.EmulatedBoard; closed after the test."""
+    """Opens a framed link to a started tpfed.runtime.emulator.EmulatedBoard; closed after the test."""
     opened: list[BoardLink] = []
 
     def open_link(emu) -> BoardLink:

@@ -39,7 +39,7 @@ def _pio(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("env", ["lm3s6965evb", "musca-b1"])
 def test_firmware_builds_with_platformio(env):
-    from tpfed.emulator import board_type
+    from tpfed.runtime.emulator import board_type
 
     proc = _pio("run", "-e", env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -73,7 +73,7 @@ EMULATED_HELLO = {
 
 def test_emulated_boards_boot_and_answer_hello(emulated_board):
     """Each emulated board boots its own firmware and describes itself as its profile says."""
-    from tpfed.emulator import board_type
+    from tpfed.runtime.emulator import board_type
 
     reply = emulated_board.hello(device_id=4)
     assert reply.type == MsgType.HELLO and reply.src == 4 and reply.dst == COORDINATOR
@@ -94,7 +94,7 @@ def test_emulated_boards_boot_and_answer_hello(emulated_board):
 
 def test_emulated_boards_default_to_musca_b1(firmware_elf_of, link_to):
     """`EmulatedBoards(n)` (what `--peers emu:N` starts) runs musca-b1 boards, each its own QEMU."""
-    from tpfed.emulator import EmulatedBoards
+    from tpfed.runtime.emulator import EmulatedBoards
 
     elf = firmware_elf_of("musca-b1")
     with EmulatedBoards(2, firmware=elf) as boards:
@@ -114,7 +114,7 @@ def _running(pid: int) -> bool:
 
 
 def test_unknown_emulated_board_is_refused():
-    from tpfed.emulator import EmulatedBoards, EmulatorError
+    from tpfed.runtime.emulator import EmulatedBoards, EmulatorError
 
     with pytest.raises(EmulatorError, match="not an emulated board; known: lm3s6965evb, musca-b1"):
         EmulatedBoards(1, env="esp32dev")
@@ -152,7 +152,7 @@ def test_heartbeat_and_probe(board):
 
 @pytest.fixture(scope="module")
 def q8_model(stories260k_dir):
-    from tpfed.quantized import Q8Model
+    from tpfed.compute.int8_forward import Q8Model
 
     return Q8Model.load(stories260k_dir / "stories260K.bin")
 
@@ -176,7 +176,7 @@ def _push(board, layer, blob, digest, session=1, device_id=1, chunk=900):
 
 
 def test_corrupted_shard_is_refused(board, q8_model):
-    from tpfed.shard import serialize_layer_share
+    from tpfed.compute.share import serialize_layer_share
 
     board.hello(device_id=1)
     assert board.request(_assign(q8_model, {0: ((1,), ())})).type == MsgType.ACK
@@ -197,7 +197,7 @@ def test_corrupted_shard_is_refused(board, q8_model):
 
 
 def test_shard_consistent_hash_but_wrong_content_is_refused(board, q8_model):
-    from tpfed.shard import serialize_layer_share
+    from tpfed.compute.share import serialize_layer_share
 
     board.hello(device_id=1)
     assert board.request(_assign(q8_model, {2: ((), ((0, 32),))})).type == MsgType.ACK
@@ -222,8 +222,8 @@ def _partials(board, model, entries, steps, seq_len=64):
     """Push ``entries``, run ``steps`` (layer, stage, pos, x) and return board and host partials."""
     from tpfed.protocol.schema import Stage
 
-    from tpfed.kernels import Q8Tensor, quantize_q8_0
-    from tpfed.shard import DeviceShards, serialize_layer_share
+    from tpfed.compute.kernels import Q8Tensor, quantize_q8_0
+    from tpfed.compute.share import DeviceShards, serialize_layer_share
 
     board.hello(device_id=1)
     assert board.request(_assign(model, entries, seq_len=seq_len)).type == MsgType.ACK
@@ -300,8 +300,8 @@ def test_musca_b1_takes_a_stories260k_quarter_share(musca_board, q8_model):
     the host's partials, bit for bit."""
     from tpfed.protocol.schema import Stage
 
-    from tpfed.kernels import quantize_q8_0
-    from tpfed.shard import DeviceShards, kv_cache_nbytes, serialize_layer_share
+    from tpfed.compute.kernels import quantize_q8_0
+    from tpfed.compute.share import DeviceShards, kv_cache_nbytes, serialize_layer_share
 
     board = musca_board
     hello = board.hello(device_id=1).payload
@@ -380,7 +380,7 @@ def test_bye_of_another_session_leaves_the_board_serving(board, q8_model):
 
 
 def _activation(board, model, stage, xf, layer=0, pos=0, session=1):
-    from tpfed.kernels import quantize_q8_0
+    from tpfed.compute.kernels import quantize_q8_0
 
     x = quantize_q8_0(xf)
     payload = {"layer": layer, "stage": int(stage), "pos": pos, "n": len(xf),

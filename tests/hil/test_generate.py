@@ -11,11 +11,11 @@ import time
 
 import pytest
 
+from tpfed.compute.int8_forward import Int8Transformer, Q8Model
 from tpfed.errors import PeerError
-from tpfed.quantized import Int8Transformer, Q8Model
-from tpfed.sampling import Sampler
-from tpfed.session import RunOptions, generate_local, run
-from tpfed.tokenizer import Tokenizer
+from tpfed.model.sampling import Sampler
+from tpfed.model.tokenizer import Tokenizer
+from tpfed.runtime.session import RunOptions, generate_local, run
 
 pytestmark = pytest.mark.hil
 
@@ -62,7 +62,7 @@ def test_boards_in_the_plan_give_the_single_device_text(model, single_device_tok
 def test_board_reset_mid_run_is_reported(model, board_ports):
     if board_ports:
         pytest.skip("resetting a real board needs a person at the bench")
-    from tpfed.emulator import EmulatedBoards
+    from tpfed.runtime.emulator import EmulatedBoards
 
     async def scenario():
         with EmulatedBoards(2) as emu:

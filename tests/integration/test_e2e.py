@@ -18,14 +18,14 @@ from tpfed.protocol.codec import Frame, decode_frame, encode_frame
 from tpfed.protocol.fastpath import encode_activation
 from tpfed.protocol.schema import ErrorCode, MsgType
 
+from tpfed.compute.int8_forward import Int8Transformer, Q8Model
+from tpfed.compute.kernels import empty_q8_0
+from tpfed.compute.share import serialize_layer_share
 from tpfed.errors import PeerError
-from tpfed.kernels import empty_q8_0
-from tpfed.localpeers import LocalPeers
-from tpfed.quantized import Int8Transformer, Q8Model
-from tpfed.sampling import Sampler
-from tpfed.session import RunOptions, generate_local, run
-from tpfed.shard import serialize_layer_share
-from tpfed.tokenizer import Tokenizer
+from tpfed.model.sampling import Sampler
+from tpfed.model.tokenizer import Tokenizer
+from tpfed.runtime.localpeers import LocalPeers
+from tpfed.runtime.session import RunOptions, generate_local, run
 from tpfed.transport import open_udp_link
 
 STEPS = 96

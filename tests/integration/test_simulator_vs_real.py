@@ -2,7 +2,7 @@
 
 Each run is measured and simulated together: the fleet is what the coordinator measured of its
 peers in that run (HELLO int8 MAC/s, probed latency and bandwidth), the coordinator is what
-:func:`tpfed.calibration.calibrate_coordinator` measured of this host, and the cores are those
+:func:`tpfed.runtime.calibration.calibrate_coordinator` measured of this host, and the cores are those
 the run's processes got (the machine's, minus what other programs used meanwhile). Other
 engineers' work comes and goes on this machine, so every attempt calibrates right before its
 run. The predicted tokens/s must be within 25% of the measured; of up to ``ATTEMPTS``
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import pytest
 
-from tpfed import aio
-from tpfed.calibration import CpuWindow, calibrate_coordinator, with_host
-from tpfed.localpeers import LocalPeers
-from tpfed.quantized import Q8Model
-from tpfed.session import RunOptions, RunResult, run
-from tpfed.simulator import CoordinatorSpec, simulate
-from tpfed.tokenizer import Tokenizer
+from tpfed.compute.int8_forward import Q8Model
+from tpfed.model.tokenizer import Tokenizer
+from tpfed.planning.simulator import CoordinatorSpec, simulate
+from tpfed.runtime import aio
+from tpfed.runtime.calibration import CpuWindow, calibrate_coordinator, with_host
+from tpfed.runtime.localpeers import LocalPeers
+from tpfed.runtime.session import RunOptions, RunResult, run
 
 STEPS = 128
 TOLERANCE = 0.25

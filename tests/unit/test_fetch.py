@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tpfed import fetch
 from tpfed.errors import ModelError
-from tpfed.fetch import MODEL_FILE, TOKENIZER_FILE, fetch_model, locate_model
+from tpfed.model import fetch
+from tpfed.model.fetch import MODEL_FILE, TOKENIZER_FILE, fetch_model, locate_model
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

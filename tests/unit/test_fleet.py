@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tpfed.errors import FleetError
-from tpfed.fleet import (
+from tpfed.planning.fleet import (
     DeviceSpec,
     battery_derating,
     identical_fleet,
@@ -15,7 +15,7 @@ from tpfed.fleet import (
     parse_fleet,
     thermal_derating,
 )
-from tpfed.profiles import load_profile
+from tpfed.planning.profiles import load_profile
 
 
 def test_shipped_fleets_load(repo_root):

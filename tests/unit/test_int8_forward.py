@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tpfed.compute.int8_forward import Int8Transformer, Q8Model, Stage
+from tpfed.compute.share import DeviceShards
 from tpfed.errors import ModelError
-from tpfed.model import load_llama2c
-from tpfed.quantized import Int8Transformer, Q8Model, Stage
-from tpfed.reference import FloatTransformer
-from tpfed.shard import DeviceShards
-from tpfed.tokenizer import Tokenizer
+from tpfed.model.llama2c import load_llama2c
+from tpfed.model.reference import FloatTransformer
+from tpfed.model.tokenizer import Tokenizer
 
 PROMPT = "Once upon a time"
 

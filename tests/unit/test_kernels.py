@@ -1,4 +1,4 @@
-"""The C kernels (tpfed._native via tpfed.kernels) against numpy oracles.
+"""The C kernels (tpfed.compute._native via tpfed.compute.kernels) against numpy oracles.
 
 Integer results and the Q8_0 kernels are checked bit for bit: against an independent numpy
 oracle, and the selected (optimised) variant against the reference. Float kernels are checked
@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from tpfed._native import ffi, lib
+from tpfed.compute._native import ffi, lib
 
-from tpfed import kernels as K
+from tpfed.compute import kernels as K
 
 RNG_SEED = 20240531
 

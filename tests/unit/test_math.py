@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tpfed._native import ffi, lib
+from tpfed.compute._native import ffi, lib
 
 RNG_SEED = 20240607
 MAX_ULP = 1.0

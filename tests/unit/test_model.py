@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tpfed.config import ModelConfig
 from tpfed.errors import ModelError
-from tpfed.model import HEADER_BYTES, expected_file_size, load_llama2c
+from tpfed.model.config import ModelConfig
+from tpfed.model.llama2c import HEADER_BYTES, expected_file_size, load_llama2c
 
 
 def write_model(path, cfg: ModelConfig, seed: int = 0, scale: float = 0.1) -> np.ndarray:

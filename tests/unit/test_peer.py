@@ -13,10 +13,10 @@ from tpfed.protocol.codec import Frame, decode_frame, encode_frame
 from tpfed.protocol.fastpath import decode_partial, encode_activation
 from tpfed.protocol.schema import BATTERY_UNKNOWN, TEMPERATURE_UNKNOWN, ErrorCode, MsgType
 
-from tpfed.kernels import quantize_q8_0
-from tpfed.peer import Capabilities, DesktopPeer
-from tpfed.quantized import Q8Model
-from tpfed.shard import serialize_layer_share
+from tpfed.compute.int8_forward import Q8Model
+from tpfed.compute.kernels import quantize_q8_0
+from tpfed.compute.share import serialize_layer_share
+from tpfed.runtime.desktop_peer import Capabilities, DesktopPeer
 
 HELLO = {"device_class": 0, "name": "test", "ram_kb": 0, "psram_kb": 0, "flash_kb": 0,
          "cpu_mhz": 0, "cores": 0, "features": 0, "int8_macs": 0, "battery_pct": BATTERY_UNKNOWN,

@@ -1,6 +1,6 @@
 import pytest
 
-from tpfed.peerspec import PeerSpecError, parse_peers
+from tpfed.runtime.peerspec import PeerSpecError, parse_peers
 
 
 def test_local_and_uris_mix_in_order():

@@ -9,13 +9,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tpfed import costs
-from tpfed.config import ModelConfig
 from tpfed.errors import PlanError
-from tpfed.fleet import DeviceSpec, device_from_profile, identical_fleet, load_fleet
-from tpfed.hfconfig import STORIES260K, load_model_config
-from tpfed.plan import Plan
-from tpfed.planner import fluid_time, plan, replan
+from tpfed.model.config import ModelConfig
+from tpfed.model.hfconfig import STORIES260K, load_model_config
+from tpfed.planning import costs
+from tpfed.planning.fleet import DeviceSpec, device_from_profile, identical_fleet, load_fleet
+from tpfed.planning.plan import Plan
+from tpfed.planning.planner import fluid_time, plan, replan
 
 HF = ("llama-2-70b", "mistral-7b", "gpt2", "bert-large")
 
@@ -39,7 +39,7 @@ def test_q8_bytes_and_unit_costs_match_the_formulas():
     # the frames the coordinator really sends and receives
     from tpfed.protocol.fastpath import encode_activation, encode_partial
 
-    from tpfed.kernels import quantize_q8_0
+    from tpfed.compute.kernels import quantize_q8_0
 
     x = quantize_q8_0(np.ones(m.dim, np.float32))
     assert costs.act_frame_bytes(m) == len(encode_activation(0, 0, 0, x.qs, x.d))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tpfed.errors import FleetError
-from tpfed.profiles import FIGURES, list_profiles, load_profile, parse_profile, parse_size
+from tpfed.planning.profiles import FIGURES, list_profiles, load_profile, parse_profile, parse_size
 
 REQUIRED = {
     "esp32": "esp32dev", "esp32-s3": "esp32-s3-devkitc-1", "esp32-c3": "esp32-c3-devkitm-1",

@@ -93,7 +93,7 @@ def _share_header_values(draw_int) -> dict:
 @settings(max_examples=50, deadline=None)
 @given(st.data())
 def test_c_share_header_codec_matches_construct(data) -> None:
-    from tpfed._native import ffi, lib
+    from tpfed.compute._native import ffi, lib
     from tpfed.protocol import schema
 
     values = _share_header_values(lambda lo, hi: data.draw(st.integers(lo, hi)))

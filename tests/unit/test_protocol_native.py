@@ -1,4 +1,4 @@
-"""The generated C codec and the C COBS, through tpfed._native (CFFI) and under ASan/UBSan:
+"""The generated C codec and the C COBS, through tpfed.compute._native (CFFI) and under ASan/UBSan:
 golden frames round-trip byte-exactly, bad input gives the same verdict as Python, never a
 crash, never an access outside the buffers."""
 
@@ -20,12 +20,12 @@ from tpfed.protocol.golden_data import GOLDEN_DIR, entries, from_json, read
 from tpfed.protocol.schema import Status
 
 try:
-    from tpfed._native import ffi, lib
+    from tpfed.compute._native import ffi, lib
 except ImportError as e:  # pragma: no cover - the build is part of the install
-    pytest.fail(f"tpfed._native is not built ({e}); run: python setup.py build_ext --inplace",
+    pytest.fail(f"tpfed.compute._native is not built ({e}); run: python setup.py build_ext --inplace",
                 pytrace=False)
 if not hasattr(lib, "tpfed_frame_decode") or not hasattr(lib, "tpfed_cobs_encode"):
-    pytest.fail("tpfed._native predates the protocol codec; run: python setup.py build_ext --inplace",
+    pytest.fail("tpfed.compute._native predates the protocol codec; run: python setup.py build_ext --inplace",
                 pytrace=False)
 
 ROOT = Path(__file__).resolve().parents[2]

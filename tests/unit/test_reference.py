@@ -7,11 +7,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from tpfed.config import ModelConfig
 from tpfed.errors import ModelError
-from tpfed.model import HEADER_BYTES, expected_file_size, load_llama2c
-from tpfed.reference import FloatTransformer, rope_tables
-from tpfed.tokenizer import Tokenizer
+from tpfed.model.config import ModelConfig
+from tpfed.model.llama2c import HEADER_BYTES, expected_file_size, load_llama2c
+from tpfed.model.reference import FloatTransformer, rope_tables
+from tpfed.model.tokenizer import Tokenizer
 
 KNOWN = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
 

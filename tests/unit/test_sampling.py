@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tpfed.sampling import Sampler, sample_mult, sample_topp
+from tpfed.model.sampling import Sampler, sample_mult, sample_topp
 
 
 def test_greedy_takes_the_first_maximum():

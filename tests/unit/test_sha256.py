@@ -6,7 +6,7 @@ import hashlib
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tpfed._native import ffi, lib
+from tpfed.compute._native import ffi, lib
 
 
 def c_sha256(data: bytes) -> bytes:

@@ -9,10 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tpfed.config import ModelConfig
-from tpfed.kernels import matmul_q8_0_f32, quantize_q8_0, swiglu_f32
-from tpfed.quantized import Q8Model
-from tpfed.shard import (
+from tpfed.compute.int8_forward import Q8Model
+from tpfed.compute.kernels import matmul_q8_0_f32, quantize_q8_0, swiglu_f32
+from tpfed.compute.share import (
     HEADER,
     AttentionShard,
     DeviceShards,
@@ -24,6 +23,7 @@ from tpfed.shard import (
     serialize_layer_share,
     share_nbytes,
 )
+from tpfed.model.config import ModelConfig
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_replay_rebuilds_the_cache_exactly(q8):
         live.forward(x, pos)
     stack_qs = np.stack([x.qs for x in xs[:25]])
     stack_d = np.stack([x.d for x in xs[:25]])
-    from tpfed.kernels import Q8Tensor
+    from tpfed.compute.kernels import Q8Tensor
 
     fresh = att_shard(q8, 4, [0, 2])
     fresh.replay(Q8Tensor(stack_qs[:10], stack_d[:10]))
@@ -248,7 +248,7 @@ def test_random_header_corruption_never_crashes(q8, data):
 
 def _c_share_header(blob: bytes):
     """(status, decoded header, bytes used) of the generated C decoder (what peer.c runs)."""
-    from tpfed._native import ffi, lib
+    from tpfed.compute._native import ffi, lib
 
     m = ffi.new("tpfed_share_header_t *")
     used = ffi.new("size_t *")
@@ -257,7 +257,7 @@ def _c_share_header(blob: bytes):
 
 @pytest.mark.parametrize(("groups", "ranges"), SPLITS)
 def test_c_share_header_decoder_agrees_with_shard_py(q8, groups, ranges):
-    from tpfed._native import lib
+    from tpfed.compute._native import lib
 
     c = q8.config
     blob = serialize_layer_share(q8, 3, groups, ranges)
@@ -276,7 +276,7 @@ def test_c_share_header_decoder_agrees_with_shard_py(q8, groups, ranges):
 def test_corrupted_share_header_is_refused_by_c_and_python(q8):
     """Each header field corrupted: shard.py refuses it, and the C decoder either refuses it or
     hands peer.c a field that differs from what it checks against (the constant or ASSIGN)."""
-    from tpfed._native import lib
+    from tpfed.compute._native import lib
 
     c = q8.config
     blob = serialize_layer_share(q8, 1, (0, 2), ((32, 64),))

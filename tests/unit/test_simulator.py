@@ -6,13 +6,13 @@ import time
 
 import pytest
 
-from tpfed import costs
-from tpfed.config import ModelConfig
 from tpfed.errors import PlanError
-from tpfed.fleet import DeviceSpec, identical_fleet
-from tpfed.hfconfig import STORIES260K
-from tpfed.planner import plan
-from tpfed.simulator import CoordinatorSpec, plot, simulate
+from tpfed.model.config import ModelConfig
+from tpfed.model.hfconfig import STORIES260K
+from tpfed.planning import costs
+from tpfed.planning.fleet import DeviceSpec, identical_fleet
+from tpfed.planning.planner import plan
+from tpfed.planning.simulator import CoordinatorSpec, plot, simulate
 
 COORD = CoordinatorSpec(int8_macs=20e9, ops_per_s=2e9, bandwidth_Bps=100e6, per_frame_s=3e-6)
 

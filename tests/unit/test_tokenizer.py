@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tpfed.errors import ModelError
-from tpfed.tokenizer import BOS, EOS, Tokenizer
+from tpfed.model.tokenizer import BOS, EOS, Tokenizer
 
 
 def make_tokenizer(extra: list[tuple[bytes, float]]) -> Tokenizer:

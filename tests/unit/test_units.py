@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tpfed._native import ffi, lib
+from tpfed.compute._native import ffi, lib
 
-from tpfed.kernels import (
+from tpfed.compute.int8_forward import Q8Model
+from tpfed.compute.kernels import (
     Q8Tensor,
     attention_f32,
     matmul_q8_0_f32,
@@ -15,8 +16,7 @@ from tpfed.kernels import (
     rope_f32,
     swiglu_f32,
 )
-from tpfed.quantized import Q8Model
-from tpfed.shard import AttentionShard, MlpShard
+from tpfed.compute.share import AttentionShard, MlpShard
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """``tpfed bench``: benchmarks, one sub-subcommand each.
 
 - ``tpfed bench kernels``: the int8 matrix-vector kernel against numpy float32 and the measured
-  memory bandwidth (:mod:`tpfed.bench_kernels`).
+  memory bandwidth (:mod:`tpfed.bench.kernels`).
 - ``tpfed bench e2e``: end-to-end generation, single process against local UDP peers
-  (:mod:`tpfed.bench_e2e`).
+  (:mod:`tpfed.bench.e2e`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def add_kernels_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_kernels(args: argparse.Namespace) -> int:
-    from tpfed.bench_kernels import run_kernel_bench
+    from tpfed.bench.kernels import run_kernel_bench
 
     result = run_kernel_bench(rows=args.rows, cols=args.cols, repeat=args.repeat,
                               threads=args.threads)
@@ -93,7 +93,7 @@ def add_e2e_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_e2e(args: argparse.Namespace) -> int:
-    from tpfed.bench_e2e import run_e2e_bench
+    from tpfed.bench.e2e import run_e2e_bench
     from tpfed.errors import TpfedError
 
     try:
@@ -133,7 +133,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from tpfed.bench_plan import bench_plan
+    from tpfed.bench.plan import bench_plan
 
     result = bench_plan(repeats=args.repeat)
     if args.json:

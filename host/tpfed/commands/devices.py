@@ -54,9 +54,9 @@ async def probe_peers(spec: str, deadline_s: float) -> list[dict]:
     time of the call); raises :class:`tpfed.errors.PeerError` naming an unreachable one."""
     import contextlib
 
-    from tpfed.coordinator import PeerLinks
-    from tpfed.peerspec import parse_peers
-    from tpfed.session import open_links
+    from tpfed.runtime.coordinator import PeerLinks
+    from tpfed.runtime.peerspec import parse_peers
+    from tpfed.runtime.session import open_links
 
     specs = parse_peers(spec)
     async with contextlib.AsyncExitStack() as stack:
@@ -72,8 +72,8 @@ def _num(value: float | None, fmt: str) -> str:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from tpfed import aio
     from tpfed.errors import PeerError, TpfedError
+    from tpfed.runtime import aio
 
     if not args.deadline > 0:
         raise TpfedError(f"--deadline must be positive, got {args.deadline}")

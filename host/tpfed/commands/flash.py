@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     envs = sorted(s[4:] for s in cfg.sections() if s.startswith("env:"))
     if args.env not in envs:
         raise TpfedError(f"unknown env {args.env!r}; firmware/platformio.ini has: {', '.join(envs)}")
-    from tpfed.emulator import EMULATED_PROFILES
+    from tpfed.runtime.emulator import EMULATED_PROFILES
 
     if args.env in EMULATED_PROFILES:
         raise TpfedError(f"{args.env} is an emulated board (QEMU): it is not flashed; "

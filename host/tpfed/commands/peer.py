@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 async def serve(listen: str, name: str, memory_limit: int | None, mtu: int,
                 verbose: bool = False) -> None:
-    from tpfed.peer import Capabilities, DesktopPeer
+    from tpfed.runtime.desktop_peer import Capabilities, DesktopPeer
     from tpfed.transport import UdpEndpoint, parse_udp_uri
 
     host, port = parse_udp_uri(listen)
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
     name = args.name or socket.gethostname()
     limit = int(args.memory_mb * 2**20) if args.memory_mb is not None else None
-    from tpfed import aio
+    from tpfed.runtime import aio
 
     aio.run(serve(args.listen, name, limit, args.mtu, args.verbose))
     return 0

@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_inputs(args: argparse.Namespace):
     from tpfed.errors import FleetError
-    from tpfed.fleet import identical_fleet, load_fleet
-    from tpfed.hfconfig import STORIES260K, load_model_config
+    from tpfed.model.hfconfig import STORIES260K, load_model_config
+    from tpfed.planning.fleet import identical_fleet, load_fleet
 
     model = load_model_config(args.model) if args.model else STORIES260K
     if args.fleet:
@@ -73,7 +73,7 @@ def summary(plan) -> dict:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from tpfed.planner import plan as make_plan
+    from tpfed.planning.planner import plan as make_plan
 
     model, devices = load_inputs(args)
     plan = make_plan(model, devices, strategy=args.strategy, seq_len=args.seq_len, margin=args.margin)

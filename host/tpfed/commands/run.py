@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def execute(args: argparse.Namespace, prompt: str) -> int:
-    from tpfed.session import RunOptions, run_sync
+    from tpfed.runtime.session import RunOptions, run_sync
 
     opts = RunOptions(peers=args.peers, prompt=prompt, model=args.model, tokenizer=args.tokenizer,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,

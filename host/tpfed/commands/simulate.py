@@ -30,8 +30,8 @@ def run(args: argparse.Namespace) -> int:
 
     from tpfed.commands.plan import load_inputs
     from tpfed.errors import TpfedError
-    from tpfed.planner import plan as make_plan
-    from tpfed.simulator import CoordinatorSpec, plot, simulate
+    from tpfed.planning.planner import plan as make_plan
+    from tpfed.planning.simulator import CoordinatorSpec, plot, simulate
 
     for key in ("coordinator_gmacs", "coordinator_gops", "coordinator_mbps"):
         if getattr(args, key) <= 0:

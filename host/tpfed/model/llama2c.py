@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tpfed.config import ModelConfig
 from tpfed.errors import ModelError
+from tpfed.model.config import ModelConfig
 
 HEADER_INTS = 7
 HEADER_BYTES = HEADER_INTS * 4

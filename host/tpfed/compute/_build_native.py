@@ -18,7 +18,7 @@ from pathlib import Path
 
 from cffi import FFI
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LIB = ROOT / "firmware" / "lib" / "tpfed"
 INCLUDE = LIB / "include"
 SRC = LIB / "src"
@@ -54,7 +54,7 @@ if os.environ.get("TPFED_KERNELS", "").lower() == "ref":
     _defines.append(("TPFED_REFERENCE_ONLY", "1"))
 
 ffibuilder.set_source(
-    "tpfed._native",
+    "tpfed.compute._native",
     "\n".join(f'#include "{h.name}"' for h in public_headers()),
     sources=[_rel(p) for p in c_sources()],
     include_dirs=[_rel(INCLUDE), _rel(SRC)],

@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tpfed.compute.int8_forward import Int8Transformer, Q8Model, Stage
 from tpfed.errors import TpfedError
+from tpfed.planning.simulator import CoordinatorSpec
 from tpfed.protocol.codec import Frame, encode_frame
 from tpfed.protocol.fastpath import decode_partial, encode_activation, encode_partial
 from tpfed.protocol.schema import BROADCAST, MsgType
-from tpfed.quantized import Int8Transformer, Q8Model, Stage
-from tpfed.simulator import CoordinatorSpec
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -130,7 +130,7 @@ class InProcessCosts:
 def measure_in_process(model: Q8Model) -> InProcessCosts:
     """The coordinator's per-stage and per-token steps, timed in this process with the real
     code."""
-    from tpfed.sampling import Sampler
+    from tpfed.model.sampling import Sampler
 
     c = model.config
     m = Int8Transformer(model)
@@ -181,9 +181,9 @@ async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
     both processes."""
     import socket
 
-    from tpfed import costs
-    from tpfed.coordinator import Coordinator
-    from tpfed.localpeers import LocalPeers
+    from tpfed.planning import costs
+    from tpfed.runtime.coordinator import Coordinator
+    from tpfed.runtime.localpeers import LocalPeers
     from tpfed.transport import open_udp_link
 
     c = model.config
@@ -276,7 +276,7 @@ async def measure_coordinator(model: Q8Model, stages: int = 2000) -> Coordinator
 def calibrate_coordinator(model: Q8Model, stages: int = 2000) -> CoordinatorSpec:
     """Measure this host's coordinator costs for ``model`` (see the module docstring) on the
     event loop tpfed runs on. Takes a second or two."""
-    from tpfed import aio
+    from tpfed.runtime import aio
 
     if not os.path.exists("/proc/stat"):
         raise CalibrationError("calibration reads CPU times from /proc: Linux only")

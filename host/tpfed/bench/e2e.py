@@ -1,6 +1,6 @@
 """``tpfed bench e2e``: end-to-end generation on stories260K, measured in one run.
 
-The baseline is the single-process int8 forward (:class:`tpfed.quantized.Int8Transformer`, the
+The baseline is the single-process int8 forward (:class:`tpfed.compute.int8_forward.Int8Transformer`, the
 same kernels, no network). Then the same greedy generation runs across 1, 2 and 4 local peer
 processes over loopback UDP; for each the benchmark reports tokens/s, the per-token overhead
 against the baseline, and wire bytes per token against the protocol's minimum (per stage and
@@ -12,11 +12,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 
-from tpfed import aio
-from tpfed.quantized import Int8Transformer, Q8Model
-from tpfed.sampling import Sampler
-from tpfed.session import RunOptions, generate_local, run
-from tpfed.tokenizer import Tokenizer
+from tpfed.compute.int8_forward import Int8Transformer, Q8Model
+from tpfed.model.sampling import Sampler
+from tpfed.model.tokenizer import Tokenizer
+from tpfed.runtime import aio
+from tpfed.runtime.session import RunOptions, generate_local, run
 
 PROMPT = "Once upon a time"
 
@@ -47,7 +47,7 @@ def single_process_tps(q8: Q8Model, tok: Tokenizer, steps: int, repeat: int) -> 
 
 def run_e2e_bench(peer_counts: tuple[int, ...] = (1, 2, 4), steps: int = 256,
                   repeat: int = 3, model: str | None = None) -> dict:
-    from tpfed.session import load_model
+    from tpfed.runtime.session import load_model
 
     q8, tok = load_model(model, None)
     base_tps, base_tokens = single_process_tps(q8, tok, steps, repeat)

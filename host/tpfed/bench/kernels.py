@@ -1,7 +1,7 @@
 """Kernel benchmark: the int8 (Q8_0) matrix-vector product against numpy's float32 one, and the
 machine's memory bandwidth, all measured in one run so the figures are comparable.
 
-- int8 gemv: :func:`tpfed.kernels.matmul_q8_0_f32` on a (rows, cols) Q8_0 matrix; the bytes it
+- int8 gemv: :func:`tpfed.compute.kernels.matmul_q8_0_f32` on a (rows, cols) Q8_0 matrix; the bytes it
   reads per call are the int8 weights, their fp16 scales and the Q8_0 input vector.
 - numpy f32 gemv: ``W @ x`` with float32 W and x (numpy's BLAS, multithreaded as configured).
 - memory bandwidth: ``np.copyto`` between two buffers of ``copy_bytes`` each (much larger than
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tpfed import kernels
+from tpfed.compute import kernels
 
 COPY_BYTES = 256 * 2**20
 

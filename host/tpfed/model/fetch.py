@@ -81,7 +81,7 @@ def search_dirs(cwd: Path | None = None) -> list[Path]:
     if env:
         dirs.append(Path(env) / MODEL_NAME)
     dirs.append((cwd or Path.cwd()) / ".." / "shared" / "models" / MODEL_NAME)
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     dirs.append(repo.parent / "shared" / "models" / MODEL_NAME)
     seen: set[Path] = set()
     unique = []

@@ -1,6 +1,6 @@
 """Split a model over a fleet: round-robin, by capability, and re-planning after a join or leave.
 
-Cost model (shared with :mod:`tpfed.simulator` through :mod:`tpfed.costs`): every layer has two
+Cost model (shared with :mod:`tpfed.planning.simulator` through :mod:`tpfed.planning.costs`): every layer has two
 stages separated by the coordinator's sum, attention then MLP. A device taking part in a stage
 pays one round trip on its own link (activation out, partial back: two one-way latencies plus
 the bytes over its bandwidth) plus its compute at its (derated) MAC/s. The stage lasts as long as
@@ -34,11 +34,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tpfed import costs
-from tpfed.config import ModelConfig
 from tpfed.errors import PlanError
-from tpfed.fleet import DeviceSpec
-from tpfed.plan import (
+from tpfed.model.config import ModelConfig
+from tpfed.planning import costs
+from tpfed.planning.fleet import DeviceSpec
+from tpfed.planning.plan import (
     DeviceShare,
     Plan,
     block_bytes_array,

@@ -14,12 +14,12 @@ Per token, for every layer and each of its two stages (attention, MLP), in order
 
 After the last layer the coordinator runs the final norm, the classifier (vocab x dim MACs at
 ``CoordinatorSpec.int8_macs``) and sampling. Attention work grows with the position (the context
-a token attends over). The same cost functions as the planner (:mod:`tpfed.costs`) are used.
+a token attends over). The same cost functions as the planner (:mod:`tpfed.planning.costs`) are used.
 
 The single-queue recurrences (NIC send order, receive queue) are vectorised with numpy, so a
 stage over 10^4 devices costs a few array operations.
 
-Measured coordinators (:func:`tpfed.calibration.calibrate_coordinator`) replace the generic
+Measured coordinators (:func:`tpfed.runtime.calibration.calibrate_coordinator`) replace the generic
 throughput figures by the costs of the real code paths on their host: ``stage_s`` (norm,
 quantise and encode of one stage), ``send_s`` and ``recv_s`` per frame (everything the host's
 CPU does for it: system calls, event loop, reassembly, decode, sum), ``recv_after_s`` (the part
@@ -49,10 +49,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tpfed import costs
 from tpfed.errors import PlanError
-from tpfed.fleet import DeviceSpec
-from tpfed.plan import Plan
+from tpfed.planning import costs
+from tpfed.planning.fleet import DeviceSpec
+from tpfed.planning.plan import Plan
 from tpfed.protocol.fastpath import min_stage_bytes
 
 
@@ -278,7 +278,7 @@ def plot(plan: Plan, result: SimResult, path: str, max_devices: int = 48) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from tpfed.plan import owner_matrices
+    from tpfed.planning.plan import owner_matrices
 
     names = [d.name for d in plan.devices]
     gown, bown = owner_matrices(plan, names)

@@ -1,7 +1,7 @@
 """The coordinator: introduces itself to the peers, plans, pushes their shards and generates.
 
 Per token it owns the embedding, the norms, the classifier and sampling (the steps of
-:class:`tpfed.quantized.Int8Transformer`); per layer and stage it broadcasts the Q8_0
+:class:`tpfed.compute.int8_forward.Int8Transformer`); per layer and stage it broadcasts the Q8_0
 activation once to every device holding part of that stage, gathers their PARTIAL vectors and
 adds them to the residual in plan order (so the result does not depend on arrival order).
 The activations broadcast for the sequence are kept in ``history``: that is what a replacement
@@ -22,11 +22,13 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from tpfed.compute.int8_forward import Int8Transformer, Q8Model, Stage
+from tpfed.compute.kernels import Q8Tensor
+from tpfed.compute.share import DeviceShards, serialize_layer_share
 from tpfed.errors import PeerError, PeerRefused, PeerTimeout
-from tpfed.fleet import DeviceSpec
-from tpfed.kernels import Q8Tensor
-from tpfed.plan import Plan
-from tpfed.planner import plan as make_plan
+from tpfed.planning.fleet import DeviceSpec
+from tpfed.planning.plan import Plan
+from tpfed.planning.planner import plan as make_plan
 from tpfed.protocol.codec import Frame, decode_frame, encode_frame, encode_payload
 from tpfed.protocol.errors import ProtocolError
 from tpfed.protocol.fastpath import (
@@ -49,8 +51,6 @@ from tpfed.protocol.schema import (
     MsgType,
     PartialEncoding,
 )
-from tpfed.quantized import Int8Transformer, Q8Model, Stage
-from tpfed.shard import DeviceShards, serialize_layer_share
 from tpfed.transport.base import LinkClosed
 
 T = TypeVar("T")
@@ -270,7 +270,7 @@ class PeerLinks:
         """Latency from small probes (median one-way), bandwidth from a frame near the peer's
         maximum compared with a small one. The timer runs from the link's send call returning to
         the link handing the reply's bytes back: the coordinator's own encoding, sending and
-        decoding are not the link's (:func:`tpfed.calibration.calibrate_coordinator` measures
+        decoding are not the link's (:func:`tpfed.runtime.calibration.calibrate_coordinator` measures
         those)."""
         max_frame = max(peer.hello.get("max_frame", 256), 64)
 

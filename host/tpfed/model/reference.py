@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from tpfed.errors import ModelError
-from tpfed.model import LlamaWeights
+from tpfed.model.llama2c import LlamaWeights
 
 
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:

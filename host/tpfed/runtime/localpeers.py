@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 
 from tpfed.errors import PeerError
-from tpfed.process import die_with_parent
+from tpfed.runtime.process import die_with_parent
 
 _LISTENING = re.compile(r"listening on (udp://\S+)")
 

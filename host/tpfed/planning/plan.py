@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from tpfed import costs
-from tpfed.config import ModelConfig
 from tpfed.errors import PlanError
+from tpfed.model.config import ModelConfig
+from tpfed.planning import costs
 
 QK = costs.QK
 

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tpfed.config import ModelConfig
 from tpfed.errors import ModelError
+from tpfed.model.config import ModelConfig
 
 STORIES260K = ModelConfig(
     dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, seq_len=512,
@@ -91,7 +91,7 @@ def load_model_config(path: str | Path) -> ModelConfig:
             raise ModelError(f"{path}: not a readable config.json ({exc})") from None
         name = path.parent.name if path.name == "config.json" else path.stem
         return model_config_from_hf(cfg, name=name)
-    from tpfed.model import HEADER_BYTES, expected_file_size, parse_header
+    from tpfed.model.llama2c import HEADER_BYTES, expected_file_size, parse_header
 
     with open(path, "rb") as f:
         header = f.read(HEADER_BYTES)

@@ -7,7 +7,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from tpfed.config import ModelConfig
+from tpfed.model.config import ModelConfig
 
 LLAMA2_70B = ModelConfig(
     dim=8192, hidden_dim=28672, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000, seq_len=4096,
@@ -23,8 +23,8 @@ def _fleet_path() -> Path:
 def bench_plan(repeats: int = 5) -> dict:
     """Plan, re-plan after the busiest device leaves, and re-plan after a GPU desktop joins;
     best of ``repeats`` wall times in ms, with the makespan ratios of the last run."""
-    from tpfed.fleet import device_from_profile, load_fleet
-    from tpfed.planner import plan, replan
+    from tpfed.planning.fleet import device_from_profile, load_fleet
+    from tpfed.planning.planner import plan, replan
 
     devices = load_fleet(_fleet_path())
     best_plan = best_leave = best_join = float("inf")

@@ -1,13 +1,13 @@
 """The int8 (Q8_0) model and the single-device int8 forward pass.
 
-:class:`Q8Model` quantises a float model once, following the unit rules of :mod:`tpfed.shard`
+:class:`Q8Model` quantises a float model once, following the unit rules of :mod:`tpfed.compute.share`
 (row-wise Q8_0 for wq/wk/wv/w1/w3/w2/classifier, wo quantised per KV group as (dim, gq)
 matrices; embedding and norms stay float32).
 
 :class:`Int8Transformer` runs the coordinator-side steps (embedding, RMSNorm, quantising the
 activation, adding partials into the residual, final norm, classifier) and gets each layer's
 partial vectors from :meth:`Int8Transformer.partials`. Locally that sums every unit's partial
-via :class:`tpfed.shard.DeviceShards`; the distributed coordinator overrides that one method to
+via :class:`tpfed.compute.share.DeviceShards`; the distributed coordinator overrides that one method to
 broadcast the activation to its peers and sum what they send back. Every broadcast activation
 is kept in :attr:`Int8Transformer.history` so a lost device's KV cache can be rebuilt by replay.
 """
@@ -20,9 +20,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from tpfed.config import ModelConfig
-from tpfed.errors import ModelError
-from tpfed.kernels import (
+from tpfed.compute.kernels import (
     QK8_0,
     Q8Tensor,
     empty_q8_0,
@@ -31,8 +29,7 @@ from tpfed.kernels import (
     quantize_q8_0,
     rmsnorm_f32,
 )
-from tpfed.model import LlamaWeights, load_llama2c
-from tpfed.shard import (
+from tpfed.compute.share import (
     AttentionWeights,
     DeviceShards,
     MlpWeights,
@@ -40,6 +37,9 @@ from tpfed.shard import (
     UnitSource,
     check_ranges,
 )
+from tpfed.errors import ModelError
+from tpfed.model.config import ModelConfig
+from tpfed.model.llama2c import LlamaWeights, load_llama2c
 
 
 class Stage(IntEnum):

@@ -1,4 +1,4 @@
-"""The desktop peer: the protocol state machine around :class:`tpfed.shard.DeviceShards`.
+"""The desktop peer: the protocol state machine around :class:`tpfed.compute.share.DeviceShards`.
 
 :class:`DesktopPeer` is transport-free: :meth:`DesktopPeer.handle` takes one received frame
 and returns the frames to send back, so the same object serves UDP (``tpfed peer``), tests and
@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tpfed import kernels
-from tpfed.config import ModelConfig
-from tpfed.kernels import Q8Tensor
+from tpfed.compute import kernels
+from tpfed.compute.kernels import Q8Tensor
+from tpfed.compute.share import DeviceShards, LayerShare, ShardError, ShareSet, parse_layer_share
+from tpfed.model.config import ModelConfig
 from tpfed.protocol.codec import Frame, assemble, check_frame, decode_frame, encode_frame
 from tpfed.protocol.errors import ProtocolError
 from tpfed.protocol.fastpath import (
@@ -40,7 +41,6 @@ from tpfed.protocol.schema import (
     Stage,
     TransportKind,
 )
-from tpfed.shard import DeviceShards, LayerShare, ShardError, ShareSet, parse_layer_share
 
 MAX_FRAME = 0xFFFF  # the largest frame a desktop peer takes (u16 field in HELLO)
 

@@ -61,14 +61,14 @@ from dataclasses import dataclass
 import numpy as np
 from construct import Const, Struct
 
-from tpfed._native import ffi, lib
-from tpfed.config import ModelConfig
-from tpfed.errors import TpfedError
-from tpfed.kernels import (
+from tpfed.compute._native import ffi, lib
+from tpfed.compute.kernels import (
     QK8_0,
     Q8Tensor,
     n_blocks,
 )
+from tpfed.errors import TpfedError
+from tpfed.model.config import ModelConfig
 from tpfed.protocol.layout import all_fixed, fixed_prefix, joined, unwrap
 from tpfed.protocol.schema import SHARE_HEADER_SIZE, SHARE_MAGIC, SHARE_VERSION, LayerShareHeader
 
@@ -122,7 +122,7 @@ class MlpWeights:
 
 
 class UnitSource:
-    """Anything that hands out unit weights: :class:`tpfed.quantized.Q8Model` or a parsed
+    """Anything that hands out unit weights: :class:`tpfed.compute.int8_forward.Q8Model` or a parsed
     :class:`LayerShare` set (see :class:`DeviceShards`)."""
 
     config: ModelConfig
@@ -326,7 +326,7 @@ class DeviceShards:
     """Everything one device holds: ``layers[layer] = (AttentionShard | None, MlpShard | None)``.
 
     ``assignment`` maps a layer to (KV groups, MLP ranges) of that layer owned by the device;
-    ``source`` is a :class:`tpfed.quantized.Q8Model` (coordinator, simulator) or a
+    ``source`` is a :class:`tpfed.compute.int8_forward.Q8Model` (coordinator, simulator) or a
     :class:`ShareSet` of parsed shares (a peer)."""
 
     def __init__(self, source: UnitSource, assignment: Assignment) -> None:

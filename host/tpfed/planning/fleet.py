@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from tpfed.errors import FleetError
-from tpfed.profiles import DEVICE_CLASSES, load_profile
+from tpfed.planning.profiles import DEVICE_CLASSES, load_profile
 
 MIB = 1 << 20
 THROTTLING_CLASSES = ("phone", "laptop")

@@ -10,14 +10,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from tpfed import aio
-from tpfed.coordinator import Coordinator, GenerationStats, Link
+from tpfed.compute.int8_forward import Int8Transformer, Q8Model
 from tpfed.errors import PeerError, TpfedError
-from tpfed.fleet import DeviceSpec
-from tpfed.peerspec import PeerSpec, parse_peers
-from tpfed.quantized import Int8Transformer, Q8Model
-from tpfed.sampling import Sampler
-from tpfed.tokenizer import Tokenizer
+from tpfed.model.sampling import Sampler
+from tpfed.model.tokenizer import Tokenizer
+from tpfed.planning.fleet import DeviceSpec
+from tpfed.runtime import aio
+from tpfed.runtime.coordinator import Coordinator, GenerationStats, Link
+from tpfed.runtime.peerspec import PeerSpec, parse_peers
 
 BOS = 1
 
@@ -63,7 +63,7 @@ class RunResult:
 
 
 def load_model(model: str | None, tokenizer: str | None) -> tuple[Q8Model, Tokenizer]:
-    from tpfed.fetch import locate_model
+    from tpfed.model.fetch import locate_model
 
     files = locate_model(model, tokenizer)
     q8 = Q8Model.load(files.model)
@@ -81,11 +81,11 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
     local_uris: list[str] = []
     emu_urls: list[str] = []
     if n_local:
-        from tpfed.localpeers import LocalPeers
+        from tpfed.runtime.localpeers import LocalPeers
 
         local_uris = await stack.enter_async_context(LocalPeers(n_local))
     if any(s.kind == "emu" for s in specs):
-        from tpfed.emulator import DEFAULT_ENV, EmulatedBoards
+        from tpfed.runtime.emulator import DEFAULT_ENV, EmulatedBoards
 
         emu_envs = [s.device or DEFAULT_ENV for s in specs if s.kind == "emu"]
         pools: dict[str, list[str]] = {}

@@ -1,4 +1,4 @@
-"""Typed numpy wrappers over the C kernels in ``tpfed._native`` (firmware/lib/tpfed).
+"""Typed numpy wrappers over the C kernels in ``tpfed.compute._native`` (firmware/lib/tpfed).
 
 Arrays are handed to C without copying: every array must already have the right dtype, be
 C-contiguous (a row-strided view where stated) and, for outputs, be writeable; anything else
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tpfed._native import ffi, lib
+from tpfed.compute._native import ffi, lib
 
 QK8_0: int = lib.TPFED_QK8_0
 _INT_MAX = 2**31 - 1

@@ -36,10 +36,10 @@ from functools import cache
 from pathlib import Path
 
 from tpfed.errors import TpfedError
-from tpfed.process import die_with_parent
-from tpfed.profiles import BoardProfile
+from tpfed.planning.profiles import BoardProfile
+from tpfed.runtime.process import die_with_parent
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FIRMWARE_DIR = REPO / "firmware"
 
 EMULATED_PROFILES: tuple[str, ...] = ("musca-b1", "lm3s6965evb")
@@ -88,7 +88,7 @@ def emulated_board_types() -> dict[str, EmulatedBoardType]:
 
     import yaml
 
-    from tpfed.profiles import load_profile
+    from tpfed.planning.profiles import load_profile
 
     types: dict[str, EmulatedBoardType] = {}
     for name in EMULATED_PROFILES:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tpfed.config import ModelConfig
+from tpfed.model.config import ModelConfig
 from tpfed.protocol.fastpath import activation_frame_size, partial_frame_size
 
 QK = 32

@@ -1,0 +1,1 @@
+"""Models: formats and configs, tokenizers, the float reference forward, sampling."""

@@ -1,0 +1,1 @@
+"""Planning: device profiles and fleets, cost model, plans, the planner and the simulator."""
