@@ -24,10 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FIRMWARE = REPO / "firmware"
 OFFLINE_ENVS = ("lm3s6965evb", "musca-b1")  # the envs that build without PlatformIO's registry
-PEER_MAX_FRAME = 1024  # TPFED_PEER_MAX_FRAME
-# tpfed_peer_init: receive buffer (a COBS-encoded frame, n + n/254 + 2) and transmit buffer,
-# each 8-aligned in the arena.
-PEER_FIXED = -(-(PEER_MAX_FRAME + PEER_MAX_FRAME // 254 + 2) // 8) * 8 + PEER_MAX_FRAME
+PEER_MAX_FRAME = 1024  # TPFED_BOARD_MAX_FRAME (firmware/ports/common/main.c)
+# tpfed_peer_init: the peer's own state (sizeof(struct tpfed_peer) on a 32-bit board, 8-aligned)
+# and the transmit buffer lead the arena. (The COBS receive buffer is a separate static array.)
+PEER_STATE = 144
+PEER_FIXED = -(-PEER_STATE // 8) * 8 + -(-PEER_MAX_FRAME // 8) * 8
 PEER_WORK_RESERVE = 4096  # tpfed_peer: announced arena excludes this (compute buffers)
 
 # stories260K geometry

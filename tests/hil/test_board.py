@@ -168,7 +168,7 @@ def _assign(model, entries, seq_len=64, session=1, device_id=1):
     return Frame(MsgType.ASSIGN, payload, dst=device_id, session=session)
 
 
-def _push(board, layer, blob, digest, session=1, device_id=1, chunk=900):
+def _push(board, layer, blob, digest, session=1, device_id=1, chunk=896):  # 14 granules of 64
     for off in range(0, len(blob), chunk):
         board.send(Frame(MsgType.WEIGHTS, {"shard_id": layer, "offset": off, "total": len(blob),
                                            "sha256": digest, "data": blob[off:off + chunk]},

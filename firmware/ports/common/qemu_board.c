@@ -38,12 +38,3 @@ uint32_t uart_available(void) {
 void board_sleep(void) {
     pl011_wait(&board_uart);
 }
-
-static void hal_write(void *ctx, const uint8_t *buf, uint32_t n) { (void)ctx; uart_write(buf, n); }
-static uint32_t hal_read(void *ctx, uint8_t *buf, uint32_t cap) { (void)ctx; return uart_read(buf, cap); }
-static uint32_t hal_millis(void *ctx) { (void)ctx; return board_millis(); }
-static void hal_wait(void *ctx, uint32_t max_ms) { (void)ctx; (void)max_ms; board_sleep(); }
-
-static const tpfed_hal hal = {NULL, hal_write, hal_read, hal_millis, hal_wait};
-
-const tpfed_hal *board_hal(void) { return &hal; }

@@ -1,6 +1,7 @@
 // What every QEMU Cortex-M board offers (ports/<board>/board.h adds its constants: UART0_IRQn,
 // BOARD_CPU_HZ, BOARD_RAM_BYTES, BOARD_FLASH_BYTES). qemu_board.c implements the parts that
-// are the same on every board: the clock, the link UART's byte functions and the tpfed_hal.
+// are the same on every board: the clock and the link UART's byte functions (main.c puts the
+// tpfed stream helper and HAL on top of them).
 #ifndef TPFED_QEMU_BOARD_H
 #define TPFED_QEMU_BOARD_H
 
@@ -24,8 +25,7 @@ uint32_t uart_available(void);
 // Sleep until an interrupt; returns at once if received bytes are waiting.
 void board_sleep(void);
 
-// The HAL and device description of this board.
-const tpfed_hal *board_hal(void);
+// The device description of this board.
 const tpfed_device_info *board_info(void);
 
 void UART0_Handler(void);

@@ -1,4 +1,5 @@
-// ESP32-family port (Arduino framework): the tpfed peer on UART0 (the USB-serial bridge).
+// ESP32-family port (Arduino framework): the tpfed peer core on UART0 (the USB-serial bridge),
+// COBS-framed by the stream helper (tpfed_stream.h).
 // The arena is a static internal-RAM array; on boards built with PSRAM (BOARD_HAS_PSRAM and
 // TPFED_PSRAM_ARENA_SIZE) it is one PSRAM block taken once at boot instead.
 #include <Arduino.h>
@@ -7,10 +8,14 @@
 extern "C" {
 #include "tpfed_peer.h"
 #include "tpfed_proto.h"
+#include "tpfed_stream.h"
 }
 
 #ifndef TPFED_ARENA_SIZE
 #error "set TPFED_ARENA_SIZE (bytes) in platformio.ini build_flags"
+#endif
+#ifndef TPFED_BOARD_MAX_FRAME
+#define TPFED_BOARD_MAX_FRAME 1024u   // largest frame taken and sent, header + payload + CRC
 #endif
 #ifndef TPFED_UART_BAUD
 #define TPFED_UART_BAUD 921600
@@ -31,15 +36,17 @@ extern "C" {
 #endif
 
 static uint8_t internal_arena[TPFED_ARENA_SIZE] __attribute__((aligned(8)));
-static tpfed_peer peer;
+static uint8_t rx_buf[TPFED_STREAM_BUFFER_SIZE(TPFED_BOARD_MAX_FRAME)];
+static tpfed_stream stream;
+static tpfed_peer *peer;
 static tpfed_device_info info;
 
-static void hal_write(void *ctx, const uint8_t *buf, uint32_t n) {
+static void link_write(void *ctx, const uint8_t *buf, uint32_t n) {
     (void)ctx;
     Serial.write(buf, n);
 }
 
-static uint32_t hal_read(void *ctx, uint8_t *buf, uint32_t cap) {
+static uint32_t link_read(void *ctx, uint8_t *buf, uint32_t cap) {
     (void)ctx;
     int avail = Serial.available();
     if (avail <= 0) return 0;
@@ -52,20 +59,19 @@ static uint32_t hal_millis(void *ctx) {
     return millis();
 }
 
-static void hal_wait(void *ctx, uint32_t max_ms) {
-    (void)ctx;
-    // Yield to FreeRTOS until input arrives (1 ms steps) so the idle task can run.
+// Yield to FreeRTOS until input arrives (1 ms steps) so the idle task can run.
+static void wait_input(uint32_t max_ms) {
     uint32_t start = millis();
     while (!Serial.available() && millis() - start < max_ms) vTaskDelay(1);
 }
 
-static const tpfed_hal hal = {nullptr, hal_write, hal_read, hal_millis, hal_wait};
+static const tpfed_hal hal = {&stream, tpfed_stream_send_frame, hal_millis};
 
 void setup() {
     Serial.setRxBufferSize(4096);
     Serial.begin(TPFED_UART_BAUD);
     uint8_t *arena = internal_arena;
-    uint32_t arena_size = sizeof internal_arena;
+    size_t arena_size = sizeof internal_arena;
 #if defined(BOARD_HAS_PSRAM) && defined(TPFED_PSRAM_ARENA_SIZE)
     if (psramFound()) {
         uint8_t *ext = (uint8_t *)ps_malloc(TPFED_PSRAM_ARENA_SIZE);   // once, at boot
@@ -92,9 +98,21 @@ void setup() {
     info.has_fpu = 0;
 #endif
     info.has_simd = TPFED_HAS_SIMD;
-    tpfed_peer_init(&peer, &hal, &info, TPFED_DEVICE_CLASS, arena, arena_size);
+    tpfed_stream_init(&stream, rx_buf, sizeof rx_buf, link_write, link_read, nullptr);
+    tpfed_peer_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.hal = &hal;
+    cfg.info = &info;
+    cfg.device_class = TPFED_DEVICE_CLASS;
+    cfg.transports = TPFED_TRANSPORT_SERIAL;
+    cfg.max_frame = TPFED_BOARD_MAX_FRAME;
+    cfg.max_groups = 64;
+    cfg.max_ranges = 16;
+    cfg.int8_macs = 0;   // measured now
+    peer = tpfed_peer_init(arena, arena_size, &cfg);
+    if (!peer) esp_restart();
 }
 
 void loop() {
-    if (!tpfed_peer_poll(&peer)) hal.wait(hal.ctx, 10);
+    if (!tpfed_stream_poll(&stream, peer)) wait_input(10);
 }

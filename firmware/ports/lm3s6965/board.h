@@ -1,5 +1,5 @@
 // LM3S6965 port (QEMU lm3s6965evb): UART0 (PL011) with an interrupt-fed receive ring,
-// SysTick clock, sleep with WFI, and the tpfed_hal built from them.
+// SysTick clock, sleep with WFI (main.c runs the tpfed peer on them).
 #ifndef TPFED_BOARD_H
 #define TPFED_BOARD_H
 

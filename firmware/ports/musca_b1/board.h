@@ -1,6 +1,6 @@
 // Musca-B1 port (QEMU musca-b1: SSE-200 with Cortex-M33 CPU0, running in the Secure state):
-// UART0 (PL011) with an interrupt-fed receive ring, SysTick clock, sleep with WFI, and the
-// tpfed_hal built from them.
+// UART0 (PL011) with an interrupt-fed receive ring, SysTick clock, sleep with WFI (main.c runs
+// the tpfed peer on them).
 #ifndef TPFED_BOARD_H
 #define TPFED_BOARD_H
 

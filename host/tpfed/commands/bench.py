@@ -2,8 +2,8 @@
 
 - ``tpfed bench kernels``: the int8 matrix-vector kernel against numpy float32 and the measured
   memory bandwidth (:mod:`tpfed.bench.kernels`).
-- ``tpfed bench e2e``: end-to-end generation, single process against local UDP peers
-  (:mod:`tpfed.bench.e2e`).
+- ``tpfed bench e2e``: end-to-end generation on any llama2.c checkpoint, the single-process
+  forward against local UDP peers and optionally llama2.c's ``run`` (:mod:`tpfed.bench.e2e`).
 """
 
 from __future__ import annotations
@@ -84,23 +84,38 @@ def run_kernels(args: argparse.Namespace) -> int:
 
 def add_e2e_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_positive_int, default=256,
-                        help="positions generated per run, prompt included (256)")
+                        help="positions generated per run, prompt included (256; at most the "
+                             "model's seq_len)")
     parser.add_argument("--repeat", type=_positive_int, default=3,
                         help="runs per configuration; the fastest is reported (3)")
-    parser.add_argument("--peers", default="1,2,4", help="peer counts to measure (1,2,4)")
-    parser.add_argument("--model", help="llama2.c checkpoint (default: stories260K)")
+    parser.add_argument("--peers", default="1,2,4",
+                        help="comma list of local peer counts to measure (1,2,4); '' or 0 for none")
+    parser.add_argument("--model", help="llama2.c checkpoint, file or folder (default: stories260K)")
+    parser.add_argument("--tokenizer", help="llama2.c tokenizer .bin (default: next to the model)")
+    parser.add_argument("--llama2c-run", metavar="PATH",
+                        help="a llama2.c `run` binary you built (gcc -O3 -o run run.c -lm), run "
+                             "on the same model in the same run as a second baseline")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+
+def _peer_counts(text: str) -> tuple[int, ...]:
+    from tpfed.errors import TpfedError
+
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise TpfedError(f"--peers takes a comma list of counts, got {text!r}") from None
+    if any(n < 0 for n in counts):
+        raise TpfedError(f"--peers counts must be >= 0, got {text!r}")
+    return tuple(n for n in counts if n > 0)
 
 
 def run_e2e(args: argparse.Namespace) -> int:
     from tpfed.bench.e2e import run_e2e_bench
-    from tpfed.errors import TpfedError
 
-    try:
-        counts = tuple(int(x) for x in args.peers.split(","))
-    except ValueError:
-        raise TpfedError(f"--peers takes a comma list of counts, got {args.peers!r}") from None
-    result = run_e2e_bench(counts, steps=args.steps, repeat=args.repeat, model=args.model)
+    result = run_e2e_bench(_peer_counts(args.peers), steps=args.steps, repeat=args.repeat,
+                           model=args.model, tokenizer=args.tokenizer,
+                           llama2c_run=args.llama2c_run)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -109,17 +124,29 @@ def run_e2e(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     base = result["single_process_tokens_per_s"]
-    table = Table(title=f"stories260K, {result['steps']} positions, greedy; "
-                        f"single process {base:.0f} tok/s")
+    g = result["geometry"]
+    console = Console()
+    console.print(f"{result['model']} (dim {g['dim']}, {g['n_layers']} layers, hidden "
+                  f"{g['hidden_dim']}, {g['n_heads']}/{g['n_kv_heads']} heads, vocab "
+                  f"{g['vocab_size']}): {result['steps']} positions, greedy, best of {args.repeat}")
+    console.print(f"single process, int8, {result['single_process_threads']} thread "
+                  f"(each peer computes on 1 thread too): {base:.1f} tok/s")
+    if "llama2c_run_tokens_per_s" in result:
+        console.print(f"llama2.c run ({result['llama2c_run']}, float32, its own timing): "
+                      f"{result['llama2c_run_tokens_per_s']:.1f} tok/s; single process int8 is "
+                      f"{result['single_process_vs_llama2c_run']:.2f}x that")
+    if not result["points"]:
+        return 0
+    table = Table(title="local UDP peers vs the single process, measured in this run")
     for col in ("peers", "tok/s", "vs single", "ms/token", "overhead ms/token",
                 "wire B/token", "min B/token", "wire / min", "same text"):
         table.add_column(col, justify="right")
     for p in result["points"]:
-        table.add_row(str(p["peers"]), f"{p['tokens_per_s']:.0f}", f"{p['tokens_per_s'] / base:.2f}x",
+        table.add_row(str(p["peers"]), f"{p['tokens_per_s']:.1f}", f"{p['vs_single_process']:.2f}x",
                       f"{p['ms_per_token']:.2f}", f"{p['overhead_ms_per_token']:.2f}",
                       f"{p['wire_bytes_per_token']:.0f}", f"{p['min_wire_bytes_per_token']:.0f}",
                       f"{p['wire_ratio']:.3f}", "yes" if p["same_text_as_single"] else "NO")
-    Console().print(table)
+    console.print(table)
     return 0
 
 
@@ -162,7 +189,8 @@ _BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                 add_kernels_arguments, run_kernels),
     "plan": ("capability planner on Llama-2-70B over 100 devices: plan, re-plan, makespan/ideal",
              add_plan_arguments, run_plan),
-    "e2e": ("stories260K generation: single process vs 1, 2, 4 local UDP peers, in one run",
+    "e2e": ("greedy generation (stories260K or --model): single process vs local UDP peers, "
+            "in one run",
             add_e2e_arguments, run_e2e),
 }
 

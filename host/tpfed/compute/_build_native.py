@@ -1,9 +1,10 @@
 """CFFI (API mode) build of the firmware's C library for the host.
 
 The host compiles exactly the sources the boards compile: every ``.c`` file in
-``firmware/lib/tpfed/src``. The public headers in ``firmware/lib/tpfed/include`` are the ABI;
-the part of each header between ``// cffi:begin`` and ``// cffi:end`` is handed to
-``ffibuilder.cdef`` as is, so it must stay plain C declarations (no preprocessor lines except
+``firmware/lib/tpfed/src``, plus the host's own port in ``firmware/ports/host`` (the desktop
+peer's UDP loop and the coordinator's stage exchange, POSIX sockets). The public headers in
+``firmware/lib/tpfed/include`` and ``firmware/ports/host`` are the ABI; the part of each header
+between ``// cffi:begin`` and ``// cffi:end`` is handed to ``ffibuilder.cdef`` as is, so it must stay plain C declarations (no preprocessor lines except
 integer ``#define`` constants).
 
 Set ``TPFED_KERNELS=ref`` at build time to compile without the optimised variants (the
@@ -22,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[3]
 LIB = ROOT / "firmware" / "lib" / "tpfed"
 INCLUDE = LIB / "include"
 SRC = LIB / "src"
+HOST_PORT = ROOT / "firmware" / "ports" / "host"
 
 _REGION = re.compile(r"//\s*cffi:begin\s*\n(.*?)//\s*cffi:end", re.S)
 
@@ -35,7 +37,8 @@ def _rel(path: Path) -> str:
 
 
 def public_headers() -> list[Path]:
-    return sorted(p for p in INCLUDE.glob("*.h") if _REGION.search(p.read_text()))
+    headers = [*sorted(INCLUDE.glob("*.h")), *sorted(HOST_PORT.glob("*.h"))]
+    return [p for p in headers if _REGION.search(p.read_text())]
 
 
 def cdef_text() -> str:
@@ -43,7 +46,7 @@ def cdef_text() -> str:
 
 
 def c_sources() -> list[Path]:
-    return sorted(SRC.glob("*.c"))
+    return [*sorted(SRC.glob("*.c")), *sorted(HOST_PORT.glob("*.c"))]
 
 
 ffibuilder = FFI()
@@ -57,7 +60,7 @@ ffibuilder.set_source(
     "tpfed.compute._native",
     "\n".join(f'#include "{h.name}"' for h in public_headers()),
     sources=[_rel(p) for p in c_sources()],
-    include_dirs=[_rel(INCLUDE), _rel(SRC)],
+    include_dirs=[_rel(INCLUDE), _rel(SRC), _rel(HOST_PORT)],
     define_macros=_defines,
     extra_compile_args=["-std=c99", "-O3", "-ffp-contract=off", "-Wall", "-Wextra"],
 )

@@ -10,24 +10,30 @@ partial vectors from :meth:`Int8Transformer.partials`. Locally that sums every u
 via :class:`tpfed.compute.share.DeviceShards`; the distributed coordinator overrides that one method to
 broadcast the activation to its peers and sum what they send back. Every broadcast activation
 is kept in :attr:`Int8Transformer.history` so a lost device's KV cache can be rebuilt by replay.
+
+The per-token loop exists once, as the generator :meth:`Int8Transformer.forward_stages`: it
+yields ``(layer, stage, activation)`` for every stage and is sent that stage's summed partial.
+:meth:`Int8Transformer.forward` drives it with the local units; the coordinator drives it with
+the peers' partials. Between two stages the host makes one C call
+(``residual_rmsnorm_q8_0``: residual add, RMSNorm, Q8_0) on buffers allocated once.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Generator
 from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 
+from tpfed.compute._native import ffi, lib
 from tpfed.compute.kernels import (
-    QK8_0,
+    Q8_BLOCK,
     Q8Tensor,
     empty_q8_0,
     matmul_q8_0_f32,
     n_blocks,
     quantize_q8_0,
-    rmsnorm_f32,
 )
 from tpfed.compute.share import (
     AttentionWeights,
@@ -40,11 +46,15 @@ from tpfed.compute.share import (
 from tpfed.errors import ModelError
 from tpfed.model.config import ModelConfig
 from tpfed.model.llama2c import LlamaWeights, load_llama2c
+from tpfed.protocol.schema import Stage  # the wire enum: one definition of a stage's number
 
+STAGES = (Stage.ATTENTION, Stage.MLP)
+"""The stages of a layer, in the order they run."""
 
-class Stage(IntEnum):
-    ATTENTION = 0
-    MLP = 1
+_F32 = np.dtype(np.float32)
+_memmove = ffi.memmove
+_from_buffer = ffi.from_buffer
+_residual_rmsnorm_q8_0 = lib.residual_rmsnorm_q8_0
 
 
 @dataclass(frozen=True)
@@ -120,7 +130,7 @@ class Q8Model(UnitSource):
         if (a, b) == (0, self.config.hidden_dim):
             w2 = L.w2
         else:
-            b0, b1 = a // QK8_0, n_blocks(b)
+            b0, b1 = a // Q8_BLOCK, n_blocks(b)
             w2 = Q8Tensor(np.ascontiguousarray(L.w2.qs[:, a:b]), np.ascontiguousarray(L.w2.d[:, b0:b1]))
         return MlpWeights(
             w1=Q8Tensor(L.w1.qs[a:b], L.w1.d[a:b]),
@@ -148,8 +158,9 @@ class ActivationLog:
     def __init__(self, config: ModelConfig, capacity: int = 64) -> None:
         self.config = config
         self._cap = 0
+        self._nb = n_blocks(config.dim)
         self._qs = np.empty((config.n_layers, 2, 0, config.dim), np.int8)
-        self._d = np.empty((config.n_layers, 2, 0, n_blocks(config.dim)), np.uint16)
+        self._d = np.empty((config.n_layers, 2, 0, self._nb), np.uint16)
         self.length = 0  # positions 0..length-1 are recorded (for every layer and stage)
         self._current = 0  # the position being recorded
         self._grow(min(capacity, config.seq_len))
@@ -157,10 +168,13 @@ class ActivationLog:
     def _grow(self, cap: int) -> None:
         c = self.config
         qs = np.empty((c.n_layers, 2, cap, c.dim), np.int8)
-        d = np.empty((c.n_layers, 2, cap, n_blocks(c.dim)), np.uint16)
+        d = np.empty((c.n_layers, 2, cap, self._nb), np.uint16)
         qs[:, :, : self._cap] = self._qs
         d[:, :, : self._cap] = self._d
         self._qs, self._d, self._cap = qs, d, cap
+        # raw pointers for record(); the arrays above keep the memory alive
+        self._pqs = ffi.cast("int8_t *", _from_buffer("int8_t[]", qs))
+        self._pd = ffi.cast("uint16_t *", _from_buffer("uint16_t[]", d))
 
     def reset(self) -> None:
         self.length = 0
@@ -179,8 +193,14 @@ class ActivationLog:
     def record(self, layer: int, stage: Stage, pos: int, x: Q8Tensor) -> None:
         if pos != self._current:
             raise ModelError(f"activation log: recording position {pos} while at {self._current}")
-        self._qs[layer, stage, pos] = x.qs
-        self._d[layer, stage, pos] = x.d
+        dim, nb = self.config.dim, self._nb
+        if not (0 <= layer < self.config.n_layers and (stage == 0 or stage == 1)
+                and x.qs.shape == (dim,)):
+            raise ModelError(f"activation log: cannot record layer {layer} stage {stage} of "
+                             f"shape {x.qs.shape}")
+        i = (2 * layer + stage) * self._cap + pos
+        _memmove(self._pqs + i * dim, x._pqs, dim)
+        _memmove(self._pd + i * nb, x._pd, 2 * nb)
 
     def commit(self, pos: int) -> None:
         """Position ``pos`` is complete (every layer and stage recorded)."""
@@ -196,6 +216,10 @@ class ActivationLog:
         return Q8Tensor(self._qs[layer, stage, :n], self._d[layer, stage, :n])
 
 
+StageStep = tuple[int, Stage, Q8Tensor]
+"""What :meth:`Int8Transformer.forward_stages` yields: (layer, stage, activation)."""
+
+
 class Int8Transformer:
     """Single-sequence int8 forward: the coordinator-side steps plus :meth:`partials`."""
 
@@ -208,6 +232,14 @@ class Int8Transformer:
         self._xb = np.empty(c.dim, np.float32)
         self._xq = empty_q8_0(c.dim)
         self.logits = np.empty(c.vocab_size, np.float32)
+        # everything the per-stage C call needs, made once
+        self._px = _from_buffer("float[]", self.x)
+        self._pxb = _from_buffer("float[]", self._xb)
+        self._steps = [
+            (layer, stage, _from_buffer("float[]", L.rms_att if stage == Stage.ATTENTION else L.rms_ffn))
+            for layer, L in enumerate(model.layers) for stage in STAGES
+        ]
+        self._pfinal = _from_buffer("float[]", model.rms_final)
 
     def reset(self) -> None:
         self.shards.reset()
@@ -215,7 +247,7 @@ class Int8Transformer:
 
     def partials(self, layer: int, stage: Stage, x: Q8Tensor, pos: int) -> np.ndarray:
         """Sum of the partial vectors (dim,) of every unit of ``stage`` in ``layer`` for the
-        activation ``x`` at ``pos``. Override to compute them elsewhere."""
+        activation ``x`` at ``pos``, from the local units."""
         att, mlp = self.shards.layers[layer]
         if stage == Stage.ATTENTION:
             return att.forward(x, pos)
@@ -228,33 +260,64 @@ class Int8Transformer:
         self.x[:] = self.model.token_embedding[token]
         return self.x
 
+    def _norm_quantize(self, partial: object, w: object) -> Q8Tensor:
+        """x += partial (a C pointer or NULL); the activation = Q8_0(rmsnorm(x, w))."""
+        xq = self._xq
+        _residual_rmsnorm_q8_0(self._px, partial, w, self.config.dim, self.config.norm_eps,
+                               self._pxb, xq._pqs, xq._pd)
+        return xq
+
+    def _partial_ptr(self, partial: object) -> object:
+        if not (isinstance(partial, np.ndarray) and partial.dtype == _F32
+                and partial.shape == self.x.shape and partial.flags.c_contiguous):
+            raise ModelError(f"a stage's partial must be a C-contiguous float32 array of shape "
+                             f"{self.x.shape}, got {getattr(partial, 'shape', type(partial).__name__)}")
+        return _from_buffer("float[]", partial)
+
     def activation(self, layer: int, stage: Stage, pos: int) -> Q8Tensor:
         """RMSNorm the residual with the stage's norm and quantise it (the vector broadcast);
         recorded in :attr:`history`."""
-        L = self.model.layers[layer]
-        w = L.rms_att if stage == Stage.ATTENTION else L.rms_ffn
-        rmsnorm_f32(self.x, w, self.config.norm_eps, out=self._xb)
-        quantize_q8_0(self._xb, out=self._xq)
-        self.history.record(layer, stage, pos, self._xq)
-        return self._xq
+        xq = self._norm_quantize(ffi.NULL, self._steps[2 * layer + stage][2])
+        self.history.record(layer, stage, pos, xq)
+        return xq
 
     def classify(self) -> np.ndarray:
-        rmsnorm_f32(self.x, self.model.rms_final, self.config.norm_eps, out=self._xb)
-        quantize_q8_0(self._xb, out=self._xq)
-        return matmul_q8_0_f32(self.model.wcls, self._xq, out=self.logits)
+        xq = self._norm_quantize(ffi.NULL, self._pfinal)
+        return matmul_q8_0_f32(self.model.wcls, xq, out=self.logits)
 
-    def forward(self, token: int, pos: int) -> np.ndarray:
-        """Logits (vocab_size,) float32 for ``token`` at ``pos``; reused by the next call."""
+    def forward_stages(self, token: int, pos: int) -> Generator[StageStep, np.ndarray, np.ndarray]:
+        """The forward pass of ``token`` at ``pos``, stage by stage: yields ``(layer, stage,
+        activation)`` for every stage in order and must be sent that stage's summed partial
+        (float32 (dim,)), which is added to the residual; returns the logits (vocab_size,)
+        (reused by the next pass). The activation is recorded in :attr:`history` and valid
+        until the next stage. Drive it with ``send(None)`` first, then ``send(partial)``."""
         c = self.config
         if not 0 <= pos < c.seq_len:
             raise ModelError(f"position {pos} outside the context (seq_len {c.seq_len})")
         if pos > self.history.length:
             raise ModelError(f"position {pos} fed before position {self.history.length}")
         self.embed(token)
-        self.history.begin(pos)
-        for layer in range(c.n_layers):
-            for stage in (Stage.ATTENTION, Stage.MLP):
-                xq = self.activation(layer, stage, pos)
-                self.x += self.partials(layer, stage, xq, pos)
-        self.history.commit(pos)
-        return self.classify()
+        history = self.history
+        history.begin(pos)
+        norm_quantize, partial_ptr, record = self._norm_quantize, self._partial_ptr, history.record
+        partial = ffi.NULL
+        for layer, stage, w in self._steps:
+            xq = norm_quantize(partial, w)
+            record(layer, stage, pos, xq)
+            partial = partial_ptr((yield layer, stage, xq))
+        history.commit(pos)
+        xq = norm_quantize(partial, self._pfinal)
+        return matmul_q8_0_f32(self.model.wcls, xq, out=self.logits)
+
+    def forward(self, token: int, pos: int) -> np.ndarray:
+        """Logits (vocab_size,) float32 for ``token`` at ``pos``; reused by the next call.
+        :meth:`forward_stages` driven with the local units' partials."""
+        stages = self.forward_stages(token, pos)
+        partials = self.partials
+        partial = None
+        try:
+            while True:
+                layer, stage, xq = stages.send(partial)
+                partial = partials(layer, stage, xq, pos)
+        except StopIteration as done:
+            return done.value

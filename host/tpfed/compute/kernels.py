@@ -22,7 +22,7 @@ import numpy as np
 
 from tpfed.compute._native import ffi, lib
 
-QK8_0: int = lib.TPFED_QK8_0
+Q8_BLOCK: int = lib.TPFED_Q8_BLOCK  # values per Q8_0 scale; the one Python name for it
 _INT_MAX = 2**31 - 1
 
 _from_buffer = ffi.from_buffer
@@ -35,7 +35,7 @@ def n_blocks(n: int) -> int:
     """Number of Q8_0 blocks (scales) for ``n`` values."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    return (n + QK8_0 - 1) // QK8_0
+    return (n + Q8_BLOCK - 1) // Q8_BLOCK
 
 
 def _check(name: str, a: object, dtype: np.dtype, ndims: tuple[int, ...] | None,
@@ -119,7 +119,7 @@ def _q8_rows(fn: Callable, qs: np.ndarray, d: np.ndarray, x: np.ndarray) -> None
     pq = _from_buffer("int8_t[]", qs)
     pd = _from_buffer("uint16_t[]", d)
     px = _from_buffer("float[]", x)
-    if x.ndim == 1 or cols % QK8_0 == 0:
+    if x.ndim == 1 or cols % Q8_BLOCK == 0:
         fn(pq, pd, px, x.size)
         return
     nb = d.shape[-1]
@@ -250,6 +250,45 @@ def rmsnorm_f32(x: np.ndarray, w: np.ndarray, eps: float = 1e-5,
     lib.rmsnorm_f32(_from_buffer("float[]", out), _from_buffer("float[]", x),
                     _from_buffer("float[]", w), x.size, eps)
     return out
+
+
+def _residual_rmsnorm_q8_0(fn: Callable, x: np.ndarray, partial: np.ndarray | None,
+                           w: np.ndarray, eps: float, out: Q8Tensor | None,
+                           xb: np.ndarray | None) -> Q8Tensor:
+    _check("x", x, _F32, (1,), writeable=True)
+    _check("w", w, _F32, (1,), writeable=False)
+    if w.shape != x.shape:
+        raise ValueError(f"w must have shape {x.shape}, got {w.shape}")
+    if partial is not None:
+        _check("partial", partial, _F32, (1,), writeable=False)
+        if partial.shape != x.shape:
+            raise ValueError(f"partial must have shape {x.shape}, got {partial.shape}")
+    xb = _f32_out("xb", xb, x.shape)
+    if out is None:
+        out = empty_q8_0(x.shape)
+    elif out.shape != x.shape:
+        raise ValueError(f"out must have shape {x.shape}, got {out.shape}")
+    elif not (out.qs.flags.writeable and out.d.flags.writeable):
+        raise ValueError("out must be writeable")
+    fn(_from_buffer("float[]", x), ffi.NULL if partial is None else _from_buffer("float[]", partial),
+       _from_buffer("float[]", w), x.size, eps, _from_buffer("float[]", xb), out._pqs, out._pd)
+    return out
+
+
+def residual_rmsnorm_q8_0(x: np.ndarray, partial: np.ndarray | None, w: np.ndarray,
+                          eps: float = 1e-5, out: Q8Tensor | None = None,
+                          xb: np.ndarray | None = None) -> Q8Tensor:
+    """The coordinator's step between stages in one call (``tpfed_residual.h``): ``x +=
+    partial`` in place (skipped when None), ``xb = rmsnorm_f32(x, w, eps)``, and ``out`` = Q8_0
+    of ``xb``; the same bits as those three steps done separately."""
+    return _residual_rmsnorm_q8_0(lib.residual_rmsnorm_q8_0, x, partial, w, eps, out, xb)
+
+
+def residual_rmsnorm_q8_0_ref(x: np.ndarray, partial: np.ndarray | None, w: np.ndarray,
+                              eps: float = 1e-5, out: Q8Tensor | None = None,
+                              xb: np.ndarray | None = None) -> Q8Tensor:
+    """:func:`residual_rmsnorm_q8_0` with the reference kernel."""
+    return _residual_rmsnorm_q8_0(lib.residual_rmsnorm_q8_0_ref, x, partial, w, eps, out, xb)
 
 
 def softmax_f32(x: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ from construct import Const, Struct
 
 from tpfed.compute._native import ffi, lib
 from tpfed.compute.kernels import (
-    QK8_0,
+    Q8_BLOCK,
     Q8Tensor,
     n_blocks,
 )
@@ -153,9 +153,9 @@ def check_ranges(config: ModelConfig, ranges: Iterable[Range]) -> tuple[Range, .
     for a, b in rs:
         if not 0 <= a < b <= config.hidden_dim:
             raise ShardError(f"MLP range [{a}, {b}) is empty or outside [0, {config.hidden_dim})")
-        if a % QK8_0 or (b % QK8_0 and b != config.hidden_dim):
+        if a % Q8_BLOCK or (b % Q8_BLOCK and b != config.hidden_dim):
             raise ShardError(
-                f"MLP range [{a}, {b}) must start on a multiple of {QK8_0} and end on one or at "
+                f"MLP range [{a}, {b}) must start on a multiple of {Q8_BLOCK} and end on one or at "
                 f"hidden_dim {config.hidden_dim}"
             )
         if a < prev_end:

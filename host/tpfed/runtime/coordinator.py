@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from tpfed.compute._native import ffi, lib
 from tpfed.compute.int8_forward import Int8Transformer, Q8Model, Stage
 from tpfed.compute.kernels import Q8Tensor
 from tpfed.compute.share import DeviceShards, serialize_layer_share
@@ -52,12 +53,15 @@ from tpfed.protocol.schema import (
     PartialEncoding,
 )
 from tpfed.transport.base import LinkClosed
+from tpfed.transport.udp import UdpLink
+from tpfed.transport.udp_fleet import UdpFleet
 
 T = TypeVar("T")
 FRAME_OVERHEAD = HEADER_SIZE + CRC_SIZE
 # payload bytes WEIGHTS and PROBE carry before their data, measured on the schema's own encoding
 WEIGHTS_PREFIX = len(encode_payload(MsgType.WEIGHTS, {"shard_id": 0, "offset": 0, "total": 0,
                                                       "sha256": bytes(32), "data": b""}))
+WEIGHTS_GRANULE = lib.TPFED_WEIGHTS_GRANULE
 PROBE_PREFIX = len(encode_payload(MsgType.PROBE, {"nonce": 0, "t_send_us": 0, "pad": b""}))
 
 
@@ -308,7 +312,11 @@ class Coordinator(PeerLinks, Int8Transformer):
         self.stats = GenerationStats()
         # per (layer, stage): the peers that hold part of it, in plan order
         self._owners: dict[tuple[int, int], list[PeerConn]] = {}
+        # per (layer, stage), when every owner is a UDP peer of one socket: the C fast path
+        self._fast: dict[tuple[int, int], tuple[UdpFleet, np.ndarray]] = {}
         self._sum = np.empty(model.config.dim, np.float32)
+        self._rows = np.empty((0, model.config.dim), np.float32)
+        self._got = np.zeros(0, np.uint32)
 
     # -- planning and weights ------------------------------------------------------------
     def make_plan(self, strategy: str = "round-robin") -> Plan:
@@ -333,6 +341,32 @@ class Coordinator(PeerLinks, Int8Transformer):
             for stage in (Stage.ATTENTION, Stage.MLP):
                 if (layer, stage) not in self._owners:
                     raise PeerError(f"the plan leaves layer {layer} {stage.name} to nobody")
+        self._plan_fast_path()
+
+    def _plan_fast_path(self) -> None:
+        """Stages whose owners are all UDP peers of one socket, and whose ACTIVATION fits that
+        socket's MTU, go through :class:`UdpFleet` (one C call to send, one to gather)."""
+        by_endpoint: dict[int, list[PeerConn]] = {}
+        for p in self.peers:
+            if isinstance(p.link, UdpLink):
+                by_endpoint.setdefault(id(p.link.endpoint), []).append(p)
+        fleets = {}
+        for peers in by_endpoint.values():
+            ep = peers[0].link.endpoint
+            if activation_frame_size(self.config.dim) <= ep.framer.mtu:
+                fleets[id(ep)] = UdpFleet(ep, [p.link for p in peers])
+        self._fast = {}
+        widest = 0
+        for key, owners in self._owners.items():
+            widest = max(widest, len(owners))
+            links = [p.link for p in owners]
+            if not all(isinstance(link, UdpLink) for link in links):
+                continue
+            fleet = fleets.get(id(links[0].endpoint))
+            if fleet is not None and fleet.covers(links):
+                self._fast[key] = (fleet, fleet.indices(links))
+        self._rows = np.empty((widest, self.config.dim), np.float32)
+        self._got = np.zeros(widest, np.uint32)
 
     async def push_weights(self, progress: Callable[[str, int], None] | None = None) -> None:
         """ASSIGN every device its share, stream its layer shards in WEIGHTS chunks (each
@@ -359,6 +393,7 @@ class Coordinator(PeerLinks, Int8Transformer):
                                             seq=self._next_seq(), session=self.session),
                                 MsgType.ACK, "ASSIGN")
             max_chunk = min(self.chunk_bytes, peer.hello["max_frame"] - FRAME_OVERHEAD - WEIGHTS_PREFIX)
+            max_chunk -= max_chunk % WEIGHTS_GRANULE  # chunks start on the peer's granules
             if max_chunk <= 0:
                 raise PeerError(f"peer {peer.label} takes frames of {peer.hello['max_frame']} bytes, "
                                 "too small for WEIGHTS")
@@ -414,6 +449,9 @@ class Coordinator(PeerLinks, Int8Transformer):
         seq = self._next_seq()
         frame = encode_activation(layer, int(stage), pos, x.qs, x.d, dst=BROADCAST, seq=seq,
                                   session=self.session)
+        fast = self._fast.get((layer, stage))
+        if fast is not None:
+            return await self._partials_fleet(fast, owners, frame, seq, layer, stage, pos)
         n = len(owners)
         got: list[tuple[np.ndarray, int] | None] = [None] * n
         done = asyncio.get_running_loop().create_future()
@@ -443,6 +481,33 @@ class Coordinator(PeerLinks, Int8Transformer):
                 out += part
             received += size
         n = len(owners)
+        self.stats.wire_bytes += n * len(frame) + received
+        self.stats.min_wire_bytes += n * min_stage_bytes(self.config.dim)
+        return out
+
+    async def _partials_fleet(self, fast: tuple[UdpFleet, np.ndarray], owners: list[PeerConn],
+                              frame: bytes, seq: int, layer: int, stage: Stage,
+                              pos: int) -> np.ndarray:
+        """The stage through C: one ``sendmmsg``, one blocking gather; owners that did not
+        answer in time (or answered otherwise) go through :meth:`_gather`, which resends,
+        reports errors and applies the deadline."""
+        fleet, idx = fast
+        n = len(owners)
+        rows, got = self._rows[:n], self._got[:n]
+        got[:] = 0
+        fleet.send_all(frame, idx)
+        have = fleet.gather(idx, self.session, seq, layer, int(stage), pos, rows, got,
+                            self.deadline_s / 4)
+        received = int(got.sum())
+        if have < n:
+            for i, p in enumerate(owners):
+                if not got[i]:
+                    part, size = await self._gather(p, layer, stage, pos, frame)
+                    rows[i] = part
+                    received += size
+        out = self._sum
+        lib.tpfed_sum_rows_f32(ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", rows),
+                               n, out.shape[0])  # in plan order, whoever answered first
         self.stats.wire_bytes += n * len(frame) + received
         self.stats.min_wire_bytes += n * min_stage_bytes(self.config.dim)
         return out
@@ -521,17 +586,16 @@ class Coordinator(PeerLinks, Int8Transformer):
     async def forward_async(self, token: int, pos: int) -> np.ndarray:
         """Logits for ``token`` at ``pos``: :meth:`Int8Transformer.forward` with the partials
         computed by the peers."""
-        c = self.config
         if not 0 <= pos < self.seq_len:
             raise PeerError(f"position {pos} outside the planned context ({self.seq_len})")
-        self.embed(token)
-        self.history.begin(pos)
-        for layer in range(c.n_layers):
-            for stage in (Stage.ATTENTION, Stage.MLP):
-                xq = self.activation(layer, stage, pos)
-                self.x += await self.partials_remote(layer, stage, xq, pos)
-        self.history.commit(pos)
-        return self.classify()
+        stages = self.forward_stages(token, pos)
+        partial = None
+        try:
+            while True:
+                layer, stage, xq = stages.send(partial)
+                partial = await self.partials_remote(layer, stage, xq, pos)
+        except StopIteration as done:
+            return done.value
 
     async def close(self, bye: bool = True) -> None:
         for peer in self.peers:

@@ -71,11 +71,15 @@ def load_model(model: str | None, tokenizer: str | None) -> tuple[Q8Model, Token
     return q8, tok
 
 
+LOOPBACK_MTU = 65000  # loopback carries 64 KiB datagrams: no fragments between local processes
+
+
 async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack,
                      *, mtu: int = 1400) -> list[Link]:
     """Links to every peer of ``specs``, in order; local peers and emulated boards are started
-    here and stopped when ``stack`` closes."""
-    from tpfed.transport import open_serial_link, open_udp_link
+    here and stopped when ``stack`` closes. UDP peers share one socket per address family (local
+    peers one on loopback), so the coordinator can reach a stage's peers with one system call."""
+    from tpfed.transport import UdpEndpoint, open_serial_link, resolve_udp
 
     n_local = sum(1 for s in specs if s.kind == "local")
     local_uris: list[str] = []
@@ -83,7 +87,8 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
     if n_local:
         from tpfed.runtime.localpeers import LocalPeers
 
-        local_uris = await stack.enter_async_context(LocalPeers(n_local))
+        local_uris = await stack.enter_async_context(
+            LocalPeers(n_local, extra_args=("--mtu", str(LOOPBACK_MTU))))
     if any(s.kind == "emu" for s in specs):
         from tpfed.runtime.emulator import DEFAULT_ENV, EmulatedBoards
 
@@ -94,15 +99,26 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
                                              EmulatedBoards(emu_envs.count(env), env=env))
             pools[env] = [b.url for b in boards]
         emu_urls = [pools[env].pop(0) for env in emu_envs]  # in the order the specs name them
+    endpoints: dict[str, UdpEndpoint] = {}
+
+    async def endpoint(host: str, ep_mtu: int) -> UdpEndpoint:
+        if host not in endpoints:
+            endpoints[host] = await UdpEndpoint.bind(host, 0, mtu=ep_mtu)
+            stack.push_async_callback(endpoints[host].close)
+        return endpoints[host]
+
     links: list[Link] = []
     i_local = i_emu = 0
     for spec in specs:
         if spec.kind == "local":
-            uri, name = local_uris[i_local], f"local-{i_local}"
+            ep = await endpoint("127.0.0.1", LOOPBACK_MTU)
+            link = await ep.open_link(local_uris[i_local], name=f"local-{i_local}")
             i_local += 1
-            link = await open_udp_link(uri, name=name, mtu=mtu)
         elif spec.kind == "udp":
-            link = await open_udp_link(spec.uri, name=spec.uri, mtu=mtu)
+            addr = await resolve_udp(spec.host, spec.port)
+            ep = await endpoint("::" if ":" in addr[0] else "0.0.0.0", mtu)
+            link = ep.link(addr, name=spec.uri)
+            link.uri = spec.uri
         elif spec.kind == "emu":
             link = await open_serial_link(emu_urls[i_emu], name=f"emu-{i_emu}")
             i_emu += 1

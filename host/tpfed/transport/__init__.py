@@ -11,9 +11,9 @@ A peer's server side: ``ep = await UdpEndpoint.bind("0.0.0.0", 7000)``, then
 
 from .base import FrameQueue, Link, LinkClosed, LinkStats
 from .serial import SerialLink, open_serial_link, parse_serial_url
-from .udp import UdpEndpoint, UdpLink, open_udp_link, parse_udp_uri
+from .udp import UdpEndpoint, UdpLink, open_udp_link, parse_udp_uri, resolve_udp
 
 __all__ = [
     "FrameQueue", "Link", "LinkClosed", "LinkStats", "SerialLink", "UdpEndpoint", "UdpLink",
-    "open_serial_link", "open_udp_link", "parse_serial_url", "parse_udp_uri",
+    "open_serial_link", "open_udp_link", "parse_serial_url", "parse_udp_uri", "resolve_udp",
 ]

@@ -132,7 +132,22 @@ class UdpEndpoint:
     async def send(self, frame: bytes, addr: Addr) -> None:
         self.send_nowait(frame, addr)
 
+    def fileno(self) -> int:
+        """The socket's descriptor (the coordinator's C stage exchange uses it directly)."""
+        if self._transport is None:
+            raise LinkClosed("UDP endpoint is not bound")
+        return self._transport.get_extra_info("socket").fileno()
+
     # --- per-remote links --------------------------------------------------------------------
+    async def open_link(self, uri: str, *, name: str | None = None) -> UdpLink:
+        """A Link over this endpoint to the peer at ``udp://host:port`` (resolved here)."""
+        host, port = parse_udp_uri(uri)
+        family = self._transport.get_extra_info("socket").family if self._transport else socket.AF_INET
+        addr = await resolve_udp(host, port, family)
+        link = self.link(addr, name=name or f"{host}:{port}")
+        link.uri = f"udp://{host}:{port}"
+        return link
+
     def link(self, addr: Addr, *, name: str | None = None) -> UdpLink:
         """A Link to ``addr`` over this socket; frames from addr go to it from now on."""
         key = _key(addr)
@@ -201,21 +216,28 @@ class UdpLink(Link):
                          self.endpoint.stats.dropped + self._queue.overflows)
 
 
-async def open_udp_link(uri: str, *, name: str | None = None, mtu: int = 1400,
-                        local_host: str = "0.0.0.0", queue_size: int = 1024) -> UdpLink:
-    """A Link to the peer at ``udp://host:port`` over a fresh socket (closed with the link)."""
-    host, port = parse_udp_uri(uri)
+async def resolve_udp(host: str, port: int, family: int | None = None) -> Addr:
+    """(numeric host, port) of ``host``, of the given address family if there is one."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     except OSError as e:
         raise PeerError(f"cannot resolve {host}: {e}") from None
+    if family is not None:
+        infos = [i for i in infos if i[0] == family] or infos
     infos.sort(key=lambda i: i[0] != socket.AF_INET)  # prefer IPv4
-    family, addr = infos[0][0], infos[0][4]
-    if family == socket.AF_INET6 and local_host == "0.0.0.0":
+    return _key(infos[0][4])
+
+
+async def open_udp_link(uri: str, *, name: str | None = None, mtu: int = 1400,
+                        local_host: str = "0.0.0.0", queue_size: int = 1024) -> UdpLink:
+    """A Link to the peer at ``udp://host:port`` over a fresh socket (closed with the link)."""
+    host, port = parse_udp_uri(uri)
+    addr = await resolve_udp(host, port)
+    if ":" in addr[0] and local_host == "0.0.0.0":
         local_host = "::"
     ep = await UdpEndpoint.bind(local_host, 0, mtu=mtu, queue_size=queue_size)
-    link = UdpLink(ep, _key(addr), name=name or f"{host}:{port}", owns_endpoint=True)
+    link = UdpLink(ep, addr, name=name or f"{host}:{port}", owns_endpoint=True)
     ep._links[link.addr] = link
     link.uri = f"udp://{host}:{port}"
     return link

@@ -1,28 +1,28 @@
-// tpfed hardware abstraction: what a port gives the portable peer core.
-// A port fills one tpfed_hal (function pointers plus its context), one tpfed_device_info and
-// one arena, then drives the peer (see tpfed_peer.h). Nothing here allocates.
+// tpfed hardware abstraction: what a port gives the portable peer core (tpfed_peer.h).
+// The core is frame-level: it is handed whole received frames (tpfed_peer_handle_frame) and
+// hands whole frames back through send_frame. How frames travel is the port's business: a
+// byte stream COBS-frames them (tpfed_stream.h), a datagram link sends each as one datagram
+// or fragments it (tpfed_datagram.h). Nothing here allocates.
 #ifndef TPFED_HAL_H
 #define TPFED_HAL_H
 
 #include <stdint.h>
 
+// cffi:begin
 typedef struct tpfed_hal {
     void *ctx;
-    // Queue all n bytes for the link; may block until they fit.
-    void (*write)(void *ctx, const uint8_t *buf, uint32_t n);
-    // Copy up to cap received bytes into buf without blocking; returns how many.
-    uint32_t (*read)(void *ctx, uint8_t *buf, uint32_t cap);
+    // Send one whole frame (header + payload + CRC, n bytes); may block until it is queued.
+    // The bytes are only valid during the call.
+    void (*send_frame)(void *ctx, const uint8_t *frame, uint32_t n);
     // Milliseconds since boot; wraps at 2^32.
     uint32_t (*millis)(void *ctx);
-    // Sleep until input may have arrived or up to max_ms passed (may return early).
-    void (*wait)(void *ctx, uint32_t max_ms);
 } tpfed_hal;
 
 typedef struct tpfed_device_info {
     const char *board;        // board name, e.g. "lm3s6965evb", "esp32dev"
     const char *port;         // port and framework, e.g. "qemu-cortex-m3", "esp32-arduino"
     uint32_t cpu_hz;
-    uint32_t ram_bytes;       // internal RAM of the chip
+    uint64_t ram_bytes;       // internal RAM of the chip (a desktop's RAM: beyond 4 GiB)
     uint32_t psram_bytes;     // external RAM usable by the arena (0 if none)
     uint32_t flash_bytes;
     uint32_t link_baud;       // UART baud rate, 0 if the link is not a UART
@@ -30,5 +30,6 @@ typedef struct tpfed_device_info {
     uint8_t has_fpu;
     uint8_t has_simd;
 } tpfed_device_info;
+// cffi:end
 
 #endif

@@ -22,8 +22,11 @@
 
 #include <stdint.h>
 
+// TPFED_Q8_BLOCK, the values per Q8_0 scale: defined once, in shared_protocol/schema.py (Q8_BLOCK),
+// generated into tpfed_proto.h; the host reads it back as tpfed.compute.kernels.Q8_BLOCK.
+#include "tpfed_proto.h"
+
 // cffi:begin
-#define TPFED_QK8_0 32
 
 // Scales are IEEE binary16 rather than float: they are 1/16 of a Q8_0 block's bytes instead of
 // 1/8, which matters in board RAM and on the wire, and fp16 keeps 11 significant bits, far more

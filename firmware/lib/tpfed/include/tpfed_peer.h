@@ -1,37 +1,70 @@
-// tpfed portable peer: the protocol state machine of a board, C99, no heap.
+// tpfed peer core: the protocol state machine every device runs (boards, the desktop peer
+// through CFFI, a browser through WebAssembly). C99, no heap, no libm; frame-level.
+//
+// A port fills a tpfed_hal (send a frame, a millisecond clock), a tpfed_device_info and a
+// tpfed_peer_config, hands tpfed_peer_init one arena, and calls tpfed_peer_handle_frame for
+// every frame it receives (header + payload + CRC; the bytes must not lie in the arena).
+// Replies go out through hal->send_frame before handle_frame returns.
 //
 // States: a fresh peer answers HELLO with its capabilities (including the int8 MAC/s it
-// measured at start-up); ASSIGN gives it a session, its device id and its share of each layer
-// (KV groups and MLP column ranges) and lays the share out in the arena; WEIGHTS chunks fill
-// one shard per layer (the layer-share format of host/tpfed/shard.py), hashed on the fly and
-// refused with an ERROR unless the SHA-256 matches and the shard parses; once every assigned
-// layer is in, it sends READY and answers ACTIVATION with PARTIAL (float32), computed by
-// attention_units_forward / mlp_units_forward (tpfed_units.h) over unit views of the shard.
-// An ASSIGN whose PARTIAL or ACTIVATION frames would exceed TPFED_PEER_MAX_FRAME is refused
-// (UNSUPPORTED). HEARTBEAT and PROBE are served in any state, BYE only from the current
+// measured at start-up, or the figure the config gives); ASSIGN gives it a session, its device
+// id and its share of each layer (KV groups and MLP column ranges). An ASSIGN is validated
+// whole (groups strictly ascending and below n_kv_heads, ranges 32-aligned, ascending,
+// disjoint, inside hidden_dim, layers below n_layers and not repeated: BAD_PAYLOAD; more groups
+// or ranges per entry than the config takes, ACTIVATION/PARTIAL frames beyond max_frame:
+// UNSUPPORTED) and sized whole, in 64-bit, before anything is laid out: if the arena cannot
+// hold all of it (shares, unit views, f32 KV caches, compute scratch, tables) the answer is
+// OUT_OF_MEMORY and the previous assignment stays as it was.
+//
+// WEIGHTS chunks fill one share per layer (the layer-share format of the host's shard
+// module) in any order: chunk offsets are multiples of TPFED_WEIGHTS_GRANULE, and so are
+// chunk lengths unless the chunk ends the share (BAD_PAYLOAD otherwise). Repeats are ignored;
+// a chunk announcing another sha256 than the share being assembled starts that share over.
+// When every granule is in, the share is hashed, checked (SHARD_HASH_MISMATCH, BAD_PAYLOAD;
+// either way its assembly starts over) and the WEIGHTS frame that completed it is ACKed;
+// READY follows once every assigned layer is complete. The last chunk of a share already held
+// (same sha256) is ACKed again (and READY repeated), so a sender whose ACK was lost can go on.
+// ACTIVATION is then answered with PARTIAL (float32), computed by the compute units
+// (tpfed_units.h). HEARTBEAT and PROBE are served in any state, BYE only from the current
 // session; malformed frames are dropped and counted.
 //
-// Memory: everything lives in the arena the port hands to tpfed_peer_init: the receive and
-// transmit frame buffers first, then, per ASSIGN, the layer table, the shards, the unit views
-// of each shard, the f32 KV caches and the compute buffers. WEIGHTS chunks of one shard must arrive in order (repeats of
-// already received chunks are ignored), which a stream link gives.
+// Memory: all in the arena, nothing else: the peer's own state first (opaque), the transmit
+// frame buffer, then per ASSIGN the layer table, each layer's group/range tables, share,
+// granule bitmap, unit views and KV caches, and the compute buffers.
 #ifndef TPFED_PEER_H
 #define TPFED_PEER_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include "tpfed_cobs.h"
 #include "tpfed_hal.h"
-#include "tpfed_sha256.h"
 
-#ifndef TPFED_PEER_MAX_FRAME
-#define TPFED_PEER_MAX_FRAME 1024   // largest frame taken, header + payload + CRC
-#endif
-// Announced arena excludes this much, kept for compute buffers (exact figures in READY).
-#define TPFED_PEER_WORK_RESERVE 4096u
+// cffi:begin
+// WEIGHTS chunks start on multiples of this many bytes of the share (lengths too, but for
+// the chunk that ends the share).
+#define TPFED_WEIGHTS_GRANULE 64
+// The announced arena (HELLO arena_kb) excludes this much, kept for compute buffers.
+#define TPFED_PEER_WORK_RESERVE 4096
+// Smallest and largest max_frame a peer can be configured with.
+#define TPFED_PEER_MIN_FRAME 256
+#define TPFED_PEER_MAX_FRAME_LIMIT 65535
+// tpfed_peer_state
+#define TPFED_PEER_IDLE 0
+#define TPFED_PEER_ASSIGNED 1
+#define TPFED_PEER_READY 2
 
-typedef struct tpfed_peer_layer tpfed_peer_layer;
+typedef struct {
+    const tpfed_hal *hal;           // kept by pointer: must outlive the peer
+    const tpfed_device_info *info;  // kept by pointer: must outlive the peer
+    uint8_t device_class;           // tpfed_device_class_t, announced in HELLO
+    uint8_t transports;             // TPFED_TRANSPORT_* flags announced in HELLO
+    uint32_t max_frame;             // largest frame taken and sent, MIN_FRAME..MAX_FRAME_LIMIT
+    uint16_t max_groups;            // KV groups per layer entry taken (at most 255 count)
+    uint16_t max_ranges;            // MLP ranges per layer entry taken (at most 255 count)
+    uint64_t int8_macs;             // 0 = measure at init with the matmul kernel (about 0.1 s)
+} tpfed_peer_config;
+
+typedef struct tpfed_peer tpfed_peer;   // opaque; lives at the start of the arena
 
 typedef struct {
     uint32_t frames_in;
@@ -41,51 +74,32 @@ typedef struct {
     uint32_t activations;
 } tpfed_peer_stats;
 
-typedef struct tpfed_peer {
-    const tpfed_hal *hal;
-    const tpfed_device_info *info;
-    uint8_t device_class;       // tpfed_device_class_t
-    uint8_t *arena;
-    uint32_t arena_size;
-    uint32_t arena_fixed;       // bytes taken by the frame buffers
-    uint32_t arena_used;        // fixed + current assignment
-    uint8_t *rx;                // decoded frame (COBS stream buffer)
-    uint8_t *tx;                // frame being built
-    tpfed_cobs_stream_t stream;
-    uint64_t int8_macs;
-    uint8_t device_id;
-    uint16_t session;
-    uint16_t seq;
-    uint8_t assigned;
-    uint8_t ready;
-    // model geometry from ASSIGN
-    uint16_t dim, n_heads, n_kv_heads, head_size, group_size, seq_len;
-    uint32_t hidden_dim;
-    uint16_t n_layers;
-    float norm_eps, rope_theta;
-    uint16_t n_entries;
-    tpfed_peer_layer *layers;
-    // compute buffers (arena)
-    float *out;                 // (dim) partial of the current ACTIVATION
-    int8_t *xq_qs;              // (dim) activation values
-    uint16_t *xq_d;             // (ceil(dim/32)) activation fp16 scales
-    void *work;                 // scratch of attention_units_forward / mlp_units_forward
-    uint32_t work_bytes;
-    tpfed_peer_stats stats;
-} tpfed_peer;
-
-// Prepare the peer on this port; measures int8 MAC/s with the matmul kernel (about 0.1 s).
-// Returns 0, or -1 if the arena cannot hold the frame buffers.
-int tpfed_peer_init(tpfed_peer *p, const tpfed_hal *hal, const tpfed_device_info *info,
-                    uint8_t device_class, uint8_t *arena, uint32_t arena_size);
-// Measure int8 multiply-accumulates per second of matmul_q8_0_f32 on this board, using the
-// arena past arena_fixed as scratch and the HAL's millisecond clock.
-uint64_t tpfed_peer_measure_macs(tpfed_peer *p);
-// Read what the link has, handle every complete frame. Returns the number of frames handled.
-int tpfed_peer_poll(tpfed_peer *p);
-// Handle one decoded frame (header + payload + CRC); replies go out through the HAL.
+// Bytes of arena a peer with this max_frame needs before any assignment (state, transmit
+// buffer, worst-case alignment). 0 if max_frame is out of range.
+size_t tpfed_peer_arena_min(uint32_t max_frame);
+// Set up a peer at the (8-aligned) start of arena. Returns NULL if the config is incomplete or
+// out of range, or the arena is smaller than tpfed_peer_arena_min(cfg->max_frame).
+tpfed_peer *tpfed_peer_init(uint8_t *arena, size_t arena_size, const tpfed_peer_config *cfg);
+// Handle one received frame (header + payload + CRC); replies go out through hal->send_frame.
 void tpfed_peer_handle_frame(tpfed_peer *p, const uint8_t *frame, size_t len);
-// poll + wait, forever.
-void tpfed_peer_run(tpfed_peer *p);
+
+const tpfed_peer_stats *tpfed_peer_get_stats(const tpfed_peer *p);
+int tpfed_peer_state(const tpfed_peer *p);            // TPFED_PEER_IDLE / ASSIGNED / READY
+uint16_t tpfed_peer_session(const tpfed_peer *p);
+uint8_t tpfed_peer_device_id(const tpfed_peer *p);    // 255 until a HELLO or ASSIGN names it
+uint64_t tpfed_peer_int8_macs(const tpfed_peer *p);
+size_t tpfed_peer_arena_size(const tpfed_peer *p);    // usable bytes (after alignment)
+size_t tpfed_peer_arena_used(const tpfed_peer *p);    // fixed part + current assignment
+uint32_t tpfed_peer_layers_assigned(const tpfed_peer *p);
+uint32_t tpfed_peer_layers_held(const tpfed_peer *p); // assigned layers whose share is complete
+
+// Bytes of one layer share (layout: the host's shard module; header, group table padded to 4,
+// ranges, then per group wq (gq, dim), wk, wv (head_size, dim), wo (dim, gq) and per range
+// w1, w3 (n, dim), w2 (dim, n), each Q8_0 matrix's values and fp16 scales padded to 4), with
+// gq = group_size * head_size. ranges holds n_ranges (start, end) pairs, end > start.
+// Returns 0 on overflow or a range with end < start.
+uint64_t tpfed_share_bytes(uint32_t dim, uint32_t head_size, uint32_t group_size,
+                           uint32_t n_groups, const uint32_t *ranges, uint32_t n_ranges);
+// cffi:end
 
 #endif

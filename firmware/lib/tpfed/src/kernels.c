@@ -112,7 +112,7 @@ TPFED_AVX2 static inline __m256 tile8_group8(__m256 acc, const int8_t *const w[8
     }
     transpose8_ps(sc); // sc[b] lane i: scale product of row i, block b0 + b
     for (int b = 0; b < nblk; b++) {
-        size_t off = (size_t)(b0 + b) * TPFED_QK8_0;
+        size_t off = (size_t)(b0 + b) * TPFED_Q8_BLOCK;
         __m256i p[8];
         if (x_has_m128) {
             __m256i xlo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(x + off)));
@@ -154,23 +154,23 @@ TPFED_AVX2 static void matmul_q8_0_f32_avx2(float *out, const int8_t *wqs, const
                                             const int8_t *xqs, const uint16_t *xd, int rows,
                                             int cols)
 {
-    const int nb = (cols + TPFED_QK8_0 - 1) / TPFED_QK8_0;
-    const int ngroups = cols / (8 * TPFED_QK8_0); // groups of eight full blocks
+    const int nb = (cols + TPFED_Q8_BLOCK - 1) / TPFED_Q8_BLOCK;
+    const int ngroups = cols / (8 * TPFED_Q8_BLOCK); // groups of eight full blocks
     const int bt = ngroups * 8;                    // first block of the tail
-    const int tail_cols = cols - bt * TPFED_QK8_0; // 0 .. 255 values in nb - bt blocks
+    const int tail_cols = cols - bt * TPFED_Q8_BLOCK; // 0 .. 255 values in nb - bt blocks
     const int x_m128 = has_m128(xqs, cols);
 
     // The tail (up to seven full blocks and a short one) is copied into zero-padded buffers so
     // that it runs through the same code; padding adds 0 to the integer sums and padded blocks
     // are never added to acc.
-    int8_t xpad[8 * TPFED_QK8_0];
+    int8_t xpad[8 * TPFED_Q8_BLOCK];
     uint16_t xdpad[8];
-    int8_t wpad[8][8 * TPFED_QK8_0];
+    int8_t wpad[8][8 * TPFED_Q8_BLOCK];
     uint16_t spad[8][8];
     if (tail_cols > 0) {
         memset(xpad, 0, sizeof xpad);
         memset(xdpad, 0, sizeof xdpad);
-        memcpy(xpad, xqs + (size_t)bt * TPFED_QK8_0, (size_t)tail_cols);
+        memcpy(xpad, xqs + (size_t)bt * TPFED_Q8_BLOCK, (size_t)tail_cols);
         memcpy(xdpad, xd + bt, (size_t)(nb - bt) * sizeof(uint16_t));
         memset(wpad, 0, sizeof wpad);
         memset(spad, 0, sizeof spad);
@@ -195,7 +195,7 @@ TPFED_AVX2 static void matmul_q8_0_f32_avx2(float *out, const int8_t *wqs, const
             const int8_t *wp[8];
             const uint16_t *sp[8];
             for (int i = 0; i < 8; i++) {
-                memcpy(wpad[i], w[i] + (size_t)bt * TPFED_QK8_0, (size_t)tail_cols);
+                memcpy(wpad[i], w[i] + (size_t)bt * TPFED_Q8_BLOCK, (size_t)tail_cols);
                 memcpy(spad[i], s[i] + bt, (size_t)(nb - bt) * sizeof(uint16_t));
                 wp[i] = wpad[i];
                 sp[i] = spad[i];
@@ -222,12 +222,12 @@ TPFED_AVX2 static void quantize_q8_0_avx2(int8_t *qs, uint16_t *d, const float *
     const __m256 lim = _mm256_set1_ps(127.0f);
     const __m256 nlim = _mm256_set1_ps(-127.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (int b = 0; b * TPFED_QK8_0 < n; b++) {
-        const int start = b * TPFED_QK8_0;
-        const int len = n - start < TPFED_QK8_0 ? n - start : TPFED_QK8_0;
+    for (int b = 0; b * TPFED_Q8_BLOCK < n; b++) {
+        const int start = b * TPFED_Q8_BLOCK;
+        const int len = n - start < TPFED_Q8_BLOCK ? n - start : TPFED_Q8_BLOCK;
         const float *src = x + start;
-        float pad[TPFED_QK8_0];
-        if (len < TPFED_QK8_0) {
+        float pad[TPFED_Q8_BLOCK];
+        if (len < TPFED_Q8_BLOCK) {
             memset(pad, 0, sizeof pad); // zeros change neither amax nor the stored values
             memcpy(pad, src, (size_t)len * sizeof(float));
             src = pad;
@@ -259,10 +259,10 @@ TPFED_AVX2 static void quantize_q8_0_avx2(int8_t *qs, uint16_t *d, const float *
         __m256i q16a = _mm256_packs_epi32(q[0], q[1]);
         __m256i q16b = _mm256_packs_epi32(q[2], q[3]);
         __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16a, q16b), order);
-        if (len == TPFED_QK8_0) {
+        if (len == TPFED_Q8_BLOCK) {
             _mm256_storeu_si256((__m256i *)(qs + start), q8);
         } else {
-            int8_t tmp[TPFED_QK8_0];
+            int8_t tmp[TPFED_Q8_BLOCK];
             _mm256_storeu_si256((__m256i *)tmp, q8);
             memcpy(qs + start, tmp, (size_t)len);
         }

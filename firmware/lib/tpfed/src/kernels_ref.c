@@ -108,9 +108,9 @@ static int8_t q8_round(float v)
 
 void quantize_q8_0_ref(int8_t *qs, uint16_t *d, const float *x, int n)
 {
-    for (int b = 0; b * TPFED_QK8_0 < n; b++) {
-        int start = b * TPFED_QK8_0;
-        int len = n - start < TPFED_QK8_0 ? n - start : TPFED_QK8_0;
+    for (int b = 0; b * TPFED_Q8_BLOCK < n; b++) {
+        int start = b * TPFED_Q8_BLOCK;
+        int len = n - start < TPFED_Q8_BLOCK ? n - start : TPFED_Q8_BLOCK;
         float amax = 0.0f; // NaN never compares greater, so it is ignored here
         for (int j = 0; j < len; j++) {
             float a = fabsf(x[start + j]);
@@ -130,21 +130,21 @@ void quantize_q8_0_ref(int8_t *qs, uint16_t *d, const float *x, int n)
 void dequantize_q8_0(float *x, const int8_t *qs, const uint16_t *d, int n)
 {
     for (int i = 0; i < n; i++) {
-        x[i] = fp16_to_f32(d[i / TPFED_QK8_0]) * (float)qs[i];
+        x[i] = fp16_to_f32(d[i / TPFED_Q8_BLOCK]) * (float)qs[i];
     }
 }
 
 void matmul_q8_0_f32_ref(float *out, const int8_t *wqs, const uint16_t *wd,
                          const int8_t *xqs, const uint16_t *xd, int rows, int cols)
 {
-    int nb = (cols + TPFED_QK8_0 - 1) / TPFED_QK8_0;
+    int nb = (cols + TPFED_Q8_BLOCK - 1) / TPFED_Q8_BLOCK;
     for (int r = 0; r < rows; r++) {
         const int8_t *w = wqs + (size_t)r * (size_t)cols; // row r: (cols,)
         const uint16_t *s = wd + (size_t)r * (size_t)nb;  // row r scales: (nb,)
         float acc = 0.0f;
         for (int b = 0; b < nb; b++) {
-            int start = b * TPFED_QK8_0;
-            int end = cols - start < TPFED_QK8_0 ? cols : start + TPFED_QK8_0;
+            int start = b * TPFED_Q8_BLOCK;
+            int end = cols - start < TPFED_Q8_BLOCK ? cols : start + TPFED_Q8_BLOCK;
             int32_t isum = 0;
             for (int j = start; j < end; j++) {
                 isum += (int32_t)w[j] * (int32_t)xqs[j];

@@ -1,5 +1,5 @@
-// tpfed portable peer (see tpfed_peer.h). Compute is units.c, the code host/tpfed/shard.py
-// runs too, so a board's partials are bit-identical to the host's for the same kernels.
+// tpfed peer core (see tpfed_peer.h). Compute is units.c, the code the host runs too, so a
+// device's partials are bit-identical to the host's for the same kernels.
 #include "tpfed_peer.h"
 
 #include <stdio.h>
@@ -7,84 +7,135 @@
 
 #include "tpfed_kernels.h"
 #include "tpfed_proto.h"
+#include "tpfed_sha256.h"
 #include "tpfed_units.h"
 
-#define MAX_GROUPS 32
-#define MAX_RANGES 8
+#define GRANULE ((uint32_t)TPFED_WEIGHTS_GRANULE)
+#define INT_LIMIT 0x7FFFFFFFu   // rows * cols of any matrix the int-based kernels are given
 
-struct tpfed_peer_layer {
+typedef struct tpfed_peer_layer {
     uint16_t layer;
     uint8_t ng, nr;
-    uint16_t groups[MAX_GROUPS];
-    uint32_t ranges[MAX_RANGES][2];     // [start, end) hidden columns
-    uint8_t *shard;                     // shard_size bytes in the arena
+    uint8_t started;                    // sha256 below names the share being assembled
+    uint8_t complete;                   // share in, hashed, checked, units built
+    uint16_t *groups;                   // (ng)
+    uint32_t *ranges;                   // (nr, 2) [start, end) hidden columns
+    uint8_t *shard;                     // shard_size bytes
     uint32_t shard_size;
-    uint32_t received;                  // bytes received in order
-    uint8_t complete;
-    uint8_t sha256[TPFED_SHA256_SIZE];  // announced digest of the shard being received
-    tpfed_sha256_ctx sha;
+    uint32_t n_granules, have;          // granules of the share, granules held
+    uint32_t *bitmap;                   // (ceil(n_granules / 32)) held granules
+    uint8_t sha256[TPFED_SHA256_SIZE];  // announced digest of the share being assembled
     float *key_cache;                   // (seq_len, ng * head_size)
     float *value_cache;                 // (seq_len, ng * head_size)
     tpfed_attention_unit *att_units;    // (ng) views into shard, set once it is complete
     tpfed_mlp_unit *mlp_units;          // (nr) views into shard, set once it is complete
+} tpfed_peer_layer;
+
+typedef struct {
+    uint32_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_size, group_size, seq_len;
+    float norm_eps, rope_theta;
+} geometry;
+
+struct tpfed_peer {
+    const tpfed_hal *hal;
+    const tpfed_device_info *info;
+    uint8_t device_class, transports;
+    uint16_t max_groups, max_ranges;
+    uint32_t max_frame;
+    uint8_t *arena;             // 8-aligned; this struct sits at its start
+    size_t arena_size;
+    size_t arena_fixed;         // this struct + the transmit buffer
+    size_t arena_used;          // fixed + current assignment
+    uint8_t *tx;                // frame being built (max_frame bytes)
+    uint64_t int8_macs;
+    uint8_t device_id;
+    uint8_t assigned, ready;
+    uint16_t session, seq;
+    geometry g;
+    uint32_t n_entries;
+    tpfed_peer_layer *layers;
+    float *out;                 // (dim) partial of the current ACTIVATION
+    int8_t *xq_qs;              // (dim) activation values
+    uint16_t *xq_d;             // (ceil(dim/32)) activation fp16 scales
+    void *work;                 // scratch of attention_units_forward / mlp_units_forward
+    size_t work_bytes;
+    tpfed_peer_stats stats;
 };
 
-// A shard is a layer share: tpfed_share_header_t (generated from shared_protocol/schema.py), the
-// group table padded to 4, the ranges, then the Q8_0 matrices (layout: host/tpfed/shard.py).
-static uint32_t pad4(uint32_t n) { return (n + 3u) & ~3u; }
-static uint32_t nblocks(uint32_t n) { return (n + TPFED_Q8_BLOCK - 1u) / TPFED_Q8_BLOCK; }
-// Bytes of one Q8_0 matrix in a shard: int8 values, then fp16 scales, each padded to 4.
-static uint32_t q8_bytes(uint32_t rows, uint32_t cols) {
-    return pad4(rows * cols) + pad4(2u * rows * nblocks(cols));
+// -------------------------------------------------------------------------------- sizes
+
+static uint64_t pad4(uint64_t n) { return (n + 3u) & ~(uint64_t)3u; }
+static uint32_t nblocks(uint32_t n) { return n / TPFED_Q8_BLOCK + (n % TPFED_Q8_BLOCK != 0); }
+
+// Checked 64-bit arithmetic: *ok drops to 0 on overflow (the result is then meaningless).
+static uint64_t mul64(uint64_t a, uint64_t b, int *ok) {
+    if (a && b > UINT64_MAX / a) *ok = 0;
+    return a * b;
+}
+static uint64_t add64(uint64_t a, uint64_t b, int *ok) {
+    if (b > UINT64_MAX - a) *ok = 0;
+    return a + b;
 }
 
-// View of the (rows, cols) Q8_0 matrix at base + *off; moves *off past it.
-static tpfed_q8_matrix q8_at(const uint8_t *base, uint32_t *off, uint32_t rows, uint32_t cols) {
-    tpfed_q8_matrix m;
-    m.qs = (const int8_t *)(base + *off);
-    m.d = (const uint16_t *)(base + *off + pad4(rows * cols));
-    m.rows = (int)rows;
-    m.cols = (int)cols;
-    *off += q8_bytes(rows, cols);
-    return m;
+// Bytes of one Q8_0 matrix in a share: int8 values, then fp16 scales, each padded to 4.
+static uint64_t q8_bytes(uint64_t rows, uint32_t cols, int *ok) {
+    uint64_t v = mul64(rows, cols, ok), d = mul64(mul64(2u, rows, ok), nblocks(cols), ok);
+    if (v > UINT64_MAX - 3u || d > UINT64_MAX - 3u) *ok = 0;
+    return add64(pad4(v), pad4(d), ok);
+}
+
+// The one share-size formula. Ranges come as u32 pairs, native (ranges32) or raw little-endian
+// from a frame (ranges_le).
+static uint64_t share_bytes(uint32_t dim, uint32_t head_size, uint32_t group_size, uint32_t n_groups,
+                            const uint32_t *ranges32, const uint8_t *ranges_le, uint32_t n_ranges) {
+    int ok = 1;
+    uint64_t gq = (uint64_t)group_size * head_size;
+    if (gq > UINT32_MAX) return 0;   // wo is a (dim, gq) matrix: gq counts columns
+    uint64_t n = TPFED_SHARE_HEADER_SIZE + pad4(2u * (uint64_t)n_groups) + 8u * (uint64_t)n_ranges;
+    uint64_t per_group = add64(q8_bytes(gq, dim, &ok), mul64(2u, q8_bytes(head_size, dim, &ok), &ok), &ok);
+    per_group = add64(per_group, q8_bytes(dim, (uint32_t)gq, &ok), &ok);
+    n = add64(n, mul64(n_groups, per_group, &ok), &ok);
+    for (uint32_t r = 0; r < n_ranges; r++) {
+        uint32_t a = ranges32 ? ranges32[2 * r] : tpfed_rd_u32(ranges_le + 8 * r);
+        uint32_t b = ranges32 ? ranges32[2 * r + 1] : tpfed_rd_u32(ranges_le + 8 * r + 4);
+        if (b < a) return 0;
+        uint64_t m = add64(mul64(2u, q8_bytes(b - a, dim, &ok), &ok), q8_bytes(dim, b - a, &ok), &ok);
+        n = add64(n, m, &ok);
+    }
+    return ok ? n : 0;
+}
+
+uint64_t tpfed_share_bytes(uint32_t dim, uint32_t head_size, uint32_t group_size,
+                           uint32_t n_groups, const uint32_t *ranges, uint32_t n_ranges) {
+    if (n_ranges && !ranges) return 0;
+    return share_bytes(dim, head_size, group_size, n_groups, ranges, NULL, n_ranges);
 }
 
 // -------------------------------------------------------------------------------- arena
 
-static uint8_t *arena_take(tpfed_peer *p, uint32_t *used, uint32_t n) {
-    uint32_t at = (*used + 7u) & ~7u;
-    *used = at + n;
-    return p->arena + at;
+// Lays out blocks, 8-aligned, from `used` on; only counts (in 64-bit) unless base is set.
+typedef struct {
+    uint8_t *base;
+    uint64_t used;
+    int ok;
+} arena_plan;
+
+static void *take(arena_plan *a, uint64_t n) {
+    uint64_t at = add64(a->used, 7u, &a->ok) & ~(uint64_t)7u;
+    a->used = add64(at, n, &a->ok);
+    return a->base && a->ok ? a->base + (size_t)at : NULL;
 }
+
+static size_t align8(size_t n) { return (n + 7u) & ~(size_t)7u; }
 
 // -------------------------------------------------------------------------------- output
-
-// COBS-encode frame[0..n) straight onto the link, then the 0x00 delimiter.
-static void send_cobs(tpfed_peer *p, const uint8_t *src, size_t n) {
-    uint8_t block[255];
-    size_t i = 0;
-    for (;;) {
-        size_t len = 0;
-        while (i + len < n && len < 254 && src[i + len] != 0) len++;
-        block[0] = (uint8_t)(len + 1);
-        memcpy(block + 1, src + i, len);
-        p->hal->write(p->hal->ctx, block, (uint32_t)(len + 1));
-        i += len;
-        if (i == n) break;
-        if (len < 254) i++;   // the zero this block stands for
-        if (i == n && len < 254) {
-            block[0] = 1;
-            p->hal->write(p->hal->ctx, block, 1);
-            break;
-        }
-    }
-    block[0] = 0;
-    p->hal->write(p->hal->ctx, block, 1);
-}
 
 static uint8_t my_src(const tpfed_peer *p) {
     return p->device_id != TPFED_BROADCAST ? p->device_id : 0xFE;
 }
+
+static uint8_t *payload_buf(tpfed_peer *p) { return p->tx + TPFED_HEADER_SIZE; }
+static size_t payload_cap(const tpfed_peer *p) { return p->max_frame - TPFED_FRAME_OVERHEAD; }
 
 // The payload is already at tx + TPFED_HEADER_SIZE; finish the header and CRC and send.
 static void send_frame(tpfed_peer *p, uint8_t type, uint8_t dst, uint16_t seq, uint16_t session,
@@ -97,8 +148,8 @@ static void send_frame(tpfed_peer *p, uint8_t type, uint8_t dst, uint16_t seq, u
     h.seq = seq;
     h.session = session;
     size_t frame_len = 0;
-    if (tpfed_frame_finish(p->tx, TPFED_PEER_MAX_FRAME, &h, payload_len, &frame_len) != TPFED_OK) return;
-    send_cobs(p, p->tx, frame_len);
+    if (tpfed_frame_finish(p->tx, p->max_frame, &h, payload_len, &frame_len) != TPFED_OK) return;
+    p->hal->send_frame(p->hal->ctx, p->tx, (uint32_t)frame_len);
     p->stats.frames_out++;
 }
 
@@ -107,9 +158,6 @@ static uint16_t next_seq(tpfed_peer *p) {
     return p->seq;
 }
 
-static uint8_t *payload_buf(tpfed_peer *p) { return p->tx + TPFED_HEADER_SIZE; }
-static size_t payload_cap(void) { return TPFED_PEER_MAX_FRAME - TPFED_FRAME_OVERHEAD; }
-
 static void send_error(tpfed_peer *p, uint8_t dst, uint16_t code, const char *text) {
     tpfed_error_t e;
     size_t n = strlen(text);
@@ -117,7 +165,7 @@ static void send_error(tpfed_peer *p, uint8_t dst, uint16_t code, const char *te
     e.text = (const uint8_t *)text;
     e.text_len = (uint8_t)(n > 255 ? 255 : n);
     size_t len = 0;
-    if (tpfed_error_encode(payload_buf(p), payload_cap(), &e, &len) != TPFED_OK) return;
+    if (tpfed_error_encode(payload_buf(p), payload_cap(p), &e, &len) != TPFED_OK) return;
     p->stats.errors_sent++;
     send_frame(p, TPFED_MSG_ERROR, dst, next_seq(p), p->session, len);
 }
@@ -125,7 +173,7 @@ static void send_error(tpfed_peer *p, uint8_t dst, uint16_t code, const char *te
 static void send_ack(tpfed_peer *p, uint8_t dst, uint16_t acked_seq, uint8_t acked_type) {
     tpfed_ack_t a = {acked_seq, acked_type};
     size_t len = 0;
-    if (tpfed_ack_encode(payload_buf(p), payload_cap(), &a, &len) == TPFED_OK)
+    if (tpfed_ack_encode(payload_buf(p), payload_cap(p), &a, &len) == TPFED_OK)
         send_frame(p, TPFED_MSG_ACK, dst, next_seq(p), p->session, len);
 }
 
@@ -150,67 +198,112 @@ static void hex8(char *out, const uint8_t *d) {
     out[16] = 0;
 }
 
+// Decimal of a 64-bit value (printf's %llu is missing from some embedded C libraries).
+static const char *dec(char buf[21], uint64_t v) {
+    char *s = buf + 20;
+    *s = 0;
+    do {
+        *--s = (char)('0' + (int)(v % 10u));
+        v /= 10u;
+    } while (v);
+    return s;
+}
+
+static uint32_t clamp32(uint64_t v) { return v > UINT32_MAX ? UINT32_MAX : (uint32_t)v; }
+
 // -------------------------------------------------------------------------------- init
 
-uint64_t tpfed_peer_measure_macs(tpfed_peer *p) {
-    uint32_t used = p->arena_fixed;
-    int cols = 256, rows = 16;
-    uint32_t need = (uint32_t)(rows * cols) + 2u * rows * 8u + (uint32_t)cols + 16u + 4u * rows + 64u;
-    while (rows > 1 && used + need > p->arena_size) {
+// int8 multiply-accumulates per second of matmul_q8_0_f32, in the free arena as scratch.
+static uint64_t measure_macs(tpfed_peer *p) {
+    size_t room = p->arena_size - p->arena_fixed;
+    size_t cols = 256, rows = 16;
+    size_t need = rows * cols + 2u * rows * 8u + cols + 16u + 4u * rows + 64u;
+    while (rows > 1 && need > room) {
         rows /= 2;
-        need = (uint32_t)(rows * cols) + 2u * rows * 8u + (uint32_t)cols + 16u + 4u * rows + 64u;
+        need = rows * cols + 2u * rows * 8u + cols + 16u + 4u * rows + 64u;
     }
-    if (used + need > p->arena_size) return 0;
-    int8_t *wqs = (int8_t *)arena_take(p, &used, (uint32_t)(rows * cols));
-    uint16_t *wd = (uint16_t *)arena_take(p, &used, 2u * rows * 8u);
-    int8_t *xqs = (int8_t *)arena_take(p, &used, (uint32_t)cols);
-    uint16_t *xd = (uint16_t *)arena_take(p, &used, 16u);
-    float *out = (float *)arena_take(p, &used, 4u * rows);
+    if (need > room) return 0;
+    arena_plan a = {p->arena, p->arena_fixed, 1};
+    int8_t *wqs = (int8_t *)take(&a, rows * cols);
+    uint16_t *wd = (uint16_t *)take(&a, 2u * rows * 8u);
+    int8_t *xqs = (int8_t *)take(&a, cols);
+    uint16_t *xd = (uint16_t *)take(&a, 16u);
+    float *out = (float *)take(&a, 4u * rows);
     uint32_t seed = 12345u;
-    for (int i = 0; i < rows * cols; i++) {
+    for (size_t i = 0; i < rows * cols; i++) {
         seed = seed * 1664525u + 1013904223u;
         wqs[i] = (int8_t)(seed >> 24);
     }
-    for (int i = 0; i < cols; i++) xqs[i] = (int8_t)(i * 37);
-    for (int i = 0; i < rows * 8; i++) wd[i] = 0x2000;   // fp16 ~0.0078
-    for (int i = 0; i < 8; i++) xd[i] = 0x3C00;          // fp16 1.0
+    for (size_t i = 0; i < cols; i++) xqs[i] = (int8_t)(i * 37);
+    for (size_t i = 0; i < rows * 8; i++) wd[i] = 0x2000;   // fp16 ~0.0078
+    for (int i = 0; i < 8; i++) xd[i] = 0x3C00;             // fp16 1.0
     const tpfed_hal *hal = p->hal;
     uint32_t t0 = hal->millis(hal->ctx), elapsed = 0, reps = 0;
     while (reps < 3 || elapsed < 100u) {
-        matmul_q8_0_f32(out, wqs, wd, xqs, xd, rows, cols);
+        matmul_q8_0_f32(out, wqs, wd, xqs, xd, (int)rows, (int)cols);
         reps++;
         elapsed = hal->millis(hal->ctx) - t0;
         if (elapsed > 2000u) break;
     }
     if (elapsed == 0) elapsed = 1;
-    return (uint64_t)rows * (uint64_t)cols * reps * 1000u / elapsed;
+    return (uint64_t)rows * cols * reps * 1000u / elapsed;
 }
 
-int tpfed_peer_init(tpfed_peer *p, const tpfed_hal *hal, const tpfed_device_info *info,
-                    uint8_t device_class, uint8_t *arena, uint32_t arena_size) {
+static size_t fixed_bytes(uint32_t max_frame) {
+    return align8(sizeof(struct tpfed_peer)) + align8(max_frame);
+}
+
+size_t tpfed_peer_arena_min(uint32_t max_frame) {
+    if (max_frame < TPFED_PEER_MIN_FRAME || max_frame > TPFED_PEER_MAX_FRAME_LIMIT) return 0;
+    return 7u + fixed_bytes(max_frame);
+}
+
+tpfed_peer *tpfed_peer_init(uint8_t *arena, size_t arena_size, const tpfed_peer_config *cfg) {
+    if (!arena || !cfg || !cfg->hal || !cfg->hal->send_frame || !cfg->hal->millis || !cfg->info ||
+        !cfg->info->board || cfg->max_frame < TPFED_PEER_MIN_FRAME ||
+        cfg->max_frame > TPFED_PEER_MAX_FRAME_LIMIT)
+        return NULL;
+    size_t skew = (8u - ((uintptr_t)arena & 7u)) & 7u;
+    if (arena_size < skew || arena_size - skew < fixed_bytes(cfg->max_frame)) return NULL;
+    tpfed_peer *p = (tpfed_peer *)(void *)(arena + skew);
     memset(p, 0, sizeof *p);
-    p->hal = hal;
-    p->info = info;
-    p->device_class = device_class;
-    p->arena = arena;
-    p->arena_size = arena_size;
+    p->hal = cfg->hal;
+    p->info = cfg->info;
+    p->device_class = cfg->device_class;
+    p->transports = cfg->transports;
+    p->max_frame = cfg->max_frame;
+    p->max_groups = cfg->max_groups > 255 ? 255 : cfg->max_groups;
+    p->max_ranges = cfg->max_ranges > 255 ? 255 : cfg->max_ranges;
+    p->arena = arena + skew;
+    p->arena_size = arena_size - skew;
+    p->tx = p->arena + align8(sizeof *p);
+    p->arena_fixed = p->arena_used = fixed_bytes(cfg->max_frame);
     p->device_id = TPFED_BROADCAST;
-    uint32_t used = 0;
-    // The stream buffer holds a frame still COBS-encoded (decoded in place), so it must take
-    // the encoded size of the largest frame, a few bytes more than the frame itself.
-    uint32_t rx_cap = (uint32_t)tpfed_cobs_max_encoded(TPFED_PEER_MAX_FRAME);
-    p->rx = arena_take(p, &used, rx_cap);
-    p->tx = arena_take(p, &used, TPFED_PEER_MAX_FRAME);
-    if (used > arena_size) return -1;
-    p->arena_fixed = p->arena_used = (used + 7u) & ~7u;
-    tpfed_cobs_stream_init(&p->stream, p->rx, rx_cap);
-    p->int8_macs = tpfed_peer_measure_macs(p);
-    return 0;
+    p->int8_macs = cfg->int8_macs ? cfg->int8_macs : measure_macs(p);
+    return p;
 }
 
-static uint32_t announced_arena(const tpfed_peer *p) {
-    uint32_t free_bytes = p->arena_size - p->arena_fixed;
+static uint64_t announced_arena(const tpfed_peer *p) {
+    size_t free_bytes = p->arena_size - p->arena_fixed;
     return free_bytes > TPFED_PEER_WORK_RESERVE ? free_bytes - TPFED_PEER_WORK_RESERVE : 0;
+}
+
+// -------------------------------------------------------------------------------- getters
+
+const tpfed_peer_stats *tpfed_peer_get_stats(const tpfed_peer *p) { return &p->stats; }
+int tpfed_peer_state(const tpfed_peer *p) {
+    return p->ready ? TPFED_PEER_READY : p->assigned ? TPFED_PEER_ASSIGNED : TPFED_PEER_IDLE;
+}
+uint16_t tpfed_peer_session(const tpfed_peer *p) { return p->session; }
+uint8_t tpfed_peer_device_id(const tpfed_peer *p) { return p->device_id; }
+uint64_t tpfed_peer_int8_macs(const tpfed_peer *p) { return p->int8_macs; }
+size_t tpfed_peer_arena_size(const tpfed_peer *p) { return p->arena_size; }
+size_t tpfed_peer_arena_used(const tpfed_peer *p) { return p->arena_used; }
+uint32_t tpfed_peer_layers_assigned(const tpfed_peer *p) { return p->assigned ? p->n_entries : 0; }
+uint32_t tpfed_peer_layers_held(const tpfed_peer *p) {
+    uint32_t n = 0;
+    for (uint32_t i = 0; p->assigned && i < p->n_entries; i++) n += p->layers[i].complete;
+    return n;
 }
 
 // -------------------------------------------------------------------------------- HELLO
@@ -224,7 +317,7 @@ static void on_hello(tpfed_peer *p, const tpfed_header_t *h) {
     m.device_class = p->device_class;
     m.name = (const uint8_t *)in->board;
     m.name_len = (uint8_t)(name_len > 64 ? 64 : name_len);
-    m.ram_kb = in->ram_bytes / 1024u;
+    m.ram_kb = clamp32(in->ram_bytes / 1024u);
     m.psram_kb = in->psram_bytes / 1024u;
     m.flash_kb = in->flash_bytes / 1024u;
     m.cpu_mhz = (uint16_t)(in->cpu_hz / 1000000u);
@@ -233,11 +326,11 @@ static void on_hello(tpfed_peer *p, const tpfed_header_t *h) {
     m.int8_macs = p->int8_macs;
     m.battery_pct = TPFED_BATTERY_UNKNOWN;
     m.temperature_dc = TPFED_TEMPERATURE_UNKNOWN;
-    m.transports = TPFED_TRANSPORT_SERIAL;
-    m.max_frame = TPFED_PEER_MAX_FRAME;
-    m.arena_kb = announced_arena(p) / 1024u;
+    m.transports = p->transports;
+    m.max_frame = (uint16_t)p->max_frame;
+    m.arena_kb = clamp32(announced_arena(p) / 1024u);
     size_t len = 0;
-    if (tpfed_hello_encode(payload_buf(p), payload_cap(), &m, &len) == TPFED_OK)
+    if (tpfed_hello_encode(payload_buf(p), payload_cap(p), &m, &len) == TPFED_OK)
         send_frame(p, TPFED_MSG_HELLO, h->src, next_seq(p), p->session, len);
 }
 
@@ -250,6 +343,7 @@ typedef struct {
     const uint8_t *ranges;   // raw (u32 start, u32 end) LE
 } entry_view;
 
+// Entries were checked by tpfed_payload_validate (the frame decoder) before we get here.
 static const uint8_t *read_entry(const uint8_t *q, entry_view *e) {
     e->layer = tpfed_rd_u16(q);
     e->ng = q[2];
@@ -260,44 +354,35 @@ static const uint8_t *read_entry(const uint8_t *q, entry_view *e) {
     return q + 1 + 8u * e->nr;
 }
 
-static uint32_t shard_bytes(const tpfed_peer *p, const entry_view *e) {
-    uint32_t gq = (uint32_t)p->group_size * p->head_size, hs = p->head_size, dim = p->dim;
-    uint32_t n = TPFED_SHARE_HEADER_SIZE + pad4(2u * e->ng) + 8u * e->nr;
-    n += e->ng * (q8_bytes(gq, dim) + 2u * q8_bytes(hs, dim) + q8_bytes(dim, gq));
-    for (int r = 0; r < e->nr; r++) {
-        uint32_t w = tpfed_rd_u32(e->ranges + 8 * r + 4) - tpfed_rd_u32(e->ranges + 8 * r);
-        n += 2u * q8_bytes(w, dim) + q8_bytes(dim, w);
-    }
-    return n;
+static uint32_t range_start(const entry_view *e, int r) { return tpfed_rd_u32(e->ranges + 8 * r); }
+static uint32_t range_end(const entry_view *e, int r) { return tpfed_rd_u32(e->ranges + 8 * r + 4); }
+
+static uint64_t entry_share_bytes(const geometry *g, const entry_view *e) {
+    return share_bytes(g->dim, g->head_size, g->group_size, e->ng, NULL, e->ranges, e->nr);
 }
 
-static uint32_t kv_bytes(const tpfed_peer *p, uint32_t ng) {
-    return 2u * ng * (uint32_t)p->seq_len * p->head_size * 4u;
-}
-
-// Check one entry against the geometry: the rules of shard.py's check_groups/check_ranges.
-static int entry_error(const tpfed_peer *p, const entry_view *e, char *msg, size_t cap) {
-    if (e->ng > MAX_GROUPS || e->nr > MAX_RANGES) {
-        snprintf(msg, cap, "layer %u: %u KV groups and %u MLP ranges, this peer takes at most %u and %u",
-                 (unsigned)e->layer, (unsigned)e->ng, (unsigned)e->nr, MAX_GROUPS, MAX_RANGES);
-        return TPFED_ERR_UNSUPPORTED;
+// The rules of shard.py's check_groups/check_ranges, and the layer index: BAD_PAYLOAD.
+static int entry_error(const geometry *g, const entry_view *e, char *msg, size_t cap) {
+    if (e->layer >= g->n_layers) {
+        snprintf(msg, cap, "ASSIGN names layer %u twice or out of range", (unsigned)e->layer);
+        return TPFED_ERR_BAD_PAYLOAD;
     }
     for (int i = 0; i < e->ng; i++) {
-        uint16_t g = tpfed_rd_u16(e->groups + 2 * i);
-        if (g >= p->n_kv_heads || (i && g <= tpfed_rd_u16(e->groups + 2 * (i - 1)))) {
+        uint16_t k = tpfed_rd_u16(e->groups + 2 * i);
+        if (k >= g->n_kv_heads || (i && k <= tpfed_rd_u16(e->groups + 2 * (i - 1)))) {
             snprintf(msg, cap, "layer %u: KV groups must be strictly ascending and below %u",
-                     (unsigned)e->layer, (unsigned)p->n_kv_heads);
+                     (unsigned)e->layer, (unsigned)g->n_kv_heads);
             return TPFED_ERR_BAD_PAYLOAD;
         }
     }
     uint32_t prev_end = 0;
     for (int r = 0; r < e->nr; r++) {
-        uint32_t a = tpfed_rd_u32(e->ranges + 8 * r), b = tpfed_rd_u32(e->ranges + 8 * r + 4);
-        if (!(a < b && b <= p->hidden_dim) || a % TPFED_Q8_BLOCK ||
-            (b % TPFED_Q8_BLOCK && b != p->hidden_dim) || a < prev_end) {
+        uint32_t a = range_start(e, r), b = range_end(e, r);
+        if (!(a < b && b <= g->hidden_dim) || a % TPFED_Q8_BLOCK ||
+            (b % TPFED_Q8_BLOCK && b != g->hidden_dim) || a < prev_end) {
             snprintf(msg, cap, "layer %u: MLP range [%lu, %lu) is empty, unaligned, overlapping "
                      "or outside [0, %lu)", (unsigned)e->layer, (unsigned long)a, (unsigned long)b,
-                     (unsigned long)p->hidden_dim);
+                     (unsigned long)g->hidden_dim);
             return TPFED_ERR_BAD_PAYLOAD;
         }
         prev_end = b;
@@ -305,15 +390,142 @@ static int entry_error(const tpfed_peer *p, const entry_view *e, char *msg, size
     return 0;
 }
 
+// More groups or ranges than this peer takes: UNSUPPORTED.
+static int entry_counts(const tpfed_peer *p, const entry_view *e, char *msg, size_t cap) {
+    if (e->ng > p->max_groups || e->nr > p->max_ranges) {
+        snprintf(msg, cap, "layer %u: %u KV groups and %u MLP ranges, this peer takes at most %u and %u",
+                 (unsigned)e->layer, (unsigned)e->ng, (unsigned)e->nr, (unsigned)p->max_groups,
+                 (unsigned)p->max_ranges);
+        return TPFED_ERR_UNSUPPORTED;
+    }
+    return 0;
+}
+
+static uint32_t widest_range(const entry_view *e) {
+    uint32_t widest = 0;
+    for (int r = 0; r < e->nr; r++)
+        if (range_end(e, r) - range_start(e, r) > widest) widest = range_end(e, r) - range_start(e, r);
+    return widest;
+}
+
+// What fits the arena but not what the kernels can index (int rows * cols) or WEIGHTS can
+// carry (u32 share size): UNSUPPORTED.
+static int entry_limits(const geometry *g, const entry_view *e, char *msg, size_t cap) {
+    uint64_t gq = (uint64_t)g->group_size * g->head_size;
+    if ((e->ng && (gq * g->dim > INT_LIMIT ||
+                   (uint64_t)e->ng * g->head_size * g->seq_len > INT_LIMIT)) ||
+        (uint64_t)widest_range(e) * g->dim > INT_LIMIT || entry_share_bytes(g, e) > UINT32_MAX) {
+        snprintf(msg, cap, "layer %u: a matrix or share of this assignment is too large for this peer",
+                 (unsigned)e->layer);
+        return TPFED_ERR_UNSUPPORTED;
+    }
+    return 0;
+}
+
+// Lays out an assignment from arena_fixed on: counts its bytes (base NULL) or places it (base
+// = the arena; every entry already checked and the total known to fit). Returns the arena
+// offset past it; *ok drops to 0 on 64-bit overflow.
+static uint64_t lay_out(tpfed_peer *p, const geometry *g, const tpfed_assign_t *as, uint64_t work,
+                        uint8_t *base, int *ok) {
+    arena_plan a = {base, p->arena_fixed, 1};
+    tpfed_peer_layer *layers = (tpfed_peer_layer *)take(&a, sizeof(tpfed_peer_layer) * (uint64_t)as->n_entries);
+    const uint8_t *q = as->entries;
+    for (uint32_t i = 0; i < as->n_entries; i++) {
+        entry_view e;
+        q = read_entry(q, &e);
+        tpfed_peer_layer L;
+        memset(&L, 0, sizeof L);
+        uint64_t size = entry_share_bytes(g, &e);
+        if (size == 0) a.ok = 0;
+        uint64_t granules = size / GRANULE + (size % GRANULE != 0);
+        L.layer = e.layer;
+        L.ng = e.ng;
+        L.nr = e.nr;
+        L.groups = (uint16_t *)take(&a, 2u * (uint64_t)e.ng);
+        L.ranges = (uint32_t *)take(&a, 8u * (uint64_t)e.nr);
+        L.shard = take(&a, size);
+        L.shard_size = (uint32_t)size;
+        L.n_granules = (uint32_t)granules;
+        L.bitmap = (uint32_t *)take(&a, 4u * (granules / 32u + 1u));
+        uint64_t kv = 4u * (uint64_t)e.ng * g->head_size * g->seq_len;
+        if (e.ng) {
+            L.att_units = (tpfed_attention_unit *)take(&a, sizeof(tpfed_attention_unit) * (uint64_t)e.ng);
+            L.key_cache = (float *)take(&a, kv);
+            L.value_cache = (float *)take(&a, kv);
+        }
+        if (e.nr) L.mlp_units = (tpfed_mlp_unit *)take(&a, sizeof(tpfed_mlp_unit) * (uint64_t)e.nr);
+        if (base && a.ok) {
+            for (int j = 0; j < e.ng; j++) L.groups[j] = tpfed_rd_u16(e.groups + 2 * j);
+            for (int r = 0; r < e.nr; r++) {
+                L.ranges[2 * r] = range_start(&e, r);
+                L.ranges[2 * r + 1] = range_end(&e, r);
+            }
+            memset(L.bitmap, 0, 4u * (size_t)(granules / 32u + 1u));
+            if (e.ng) {
+                memset(L.key_cache, 0, (size_t)kv);
+                memset(L.value_cache, 0, (size_t)kv);
+            }
+            layers[i] = L;
+        }
+    }
+    float *out = (float *)take(&a, 4u * (uint64_t)g->dim);
+    int8_t *xq_qs = (int8_t *)take(&a, pad4(g->dim));
+    uint16_t *xq_d = (uint16_t *)take(&a, 2u * (uint64_t)nblocks(g->dim));
+    void *w = take(&a, work);
+    if (base && a.ok) {
+        p->layers = layers;
+        p->out = out;
+        p->xq_qs = xq_qs;
+        p->xq_d = xq_d;
+        p->work = w;
+        p->work_bytes = (size_t)work;
+    }
+    if (!a.ok) *ok = 0;
+    return a.used;
+}
+
+// 1 if some layer is named twice. Uses the free arena past the current assignment as a bitmap
+// over layer indices when it has room, else compares pairs.
+static int repeated_layer(tpfed_peer *p, const tpfed_assign_t *as, uint32_t n_layers, uint16_t *which) {
+    size_t bits = ((size_t)n_layers + 7u) / 8u;
+    const uint8_t *q = as->entries;
+    entry_view e, o;
+    if (p->arena_size - p->arena_used >= bits) {
+        uint8_t *seen = p->arena + p->arena_used;
+        memset(seen, 0, bits);
+        for (uint32_t i = 0; i < as->n_entries; i++) {
+            q = read_entry(q, &e);
+            if (seen[e.layer >> 3] & (1u << (e.layer & 7u))) {
+                *which = e.layer;
+                return 1;
+            }
+            seen[e.layer >> 3] |= (uint8_t)(1u << (e.layer & 7u));
+        }
+        return 0;
+    }
+    for (uint32_t i = 0; i < as->n_entries; i++) {
+        q = read_entry(q, &e);
+        const uint8_t *q2 = as->entries;
+        for (uint32_t j = 0; j < i; j++) {
+            q2 = read_entry(q2, &o);
+            if (o.layer == e.layer) {
+                *which = e.layer;
+                return 1;
+            }
+        }
+    }
+    return 0;
+}
+
 static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) {
     tpfed_assign_t a;
-    char msg[160];
+    char msg[160], n1[21], n2[21];
     if (tpfed_assign_decode(pl, h->length, &a) != TPFED_OK) {
         p->stats.dropped++;
         return;
     }
     if (!a.dim || !a.hidden_dim || !a.n_layers || !a.n_heads || !a.n_kv_heads || !a.seq_len ||
-        a.dim % a.n_heads || a.n_heads % a.n_kv_heads) {
+        a.dim % a.n_heads || a.n_heads % a.n_kv_heads || a.hidden_dim > INT_LIMIT) {
         snprintf(msg, sizeof msg, "ASSIGN geometry: dim %u, n_heads %u, n_kv_heads %u, seq_len %u "
                  "is not a valid model", (unsigned)a.dim, (unsigned)a.n_heads,
                  (unsigned)a.n_kv_heads, (unsigned)a.seq_len);
@@ -324,138 +536,125 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
     // 7 + 2*ceil(dim/32) + dim and 8 + 4*dim bytes (layouts in tpfed_proto.h).
     size_t act_len = 7u + 2u * (size_t)nblocks(a.dim) + a.dim, part_len = 8u + 4u * (size_t)a.dim;
     size_t biggest = act_len > part_len ? act_len : part_len;
-    if (biggest > payload_cap()) {
+    if (biggest > payload_cap(p)) {
         snprintf(msg, sizeof msg, "dim %u needs frames of %lu bytes, this board takes %u",
                  (unsigned)a.dim, (unsigned long)(biggest + TPFED_FRAME_OVERHEAD),
-                 (unsigned)TPFED_PEER_MAX_FRAME);
+                 (unsigned)p->max_frame);
         send_error(p, h->src, TPFED_ERR_UNSUPPORTED, msg);
         return;
     }
-    // The new geometry, checked and sized before anything of the old assignment is touched.
-    tpfed_peer g = *p;
+    geometry g;
     g.dim = a.dim;
     g.hidden_dim = a.hidden_dim;
     g.n_layers = a.n_layers;
     g.n_heads = a.n_heads;
     g.n_kv_heads = a.n_kv_heads;
-    g.head_size = (uint16_t)(a.dim / a.n_heads);
-    g.group_size = (uint16_t)(a.n_heads / a.n_kv_heads);
+    g.head_size = a.dim / a.n_heads;
+    g.group_size = a.n_heads / a.n_kv_heads;
     g.seq_len = a.seq_len;
-    uint64_t need = sizeof(tpfed_peer_layer) * (uint64_t)a.n_entries + 8u * a.n_entries;
-    uint32_t max_ng = 0, max_w = 0;
+    g.norm_eps = a.norm_eps;
+    g.rope_theta = a.rope_theta;
+    // Nothing of the current assignment is touched until the new one is known to be valid,
+    // taken and to fit: first what is malformed, then what this peer does not take, then size.
     const uint8_t *q = a.entries;
-    for (int i = 0; i < a.n_entries; i++) {
-        entry_view e;
+    entry_view e;
+    for (uint32_t i = 0; i < a.n_entries; i++) {
         q = read_entry(q, &e);
         int code = entry_error(&g, &e, msg, sizeof msg);
-        if (!code && e.layer >= a.n_layers) {
-            snprintf(msg, sizeof msg, "ASSIGN names layer %u twice or out of range", (unsigned)e.layer);
-            code = TPFED_ERR_BAD_PAYLOAD;
-        }
-        const uint8_t *q2 = a.entries;
-        for (int j = 0; j < i && !code; j++) {
-            entry_view o;
-            q2 = read_entry(q2, &o);
-            if (o.layer == e.layer) {
-                snprintf(msg, sizeof msg, "ASSIGN names layer %u twice or out of range", (unsigned)e.layer);
-                code = TPFED_ERR_BAD_PAYLOAD;
-            }
-        }
         if (code) {
             send_error(p, h->src, (uint16_t)code, msg);
             return;
         }
-        need += shard_bytes(&g, &e) + 8u + kv_bytes(&g, e.ng) + 16u +
-                sizeof(tpfed_attention_unit) * e.ng + 8u + sizeof(tpfed_mlp_unit) * e.nr + 8u;
-        if (e.ng > max_ng) max_ng = e.ng;
-        for (int r = 0; r < e.nr; r++) {
-            uint32_t w = tpfed_rd_u32(e.ranges + 8 * r + 4) - tpfed_rd_u32(e.ranges + 8 * r);
-            if (w > max_w) max_w = w;
-        }
     }
-    size_t work = 0;
-    if (max_ng) work = attention_units_scratch_bytes(g.dim, g.head_size, g.group_size, g.seq_len);
+    uint16_t twice = 0;
+    if (repeated_layer(p, &a, g.n_layers, &twice)) {
+        snprintf(msg, sizeof msg, "ASSIGN names layer %u twice or out of range", (unsigned)twice);
+        send_error(p, h->src, TPFED_ERR_BAD_PAYLOAD, msg);
+        return;
+    }
+    uint32_t max_w = 0;
+    int any_groups = 0;
+    q = a.entries;
+    for (uint32_t i = 0; i < a.n_entries; i++) {
+        q = read_entry(q, &e);
+        int code = entry_counts(p, &e, msg, sizeof msg);
+        if (code) {
+            send_error(p, h->src, (uint16_t)code, msg);
+            return;
+        }
+        if (e.ng) any_groups = 1;
+        if (widest_range(&e) > max_w) max_w = widest_range(&e);
+    }
+    uint64_t work = 0;
+    if (any_groups)
+        work = attention_units_scratch_bytes((int)g.dim, (int)g.head_size, (int)g.group_size, (int)g.seq_len);
     if (max_w) {
-        size_t mlp = mlp_units_scratch_bytes(g.dim, (int)max_w);
+        // A range wider than 2^30 columns is refused below (entry_limits) if it fits at all.
+        uint64_t mlp = mlp_units_scratch_bytes((int)g.dim, (int)(max_w > 0x3FFFFFFFu ? 0x3FFFFFFFu : max_w));
         if (mlp > work) work = mlp;
     }
-    need += 4u * g.dim + pad4(g.dim) + 2u * nblocks(g.dim) + work + 4u * 8u;
-    if (p->arena_fixed + need > p->arena_size) {
-        snprintf(msg, sizeof msg, "assignment needs %lu bytes of arena (weights, KV cache for %u "
-                 "positions, buffers), this peer has %lu", (unsigned long)need, (unsigned)a.seq_len,
-                 (unsigned long)(p->arena_size - p->arena_fixed));
+    int ok = 1;
+    uint64_t end = lay_out(p, &g, &a, work, NULL, &ok);
+    if (!ok || end > p->arena_size) {
+        snprintf(msg, sizeof msg, "assignment needs %s bytes of arena (weights, KV cache for %u "
+                 "positions, buffers), this peer has %s", ok ? dec(n1, end - p->arena_fixed) : "more than 2^64",
+                 (unsigned)a.seq_len, dec(n2, p->arena_size - p->arena_fixed));
         send_error(p, h->src, TPFED_ERR_OUT_OF_MEMORY, msg);
         return;
     }
-    // Commit: lay out the layer table, shards, KV caches and compute buffers.
-    g.norm_eps = a.norm_eps;
-    g.rope_theta = a.rope_theta;
-    g.n_entries = a.n_entries;
-    g.assigned = 1;
-    g.ready = 0;
-    g.device_id = h->dst;
-    g.session = h->session;
-    uint32_t used = p->arena_fixed;
-    g.layers = (tpfed_peer_layer *)arena_take(&g, &used, sizeof(tpfed_peer_layer) * a.n_entries);
     q = a.entries;
-    for (int i = 0; i < a.n_entries; i++) {
-        entry_view e;
+    for (uint32_t i = 0; i < a.n_entries; i++) {
         q = read_entry(q, &e);
-        tpfed_peer_layer *L = &g.layers[i];
-        memset(L, 0, sizeof *L);
-        L->layer = e.layer;
-        L->ng = e.ng;
-        L->nr = e.nr;
-        for (int j = 0; j < e.ng; j++) L->groups[j] = tpfed_rd_u16(e.groups + 2 * j);
-        for (int r = 0; r < e.nr; r++) {
-            L->ranges[r][0] = tpfed_rd_u32(e.ranges + 8 * r);
-            L->ranges[r][1] = tpfed_rd_u32(e.ranges + 8 * r + 4);
+        int code = entry_limits(&g, &e, msg, sizeof msg);
+        if (code) {
+            send_error(p, h->src, (uint16_t)code, msg);
+            return;
         }
-        L->shard_size = shard_bytes(&g, &e);
-        L->shard = arena_take(&g, &used, L->shard_size);
-        if (e.ng) {
-            L->att_units = (tpfed_attention_unit *)arena_take(
-                &g, &used, (uint32_t)(sizeof(tpfed_attention_unit) * e.ng));
-            uint32_t kv = kv_bytes(&g, e.ng) / 2u;
-            L->key_cache = (float *)arena_take(&g, &used, kv);
-            L->value_cache = (float *)arena_take(&g, &used, kv);
-            memset(L->key_cache, 0, kv);
-            memset(L->value_cache, 0, kv);
-        }
-        if (e.nr)
-            L->mlp_units = (tpfed_mlp_unit *)arena_take(&g, &used,
-                                                        (uint32_t)(sizeof(tpfed_mlp_unit) * e.nr));
     }
-    g.out = (float *)arena_take(&g, &used, 4u * g.dim);
-    g.xq_qs = (int8_t *)arena_take(&g, &used, pad4(g.dim));
-    g.xq_d = (uint16_t *)arena_take(&g, &used, 2u * nblocks(g.dim));
-    g.work_bytes = (uint32_t)work;
-    g.work = arena_take(&g, &used, g.work_bytes);
-    g.arena_used = used;
-    *p = g;
+    // Commit: lay out the layer table, shares, KV caches and compute buffers.
+    p->g = g;
+    p->n_entries = a.n_entries;
+    p->arena_used = (size_t)lay_out(p, &g, &a, work, p->arena, &ok);
+    p->assigned = 1;
+    p->ready = 0;
+    p->device_id = h->dst;
+    p->session = h->session;
     send_ack(p, h->src, h->seq, TPFED_MSG_ASSIGN);
 }
 
 // -------------------------------------------------------------------------------- WEIGHTS
 
+// View of the (rows, cols) Q8_0 matrix at base + *off; moves *off past it.
+static tpfed_q8_matrix q8_at(const uint8_t *base, uint64_t *off, uint32_t rows, uint32_t cols) {
+    int ok = 1;
+    tpfed_q8_matrix m;
+    m.qs = (const int8_t *)(base + *off);
+    m.d = (const uint16_t *)(base + *off + pad4((uint64_t)rows * cols));
+    m.rows = (int)rows;
+    m.cols = (int)cols;
+    *off += q8_bytes(rows, cols, &ok);
+    return m;
+}
+
 // 0 if the matrix at *off has zero padding and finite scales; 1 bad padding, 2 bad scale.
-static int check_matrix(const uint8_t *s, uint32_t *off, uint32_t rows, uint32_t cols) {
-    uint32_t nq = rows * cols, nd = rows * nblocks(cols), at = *off;
-    for (uint32_t i = at + nq; i < at + pad4(nq); i++)
+static int check_matrix(const uint8_t *s, uint64_t *off, uint32_t rows, uint32_t cols) {
+    uint64_t nq = (uint64_t)rows * cols, nd = (uint64_t)rows * nblocks(cols), at = *off;
+    for (uint64_t i = at + nq; i < at + pad4(nq); i++)
         if (s[i]) return 1;
     at += pad4(nq);
-    for (uint32_t i = 0; i < nd; i++)
+    for (uint64_t i = 0; i < nd; i++)
         if ((tpfed_rd_u16(s + at + 2 * i) & 0x7C00u) == 0x7C00u) return 2;
-    for (uint32_t i = at + 2u * nd; i < at + pad4(2u * nd); i++)
+    for (uint64_t i = at + 2u * nd; i < at + pad4(2u * nd); i++)
         if (s[i]) return 1;
     *off = at + pad4(2u * nd);
     return 0;
 }
 
-// Validate a complete shard against the assignment (shard.py's parse_layer_share rules).
+// Validate a complete share against the assignment (shard.py's parse_layer_share rules).
 static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg, size_t cap) {
     const uint8_t *s = L->shard;
-    uint32_t gq = (uint32_t)p->group_size * p->head_size;
+    const geometry *g = &p->g;
+    uint32_t gq = g->group_size * g->head_size;
     tpfed_share_header_t h;
     size_t used;
     int rc = tpfed_share_header_decode(s, L->shard_size, &h, &used);
@@ -473,19 +672,19 @@ static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg
         snprintf(msg, cap, "shard of layer %u: layer share size mismatch", (unsigned)L->layer);
         return 1;
     }
-    if (h.dim != p->dim || h.hidden_dim != p->hidden_dim || h.head_size != p->head_size ||
-        h.group_size != p->group_size || h.n_kv_heads != p->n_kv_heads || h.reserved != 0) {
+    if (h.dim != g->dim || h.hidden_dim != g->hidden_dim || h.head_size != g->head_size ||
+        h.group_size != g->group_size || h.n_kv_heads != g->n_kv_heads || h.reserved != 0) {
         snprintf(msg, cap, "shard of layer %u: layer share is for another model", (unsigned)L->layer);
         return 1;
     }
     int same = h.layer == L->layer && h.n_groups == L->ng && h.n_ranges == L->nr;
-    uint32_t off = TPFED_SHARE_HEADER_SIZE;
+    uint64_t off = TPFED_SHARE_HEADER_SIZE;
     for (int i = 0; same && i < L->ng; i++) same = tpfed_rd_u16(s + off + 2 * i) == L->groups[i];
-    for (uint32_t i = off + 2u * L->ng; same && i < off + pad4(2u * L->ng); i++) same = s[i] == 0;
+    for (uint64_t i = off + 2u * L->ng; same && i < off + pad4(2u * L->ng); i++) same = s[i] == 0;
     off += pad4(2u * L->ng);
     for (int r = 0; same && r < L->nr; r++)
-        same = tpfed_rd_u32(s + off + 8 * r) == L->ranges[r][0] &&
-               tpfed_rd_u32(s + off + 8 * r + 4) == L->ranges[r][1];
+        same = tpfed_rd_u32(s + off + 8 * r) == L->ranges[2 * r] &&
+               tpfed_rd_u32(s + off + 8 * r + 4) == L->ranges[2 * r + 1];
     off += 8u * L->nr;
     if (!same) {
         snprintf(msg, cap, "shard of layer %u does not hold what ASSIGN said", (unsigned)L->layer);
@@ -494,16 +693,16 @@ static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg
     // Every matrix: zero padding after values and scales, finite fp16 scales.
     int status = 0;
     for (int i = 0; i < L->ng && !status; i++) {
-        status = check_matrix(s, &off, gq, p->dim);
-        if (!status) status = check_matrix(s, &off, p->head_size, p->dim);
-        if (!status) status = check_matrix(s, &off, p->head_size, p->dim);
-        if (!status) status = check_matrix(s, &off, p->dim, gq);
+        status = check_matrix(s, &off, gq, g->dim);
+        if (!status) status = check_matrix(s, &off, g->head_size, g->dim);
+        if (!status) status = check_matrix(s, &off, g->head_size, g->dim);
+        if (!status) status = check_matrix(s, &off, g->dim, gq);
     }
     for (int r = 0; r < L->nr && !status; r++) {
-        uint32_t w = L->ranges[r][1] - L->ranges[r][0];
-        status = check_matrix(s, &off, w, p->dim);
-        if (!status) status = check_matrix(s, &off, w, p->dim);
-        if (!status) status = check_matrix(s, &off, p->dim, w);
+        uint32_t w = L->ranges[2 * r + 1] - L->ranges[2 * r];
+        status = check_matrix(s, &off, w, g->dim);
+        if (!status) status = check_matrix(s, &off, w, g->dim);
+        if (!status) status = check_matrix(s, &off, g->dim, w);
     }
     if (status == 1)
         snprintf(msg, cap, "shard of layer %u: layer share has non-zero padding bytes (corrupted)",
@@ -513,10 +712,10 @@ static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg
     return status;
 }
 
-// Point the layer's compute units at the matrices of its (complete, checked) shard.
+// Point the layer's compute units at the matrices of its (complete, checked) share.
 static void build_units(const tpfed_peer *p, tpfed_peer_layer *L) {
-    uint32_t dim = p->dim, hs = p->head_size, gq = (uint32_t)p->group_size * hs;
-    uint32_t off = TPFED_SHARE_HEADER_SIZE + pad4(2u * L->ng) + 8u * L->nr;
+    uint32_t dim = p->g.dim, hs = p->g.head_size, gq = p->g.group_size * hs;
+    uint64_t off = TPFED_SHARE_HEADER_SIZE + pad4(2u * L->ng) + 8u * L->nr;
     for (int i = 0; i < L->ng; i++) {
         tpfed_attention_unit *u = &L->att_units[i];
         u->wq = q8_at(L->shard, &off, gq, dim);
@@ -526,7 +725,7 @@ static void build_units(const tpfed_peer *p, tpfed_peer_layer *L) {
     }
     for (int r = 0; r < L->nr; r++) {
         tpfed_mlp_unit *u = &L->mlp_units[r];
-        uint32_t n = L->ranges[r][1] - L->ranges[r][0];
+        uint32_t n = L->ranges[2 * r + 1] - L->ranges[2 * r];
         u->w1 = q8_at(L->shard, &off, n, dim);
         u->w3 = q8_at(L->shard, &off, n, dim);
         u->w2 = q8_at(L->shard, &off, dim, n);
@@ -534,9 +733,31 @@ static void build_units(const tpfed_peer *p, tpfed_peer_layer *L) {
 }
 
 static tpfed_peer_layer *find_layer(tpfed_peer *p, uint32_t layer) {
-    for (int i = 0; i < p->n_entries; i++)
+    for (uint32_t i = 0; i < p->n_entries; i++)
         if (p->layers[i].layer == layer) return &p->layers[i];
     return NULL;
+}
+
+// Forget what was received of the layer's share (a new one comes, or the last was bad).
+static void restart_share(tpfed_peer *p, tpfed_peer_layer *L) {
+    if (L->complete) p->ready = 0;
+    L->complete = 0;
+    L->started = 0;
+    L->have = 0;
+    memset(L->bitmap, 0, 4u * (size_t)(L->n_granules / 32u + 1u));
+}
+
+static void send_ready_if_all(tpfed_peer *p, uint8_t dst) {
+    uint64_t total = 0;
+    for (uint32_t i = 0; i < p->n_entries; i++) {
+        if (!p->layers[i].complete) return;
+        total += p->layers[i].shard_size;
+    }
+    p->ready = 1;
+    tpfed_ready_t r = {clamp32(total), clamp32(p->arena_used), clamp32(p->arena_size - p->arena_used)};
+    size_t len = 0;
+    if (tpfed_ready_encode(payload_buf(p), payload_cap(p), &r, &len) == TPFED_OK)
+        send_frame(p, TPFED_MSG_READY, dst, next_seq(p), p->session, len);
 }
 
 static void on_weights(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) {
@@ -562,60 +783,68 @@ static void on_weights(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl
         send_error(p, h->src, w.total > p->arena_size ? TPFED_ERR_OUT_OF_MEMORY : TPFED_ERR_BAD_PAYLOAD, msg);
         return;
     }
-    if ((uint64_t)w.offset + w.data_len > w.total) {
+    uint64_t end = (uint64_t)w.offset + w.data_len;
+    if (end > w.total) {
         snprintf(msg, sizeof msg, "WEIGHTS chunk %lu+%u beyond shard size %lu",
                  (unsigned long)w.offset, (unsigned)w.data_len, (unsigned long)w.total);
         send_error(p, h->src, TPFED_ERR_BAD_PAYLOAD, msg);
         return;
     }
-    if (w.offset == 0) {   // a (re)transmission of this shard starts
-        if (L->complete) p->ready = 0;
-        L->complete = 0;
-        L->received = 0;
-        memcpy(L->sha256, w.sha256, TPFED_SHA256_SIZE);
-        tpfed_sha256_init(&L->sha);
-    } else if (L->complete || w.offset < L->received) {
-        return;   // a repeat of data already here
-    } else if (w.offset > L->received || memcmp(L->sha256, w.sha256, TPFED_SHA256_SIZE) != 0) {
-        snprintf(msg, sizeof msg, "WEIGHTS chunk of layer %u at %lu, expected %lu (chunks go in order)",
-                 (unsigned)L->layer, (unsigned long)w.offset, (unsigned long)L->received);
+    if (w.data_len && (w.offset % GRANULE || (w.data_len % GRANULE && end != w.total))) {
+        snprintf(msg, sizeof msg, "WEIGHTS chunk %lu+%u of layer %u is not on %u-byte granules",
+                 (unsigned long)w.offset, (unsigned)w.data_len, (unsigned)L->layer, (unsigned)GRANULE);
         send_error(p, h->src, TPFED_ERR_BAD_PAYLOAD, msg);
         return;
     }
+    if (L->started && memcmp(L->sha256, w.sha256, TPFED_SHA256_SIZE) != 0) restart_share(p, L);
+    if (!L->started) {
+        memcpy(L->sha256, w.sha256, TPFED_SHA256_SIZE);
+        L->started = 1;
+    }
+    if (L->complete) {
+        // Held already: a repeat. The chunk that ends the share is answered again, in case the
+        // sender lost the first answer.
+        if (end == w.total) {
+            send_ack(p, h->src, h->seq, TPFED_MSG_WEIGHTS);
+            send_ready_if_all(p, h->src);
+        }
+        return;
+    }
+    uint32_t first = w.offset / GRANULE, last = (uint32_t)((end + GRANULE - 1u) / GRANULE);
+    uint32_t fresh = 0;
+    for (uint32_t k = first; k < last; k++) {
+        uint32_t bit = 1u << (k & 31u);
+        if (!(L->bitmap[k >> 5] & bit)) {
+            L->bitmap[k >> 5] |= bit;
+            fresh++;
+        }
+    }
+    if (!fresh) return;   // a repeat of data already here
     memcpy(L->shard + w.offset, w.data, w.data_len);
-    tpfed_sha256_update(&L->sha, w.data, w.data_len);
-    L->received += w.data_len;
-    if (L->received < L->shard_size) return;
+    L->have += fresh;
+    if (L->have < L->n_granules) return;
 
     uint8_t digest[TPFED_SHA256_SIZE];
-    tpfed_sha256_final(&L->sha, digest);
-    L->received = 0;
+    tpfed_sha256(digest, L->shard, L->shard_size);
     if (memcmp(digest, L->sha256, TPFED_SHA256_SIZE) != 0) {
         char got[17], want[17];
         hex8(got, digest);
         hex8(want, L->sha256);
         snprintf(msg, sizeof msg, "shard of layer %u refused: sha256 %s... != announced %s...",
                  (unsigned)L->layer, got, want);
+        restart_share(p, L);
         send_error(p, h->src, TPFED_ERR_SHARD_HASH_MISMATCH, msg);
         return;
     }
     if (shard_error(p, L, msg, sizeof msg)) {
+        restart_share(p, L);
         send_error(p, h->src, TPFED_ERR_BAD_PAYLOAD, msg);
         return;
     }
     build_units(p, L);
     L->complete = 1;
     send_ack(p, h->src, h->seq, TPFED_MSG_WEIGHTS);
-    uint32_t total = 0;
-    for (int i = 0; i < p->n_entries; i++) {
-        if (!p->layers[i].complete) return;
-        total += p->layers[i].shard_size;
-    }
-    p->ready = 1;
-    tpfed_ready_t r = {total, p->arena_used, p->arena_size - p->arena_used};
-    size_t len = 0;
-    if (tpfed_ready_encode(payload_buf(p), payload_cap(), &r, &len) == TPFED_OK)
-        send_frame(p, TPFED_MSG_READY, h->src, next_seq(p), p->session, len);
+    send_ready_if_all(p, h->src);
 }
 
 // -------------------------------------------------------------------------------- compute
@@ -623,6 +852,7 @@ static void on_weights(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl
 static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) {
     tpfed_activation_t a;
     char msg[160];
+    const geometry *g = &p->g;
     if (tpfed_activation_decode(pl, h->length, &a) != TPFED_OK) {
         p->stats.dropped++;
         return;
@@ -641,20 +871,21 @@ static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t 
         send_error(p, h->src, TPFED_ERR_NOT_ASSIGNED, msg);
         return;
     }
-    if (a.n != p->dim || (attention && a.pos >= p->seq_len)) {
+    if (a.n != g->dim || (attention && a.pos >= g->seq_len)) {
         snprintf(msg, sizeof msg, "ACTIVATION of %u values at position %u; this model has dim %u "
-                 "and seq_len %u", (unsigned)a.n, (unsigned)a.pos, (unsigned)p->dim, (unsigned)p->seq_len);
+                 "and seq_len %u", (unsigned)a.n, (unsigned)a.pos, (unsigned)g->dim, (unsigned)g->seq_len);
         send_error(p, h->src, TPFED_ERR_BAD_PAYLOAD, msg);
         return;
     }
     memcpy(p->xq_qs, a.qs, a.n);
     for (uint32_t b = 0; b < nblocks(a.n); b++) p->xq_d[b] = tpfed_rd_u16(a.scales + 2 * b);
+    int dim = (int)g->dim;
     int rc = attention
         ? attention_units_forward(p->out, L->att_units, L->ng, L->key_cache, L->value_cache,
-                                  L->ng * p->head_size, p->xq_qs, p->xq_d, p->dim, p->head_size,
-                                  p->group_size, a.pos, p->seq_len, p->rope_theta, p->work,
-                                  p->work_bytes)
-        : mlp_units_forward(p->out, L->mlp_units, L->nr, p->xq_qs, p->xq_d, p->dim, p->work,
+                                  L->ng * (int)g->head_size, p->xq_qs, p->xq_d, dim,
+                                  (int)g->head_size, (int)g->group_size, a.pos, (int)g->seq_len,
+                                  g->rope_theta, p->work, p->work_bytes)
+        : mlp_units_forward(p->out, L->mlp_units, L->nr, p->xq_qs, p->xq_d, dim, p->work,
                             p->work_bytes);
     if (rc != 0) {
         snprintf(msg, sizeof msg, "layer %u: the compute units refused the share's arguments",
@@ -666,13 +897,13 @@ static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t 
 
     // PARTIAL data is dim little-endian float32: rewrite out as those bytes, in place.
     uint8_t *data = (uint8_t *)p->out;
-    for (int i = 0; i < p->dim; i++) {
+    for (int i = 0; i < dim; i++) {
         float v = p->out[i];
         tpfed_wr_f32(data + 4 * i, v);
     }
-    tpfed_partial_t m = {a.layer, a.stage, a.pos, TPFED_ENC_F32, p->dim, data};
+    tpfed_partial_t m = {a.layer, a.stage, a.pos, TPFED_ENC_F32, (uint16_t)dim, data};
     size_t len = 0;
-    if (tpfed_partial_encode(payload_buf(p), payload_cap(), &m, &len) != TPFED_OK) {
+    if (tpfed_partial_encode(payload_buf(p), payload_cap(p), &m, &len) != TPFED_OK) {
         send_error(p, h->src, TPFED_ERR_INTERNAL, "PARTIAL does not fit a frame");
         return;
     }
@@ -684,12 +915,12 @@ static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t 
 static void on_heartbeat(tpfed_peer *p, const tpfed_header_t *h) {
     tpfed_heartbeat_t m = {p->hal->millis(p->hal->ctx), 0};
     size_t len = 0;
-    if (tpfed_heartbeat_encode(payload_buf(p), payload_cap(), &m, &len) == TPFED_OK)
+    if (tpfed_heartbeat_encode(payload_buf(p), payload_cap(p), &m, &len) == TPFED_OK)
         send_frame(p, TPFED_MSG_HEARTBEAT, h->src, next_seq(p), p->session, len);
 }
 
 static void on_probe(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) {
-    if (h->length > payload_cap()) return;
+    if (h->length > payload_cap(p)) return;
     memmove(payload_buf(p), pl, h->length);
     send_frame(p, TPFED_MSG_PROBE_REPLY, h->src, h->seq, h->session, h->length);
 }
@@ -711,7 +942,7 @@ void tpfed_peer_handle_frame(tpfed_peer *p, const uint8_t *frame, size_t len) {
     tpfed_header_t h;
     const uint8_t *pl = NULL;
     p->stats.frames_in++;
-    if (tpfed_frame_decode(frame, len, payload_cap(), &h, &pl) != TPFED_OK ||
+    if (tpfed_frame_decode(frame, len, payload_cap(p), &h, &pl) != TPFED_OK ||
         tpfed_payload_validate(h.type, pl, h.length) != TPFED_OK) {
         p->stats.dropped++;
         return;
@@ -733,27 +964,5 @@ void tpfed_peer_handle_frame(tpfed_peer *p, const uint8_t *frame, size_t len) {
         snprintf(msg, sizeof msg, "a peer does not take %s frames", type_name(h.type));
         send_error(p, h.src, TPFED_ERR_BAD_STATE, msg);
     }
-    }
-}
-
-int tpfed_peer_poll(tpfed_peer *p) {
-    uint8_t chunk[64];
-    int frames = 0;
-    uint32_t n;
-    while ((n = p->hal->read(p->hal->ctx, chunk, sizeof chunk)) > 0) {
-        for (uint32_t i = 0; i < n; i++) {
-            int32_t len = tpfed_cobs_stream_feed(&p->stream, chunk[i]);
-            if (len > 0) {
-                tpfed_peer_handle_frame(p, p->rx, (size_t)len);
-                frames++;
-            }
-        }
-    }
-    return frames;
-}
-
-void tpfed_peer_run(tpfed_peer *p) {
-    for (;;) {
-        if (!tpfed_peer_poll(p)) p->hal->wait(p->hal->ctx, 1000u);
     }
 }

@@ -2,7 +2,7 @@
 
 #include "tpfed_kernels.h"
 
-static int nblk(int n) { return (n + TPFED_QK8_0 - 1) / TPFED_QK8_0; }
+static int nblk(int n) { return (n + TPFED_Q8_BLOCK - 1) / TPFED_Q8_BLOCK; }
 
 static size_t align4(size_t n) { return (n + 3u) & ~(size_t)3u; }
 

@@ -1,0 +1,57 @@
+// tpfed host port: the coordinator's side of a stage over UDP, in C.
+//
+// Per stage the coordinator sends one ACTIVATION frame to every device holding part of it and
+// waits for their PARTIALs. Doing that from Python costs one call per peer to send and one
+// wake-up per frame to receive; here it is one sendmmsg for all peers and one gather that
+// blocks in poll/recvmmsg (the GIL is released: CFFI API mode) until every partial is in.
+//
+// A fleet is a table of peer addresses on one bound UDP socket (the coordinator's asyncio
+// endpoint). The gather decodes each peer's float32 PARTIAL for (session, seq) into its row of
+// a caller-owned (n, dim) matrix. Every other datagram (an ERROR, a fragment, a stale or
+// damaged frame, anything from an unknown address) is kept, whole and with its sender's index,
+// in a caller-owned side buffer for the Python path, which reports errors, reassembles and
+// retries. The gather returns as soon as all partials are in, a datagram from one of the
+// awaited peers went to the side buffer, the side buffer is full, or the timeout passed.
+// Memory is the caller's; nothing here allocates.
+#ifndef TPFED_UDP_FLEET_H
+#define TPFED_UDP_FLEET_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+// cffi:begin
+typedef struct tpfed_udp_fleet tpfed_udp_fleet;
+
+// Bytes of caller-owned memory a fleet of at most max_peers needs (8-byte aligned).
+size_t tpfed_udp_fleet_bytes(int max_peers);
+// Lay a fleet over mem for the bound UDP socket fd. Returns NULL if mem_bytes is too small.
+tpfed_udp_fleet *tpfed_udp_fleet_init(void *mem, size_t mem_bytes, int fd, int max_peers);
+// Add the peer at numeric host (IPv4 or IPv6 text) and port; returns its index, or -1 if the
+// address is not numeric or the fleet is full.
+int tpfed_udp_fleet_add(tpfed_udp_fleet *f, const char *host, int port);
+
+// Send the same frame to peers[0..n) (fleet indices) with as few system calls as the kernel
+// allows. Returns how many were sent, or -errno of the first failure.
+int tpfed_udp_send_all(tpfed_udp_fleet *f, const uint8_t *frame, uint32_t len,
+                       const int *peers, int n);
+
+typedef struct {
+    uint8_t *buf;       // side buffer for datagrams the gather did not take
+    uint32_t cap;       // its size in bytes
+    uint32_t used;      // bytes used: records of (u32 length, i32 peer index or -1, data)
+    uint32_t count;     // records in it
+} tpfed_udp_side;
+
+// Receive until peers[i] has sent its PARTIAL (float32, n == dim) for this session and seq,
+// for every i < n, or timeout_ms passed (see the top of this file for the other exits).
+// Row i of partials (n, dim) gets peer i's values and got[i] the bytes of its frame (left as
+// they are for rows already got). Returns how many of the n are now got, or -errno.
+int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, uint16_t session,
+                     uint16_t seq, uint16_t layer, uint8_t stage, uint16_t pos, int dim,
+                     float *partials, uint32_t *got, int timeout_ms, tpfed_udp_side *side);
+
+// out (dim) = rows[0] + rows[1] + ... + rows[n-1], added in that order (the plan's order).
+void tpfed_sum_rows_f32(float *out, const float *rows, int n, int dim);
+// cffi:end
+
+#endif

@@ -1,0 +1,265 @@
+// The coordinator's stage exchange over UDP (see tpfed_udp_fleet.h). POSIX (Linux: sendmmsg
+// and recvmmsg; elsewhere one sendto/recvfrom per datagram).
+#define _GNU_SOURCE 1
+#include "tpfed_udp_fleet.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+
+#include "tpfed_proto.h"
+
+#define BATCH 16              // datagrams per receive call
+#define DGRAM_MAX 65536       // the largest UDP payload, rounded up
+
+struct tpfed_udp_fleet {
+    int fd;
+    int max_peers;
+    int n_peers;
+    uint32_t stale;           // valid PARTIALs of another stage or seq, dropped
+    struct sockaddr_storage *addrs;
+    socklen_t *addr_lens;
+    uint8_t *rx;              // BATCH x DGRAM_MAX
+};
+
+static size_t align8(size_t n) { return (n + 7u) & ~(size_t)7u; }
+
+size_t tpfed_udp_fleet_bytes(int max_peers) {
+    if (max_peers < 1) max_peers = 1;
+    return align8(sizeof(tpfed_udp_fleet)) +
+           align8(sizeof(struct sockaddr_storage) * (size_t)max_peers) +
+           align8(sizeof(socklen_t) * (size_t)max_peers) + (size_t)BATCH * DGRAM_MAX;
+}
+
+tpfed_udp_fleet *tpfed_udp_fleet_init(void *mem, size_t mem_bytes, int fd, int max_peers) {
+    if (max_peers < 1 || mem == NULL || mem_bytes < tpfed_udp_fleet_bytes(max_peers)) return NULL;
+    uint8_t *p = (uint8_t *)mem;
+    tpfed_udp_fleet *f = (tpfed_udp_fleet *)p;
+    memset(f, 0, sizeof *f);
+    p += align8(sizeof *f);
+    f->addrs = (struct sockaddr_storage *)p;
+    p += align8(sizeof(struct sockaddr_storage) * (size_t)max_peers);
+    f->addr_lens = (socklen_t *)p;
+    p += align8(sizeof(socklen_t) * (size_t)max_peers);
+    f->rx = p;
+    f->fd = fd;
+    f->max_peers = max_peers;
+    return f;
+}
+
+int tpfed_udp_fleet_add(tpfed_udp_fleet *f, const char *host, int port) {
+    if (f->n_peers >= f->max_peers || port <= 0 || port > 65535) return -1;
+    struct sockaddr_storage *ss = &f->addrs[f->n_peers];
+    memset(ss, 0, sizeof *ss);
+    struct sockaddr_in *v4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET, host, &v4->sin_addr) == 1) {
+        v4->sin_family = AF_INET;
+        v4->sin_port = htons((uint16_t)port);
+        f->addr_lens[f->n_peers] = sizeof *v4;
+    } else if (inet_pton(AF_INET6, host, &v6->sin6_addr) == 1) {
+        v6->sin6_family = AF_INET6;
+        v6->sin6_port = htons((uint16_t)port);
+        f->addr_lens[f->n_peers] = sizeof *v6;
+    } else {
+        return -1;
+    }
+    return f->n_peers++;
+}
+
+// Index of the fleet peer at this address, or -1. An IPv4 peer reached over an IPv6 socket
+// answers from its v4-mapped address; both spellings match.
+static int peer_of(const tpfed_udp_fleet *f, const struct sockaddr_storage *from) {
+    for (int i = 0; i < f->n_peers; i++) {
+        const struct sockaddr_storage *a = &f->addrs[i];
+        if (a->ss_family == AF_INET && from->ss_family == AF_INET) {
+            const struct sockaddr_in *x = (const struct sockaddr_in *)a, *y = (const struct sockaddr_in *)from;
+            if (x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr) return i;
+        } else if (a->ss_family == AF_INET6 && from->ss_family == AF_INET6) {
+            const struct sockaddr_in6 *x = (const struct sockaddr_in6 *)a, *y = (const struct sockaddr_in6 *)from;
+            if (x->sin6_port == y->sin6_port && !memcmp(&x->sin6_addr, &y->sin6_addr, 16)) return i;
+        } else if (a->ss_family == AF_INET && from->ss_family == AF_INET6) {
+            const struct sockaddr_in *x = (const struct sockaddr_in *)a;
+            const struct sockaddr_in6 *y = (const struct sockaddr_in6 *)from;
+            static const uint8_t mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+            if (x->sin_port == y->sin6_port && !memcmp(y->sin6_addr.s6_addr, mapped, 12) &&
+                !memcmp(y->sin6_addr.s6_addr + 12, &x->sin_addr, 4))
+                return i;
+        }
+    }
+    return -1;
+}
+
+int tpfed_udp_send_all(tpfed_udp_fleet *f, const uint8_t *frame, uint32_t len, const int *peers,
+                       int n) {
+    int sent = 0;
+#ifdef __linux__
+    struct iovec iov = {(void *)frame, len};
+    struct mmsghdr msgs[BATCH];
+    while (sent < n) {
+        int k = 0;
+        for (; k < BATCH && sent + k < n; k++) {
+            int i = peers[sent + k];
+            if (i < 0 || i >= f->n_peers) return -EINVAL;
+            memset(&msgs[k], 0, sizeof msgs[k]);
+            msgs[k].msg_hdr.msg_name = &f->addrs[i];
+            msgs[k].msg_hdr.msg_namelen = f->addr_lens[i];
+            msgs[k].msg_hdr.msg_iov = &iov;
+            msgs[k].msg_hdr.msg_iovlen = 1;
+        }
+        int r = sendmmsg(f->fd, msgs, (unsigned)k, 0);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {   // a full send buffer: wait for room
+                struct pollfd pfd = {f->fd, POLLOUT, 0};
+                poll(&pfd, 1, 10);
+                continue;
+            }
+            return -errno;
+        }
+        sent += r;
+    }
+#else
+    for (; sent < n; sent++) {
+        int i = peers[sent];
+        if (i < 0 || i >= f->n_peers) return -EINVAL;
+        if (sendto(f->fd, frame, len, 0, (const struct sockaddr *)&f->addrs[i], f->addr_lens[i]) < 0)
+            return -errno;
+    }
+#endif
+    return sent;
+}
+
+static int64_t now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+// Keep a datagram for the Python path; 0 if the side buffer has no room for it.
+static int side_put(tpfed_udp_side *side, const uint8_t *data, uint32_t len, int peer) {
+    uint64_t need = 8u + (uint64_t)len;
+    if (side == NULL || side->used + need > side->cap) return 0;
+    uint8_t *p = side->buf + side->used;
+    tpfed_wr_u32(p, len);
+    tpfed_wr_u32(p + 4, (uint32_t)peer);
+    memcpy(p + 8, data, len);
+    side->used += (uint32_t)need;
+    side->count++;
+    return 1;
+}
+
+// 1 if the datagram is the awaited PARTIAL (decoded into row), 2 if it is a valid PARTIAL of
+// another stage or sequence, or a duplicate when row is NULL (stale), 0 otherwise.
+static int take_partial(const uint8_t *d, size_t len, uint16_t session, uint16_t seq,
+                        uint16_t layer, uint8_t stage, uint16_t pos, int dim, float *row) {
+    tpfed_header_t h;
+    const uint8_t *pl;
+    if (len < TPFED_HEADER_SIZE || d[2] != TPFED_MSG_PARTIAL) return 0;
+    if (tpfed_frame_decode(d, len, TPFED_MAX_PAYLOAD, &h, &pl) != TPFED_OK) return 0;
+    tpfed_partial_t m;
+    if (tpfed_partial_decode(pl, h.length, &m) != TPFED_OK) return 0;
+    if (h.session != session || h.seq != seq || m.layer != layer || m.stage != stage || m.pos != pos)
+        return 2;
+    if (m.encoding != TPFED_ENC_F32 || m.n != dim) return 0;
+    if (row == NULL) return 2;   // a duplicate of one already taken
+    for (int j = 0; j < dim; j++) row[j] = tpfed_rd_f32(m.data + 4 * j);
+    return 1;
+}
+
+int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, uint16_t session, uint16_t seq,
+                     uint16_t layer, uint8_t stage, uint16_t pos, int dim, float *partials,
+                     uint32_t *got, int timeout_ms, tpfed_udp_side *side) {
+    int have = 0;
+    for (int i = 0; i < n; i++) have += got[i] != 0;
+    int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
+    int stop = 0;
+    struct sockaddr_storage from[BATCH];
+#ifdef __linux__
+    struct iovec iov[BATCH];
+    struct mmsghdr msgs[BATCH];
+#endif
+    while (have < n && !stop) {
+#ifdef __linux__
+        for (int k = 0; k < BATCH; k++) {
+            iov[k].iov_base = f->rx + (size_t)k * DGRAM_MAX;
+            iov[k].iov_len = DGRAM_MAX;
+            memset(&msgs[k], 0, sizeof msgs[k]);
+            msgs[k].msg_hdr.msg_name = &from[k];
+            msgs[k].msg_hdr.msg_namelen = sizeof from[k];
+            msgs[k].msg_hdr.msg_iov = &iov[k];
+            msgs[k].msg_hdr.msg_iovlen = 1;
+        }
+        int r = recvmmsg(f->fd, msgs, BATCH, MSG_DONTWAIT, NULL);
+#else
+        socklen_t fl = sizeof from[0];
+        ssize_t one = recvfrom(f->fd, f->rx, DGRAM_MAX, MSG_DONTWAIT, (struct sockaddr *)&from[0], &fl);
+        int r = one < 0 ? -1 : 1;
+#endif
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                if (errno == ECONNREFUSED) continue;   // an ICMP error for an earlier datagram
+                return -errno;
+            }
+            int64_t left = deadline - now_us();
+            if (left <= 0) break;
+            struct pollfd pfd = {f->fd, POLLIN, 0};
+            int ms = (int)((left + 999) / 1000);
+            if (poll(&pfd, 1, ms) < 0 && errno != EINTR) return -errno;
+            continue;
+        }
+        for (int k = 0; k < r; k++) {
+#ifdef __linux__
+            const uint8_t *d = f->rx + (size_t)k * DGRAM_MAX;
+            size_t len = msgs[k].msg_len;
+#else
+            const uint8_t *d = f->rx;
+            size_t len = (size_t)one;
+#endif
+            int p = peer_of(f, &from[k]);
+            int slot = -1;
+            for (int i = 0; p >= 0 && i < n; i++)
+                if (peers[i] == p) slot = i;
+            if (slot >= 0 && got[slot] == 0) {
+                int t = take_partial(d, len, session, seq, layer, stage, pos, dim,
+                                     partials + (size_t)slot * (size_t)dim);
+                if (t == 1) {
+                    got[slot] = (uint32_t)len;
+                    have++;
+                    continue;
+                }
+                if (t == 2) {
+                    f->stale++;
+                    continue;
+                }
+            } else if (slot >= 0) {
+                // a duplicate of a partial already here, or a late one of an earlier stage
+                if (take_partial(d, len, session, seq, layer, stage, pos, dim, NULL) != 0) {
+                    f->stale++;
+                    continue;
+                }
+            }
+            if (!side_put(side, d, (uint32_t)len, p)) stop = 1;
+            if (slot >= 0) stop = 1;   // that peer needs the Python path (an ERROR, a fragment)
+        }
+    }
+    return have;
+}
+
+void tpfed_sum_rows_f32(float *out, const float *rows, int n, int dim) {
+    if (n <= 0) {
+        for (int j = 0; j < dim; j++) out[j] = 0.0f;
+        return;
+    }
+    for (int j = 0; j < dim; j++) out[j] = rows[j];
+    for (int i = 1; i < n; i++) {
+        const float *r = rows + (size_t)i * (size_t)dim;
+        for (int j = 0; j < dim; j++) out[j] += r[j];
+    }
+}

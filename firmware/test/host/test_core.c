@@ -1,0 +1,525 @@
+// Host test of the peer core and its transport helpers, built with plain gcc (no PlatformIO):
+//
+//   gcc -std=c99 -Wall -Wextra -O1 -I firmware/lib/tpfed/include -I firmware/lib/tpfed/src
+//       firmware/test/host/test_core.c firmware/lib/tpfed/src/*.c -o /tmp/tpfed_test_core
+//   /tmp/tpfed_test_core shared_protocol/golden      (from the repository root)
+//
+// Datagram fragmentation against the golden fragment files (byte for byte), reassembly with
+// loss, duplicates, reordering and expiry; the stream helper round trip; the peer core: HELLO,
+// ASSIGN validation and 64-bit sizing (BAD_PAYLOAD / UNSUPPORTED / OUT_OF_MEMORY, the old
+// assignment kept), WEIGHTS out of order with duplicates, READY, ACTIVATION -> PARTIAL.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tpfed_datagram.h"
+#include "tpfed_peer.h"
+#include "tpfed_proto.h"
+#include "tpfed_sha256.h"
+#include "tpfed_stream.h"
+
+static int failures;
+#define CHECK(cond)                                                                  \
+    do {                                                                             \
+        if (!(cond)) {                                                               \
+            fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+            failures++;                                                              \
+        }                                                                            \
+    } while (0)
+
+static uint8_t *read_file(const char *dir, const char *name, size_t *n) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "cannot open %s\n", path);
+        exit(2);
+    }
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *buf = malloc((size_t)size + 1);
+    *n = fread(buf, 1, (size_t)size, f);
+    fclose(f);
+    buf[*n] = 0;
+    return buf;
+}
+
+// ------------------------------------------------------------------------- datagrams
+
+typedef struct {
+    uint8_t *buf;
+    size_t len, cap;
+    uint32_t sizes[300];
+    uint32_t count;
+} collect;
+
+static void collect_emit(void *ctx, const uint8_t *d, uint32_t n) {
+    collect *c = ctx;
+    if (c->len + n > c->cap) {
+        c->cap = 2 * (c->len + n);
+        c->buf = realloc(c->buf, c->cap);
+    }
+    memcpy(c->buf + c->len, d, n);
+    c->len += n;
+    if (c->count < 300) c->sizes[c->count] = n;
+    c->count++;
+}
+
+static void test_golden_fragments(const char *dir, const char *manifest, const char *frags_name,
+                                  const char *frame_name, uint32_t mtu, uint16_t first_id) {
+    char key[128];
+    snprintf(key, sizeof key, "\"file\":\"%s\",\"kind\":\"fragments\",\"frame\":\"%s\",\"mtu\":%u,"
+             "\"first_id\":%u", frags_name, frame_name, (unsigned)mtu, (unsigned)first_id);
+    CHECK(strstr(manifest, key) != NULL);
+    size_t fn, gn;
+    uint8_t *frame = read_file(dir, frame_name, &fn);
+    uint8_t *golden = read_file(dir, frags_name, &gn);
+    collect c = {0};
+    uint8_t *scratch = malloc(mtu);
+    tpfed_datagram_tx tx;
+    tpfed_datagram_tx_init(&tx, scratch, mtu, first_id, collect_emit, &c);
+    tpfed_datagram_send_frame(&tx, frame, (uint32_t)fn);
+    CHECK(tx.refused == 0);
+    CHECK(c.len == gn && memcmp(c.buf, golden, gn) == 0);
+    CHECK(tx.next_id == (uint16_t)(first_id + 1u));
+
+    // Reassemble: last fragment first, then the rest backwards, each twice, with a whole frame
+    // and another sender's fragments in between.
+    uint32_t slots = 2, max_frame = 65551;
+    size_t mem_size = tpfed_datagram_rx_bytes(slots, max_frame);
+    uint8_t *mem = malloc(mem_size);
+    tpfed_datagram_rx rx;
+    CHECK(tpfed_datagram_rx_init(&rx, mem, mem_size, slots, max_frame, 2000) == 0);
+    size_t offs[300];
+    size_t at = 0;
+    for (uint32_t i = 0; i < c.count; i++) {
+        offs[i] = at;
+        at += c.sizes[i];
+    }
+    const uint8_t *out = NULL;
+    int32_t got = 0, delivered = 0;
+    for (int32_t i = (int32_t)c.count - 1; i >= 0; i--) {
+        for (int rep = 0; rep < 2; rep++) {
+            int32_t r = tpfed_datagram_rx_feed(&rx, c.buf + offs[i], c.sizes[i], 7, 100, &out);
+            if (r > 0) {
+                got = r;
+                delivered++;
+                CHECK((size_t)r == fn && memcmp(out, frame, fn) == 0);
+            }
+        }
+        if (i == (int32_t)c.count / 2) {
+            // a whole small frame passes straight through
+            uint8_t small[16] = {TPFED_MAGIC};
+            CHECK(tpfed_datagram_rx_feed(&rx, small, sizeof small, 9, 100, &out) == 16 && out == small);
+        }
+    }
+    CHECK(delivered == 1 && (size_t)got == fn);
+    if (c.count > 1) {
+        CHECK(rx.stats.duplicates == c.count);   // every second copy, incl. the late one
+        // Loss: all but one fragment of the next frame, then the timeout passes.
+        c.len = 0;
+        c.count = 0;
+        tpfed_datagram_send_frame(&tx, frame, (uint32_t)fn);
+        at = 0;
+        for (uint32_t i = 0; i < c.count; i++) {
+            offs[i] = at;
+            at += c.sizes[i];
+        }
+        for (uint32_t i = 1; i < c.count; i++)
+            CHECK(tpfed_datagram_rx_feed(&rx, c.buf + offs[i], c.sizes[i], 7, 200, &out) == 0);
+        CHECK(tpfed_datagram_rx_expire(&rx, 1000) == 1);
+        CHECK(tpfed_datagram_rx_expire(&rx, 2300) == 0);
+        CHECK(rx.stats.expired == 1);
+        // Sent again (same id): complete now.
+        int32_t r = 0;
+        for (uint32_t i = 0; i < c.count; i++)
+            r = tpfed_datagram_rx_feed(&rx, c.buf + offs[i], c.sizes[i], 7, 2400, &out);
+        CHECK((size_t)r == fn && memcmp(out, frame, fn) == 0);
+    }
+    // Garbage is counted, never delivered.
+    uint8_t junk[8] = {0x55, 1, 2, 3, 4, 5, 6, 7};
+    uint8_t badfrag[8] = {TPFED_FRAG_MAGIC, 0, 0, 3, 2, 1, 1, 1};   // index >= count
+    uint32_t dropped = rx.stats.dropped;
+    CHECK(tpfed_datagram_rx_feed(&rx, junk, sizeof junk, 7, 2500, &out) == 0);
+    CHECK(tpfed_datagram_rx_feed(&rx, badfrag, sizeof badfrag, 7, 2500, &out) == 0);
+    CHECK(rx.stats.dropped == dropped + 2);
+    free(mem);
+    free(scratch);
+    free(c.buf);
+    free(frame);
+    free(golden);
+}
+
+static void test_fragment_limits(void) {
+    uint8_t frame[2000] = {TPFED_MAGIC}, scratch[16];
+    collect c = {0};
+    // 2000 bytes at mtu 16 (11-byte slices): 182 fragments; 4000 bytes would need 364: refused,
+    // nothing emitted.
+    CHECK(tpfed_datagram_split(frame, sizeof frame, 16, 1, scratch, collect_emit, &c) == 182);
+    c.len = c.count = 0;
+    uint8_t big[4000] = {TPFED_MAGIC};
+    CHECK(tpfed_datagram_split(big, sizeof big, 16, 1, scratch, collect_emit, &c) == -1 && c.count == 0);
+    CHECK(tpfed_datagram_split(big, sizeof big, 5, 1, scratch, collect_emit, &c) == -1);
+    free(c.buf);
+}
+
+// ------------------------------------------------------------------------- peer harness
+
+typedef struct {
+    uint8_t frames[64][1100];
+    size_t lens[64];
+    int n;
+    uint32_t now;
+} link_t;
+
+static void link_send(void *ctx, const uint8_t *frame, uint32_t n) {
+    link_t *l = ctx;
+    CHECK(n <= 1100);
+    if (l->n < 64 && n <= 1100) {
+        memcpy(l->frames[l->n], frame, n);
+        l->lens[l->n++] = n;
+    }
+}
+static uint32_t link_millis(void *ctx) { return ((link_t *)ctx)->now += 7; }
+
+static link_t lk;
+static const tpfed_hal hal = {&lk, link_send, link_millis};
+static const tpfed_device_info info = {"hostboard", "host-test", 100000000u, 1u << 20, 0, 0, 0, 1, 1, 0};
+
+static uint8_t txbuf[70000];
+static uint16_t seq;
+
+static size_t make(uint8_t type, uint8_t dst, uint16_t session, const uint8_t *payload, size_t n) {
+    tpfed_header_t h;
+    memset(&h, 0, sizeof h);
+    h.type = type;
+    h.src = 0;
+    h.dst = dst;
+    h.seq = ++seq;
+    h.session = session;
+    memcpy(txbuf + TPFED_HEADER_SIZE, payload, n);
+    size_t len = 0;
+    CHECK(tpfed_frame_finish(txbuf, sizeof txbuf, &h, n, &len) == TPFED_OK);
+    return len;
+}
+
+// Send one frame to the peer; returns the number of replies, the last decoded into *h, *pl.
+static int exchange(tpfed_peer *p, uint8_t type, uint16_t session, const uint8_t *payload, size_t n,
+                    tpfed_header_t *h, const uint8_t **pl) {
+    lk.n = 0;
+    size_t len = make(type, 1, session, payload, n);
+    tpfed_peer_handle_frame(p, txbuf, len);
+    if (lk.n && h) CHECK(tpfed_frame_decode(lk.frames[lk.n - 1], lk.lens[lk.n - 1], 0xFFFF, h, pl) == TPFED_OK);
+    return lk.n;
+}
+
+static uint16_t error_code(tpfed_header_t *h, const uint8_t *pl) {
+    tpfed_error_t e;
+    if (h->type != TPFED_MSG_ERROR || tpfed_error_decode(pl, h->length, &e) != TPFED_OK) return 0;
+    return e.code;
+}
+
+typedef struct {
+    uint16_t layer;
+    uint8_t ng;
+    uint16_t groups[8];
+    uint8_t nr;
+    uint32_t ranges[8][2];
+} ent;
+
+static size_t assign_payload(uint8_t *out, uint16_t dim, uint32_t hidden, uint16_t n_layers,
+                             uint16_t n_heads, uint16_t n_kv, uint16_t seq_len, const ent *es, int ne) {
+    uint8_t entries[4096];
+    size_t el = 0;
+    for (int i = 0; i < ne; i++) {
+        tpfed_wr_u16(entries + el, es[i].layer);
+        entries[el + 2] = es[i].ng;
+        el += 3;
+        for (int j = 0; j < es[i].ng; j++, el += 2) tpfed_wr_u16(entries + el, es[i].groups[j]);
+        entries[el++] = es[i].nr;
+        for (int r = 0; r < es[i].nr; r++, el += 8) {
+            tpfed_wr_u32(entries + el, es[i].ranges[r][0]);
+            tpfed_wr_u32(entries + el + 4, es[i].ranges[r][1]);
+        }
+    }
+    tpfed_assign_t a = {dim, hidden, n_layers, n_heads, n_kv, seq_len, 1e-5f, 10000.0f,
+                        (uint16_t)ne, entries, (uint16_t)el};
+    size_t len = 0;
+    CHECK(tpfed_assign_encode(out, 65535, &a, &len) == TPFED_OK);
+    return len;
+}
+
+// A valid share: header, tables, every matrix zero (zero scales are finite).
+static size_t make_share(uint8_t *s, const ent *e, uint32_t dim, uint32_t hidden, uint16_t hs,
+                         uint16_t gs, uint16_t n_kv) {
+    uint32_t ranges[16];
+    for (int r = 0; r < e->nr; r++) {
+        ranges[2 * r] = e->ranges[r][0];
+        ranges[2 * r + 1] = e->ranges[r][1];
+    }
+    uint64_t total = tpfed_share_bytes(dim, hs, gs, e->ng, ranges, e->nr);
+    memset(s, 0, (size_t)total);
+    tpfed_share_header_t h = {TPFED_SHARE_VERSION, TPFED_SHARE_HEADER_SIZE, e->layer, dim, hidden,
+                              hs, gs, e->ng, e->nr, n_kv, 0, total};
+    size_t used;
+    CHECK(tpfed_share_header_encode(s, 64, &h, &used) == TPFED_OK);
+    size_t off = TPFED_SHARE_HEADER_SIZE;
+    for (int i = 0; i < e->ng; i++) tpfed_wr_u16(s + off + 2 * i, e->groups[i]);
+    off += (2u * e->ng + 3u) & ~3u;
+    for (int r = 0; r < e->nr; r++) {
+        tpfed_wr_u32(s + off + 8 * r, e->ranges[r][0]);
+        tpfed_wr_u32(s + off + 8 * r + 4, e->ranges[r][1]);
+    }
+    return (size_t)total;
+}
+
+static size_t weights_payload(uint8_t *out, uint16_t layer, uint32_t off, uint32_t total,
+                              const uint8_t *sha, const uint8_t *data, uint16_t n) {
+    tpfed_weights_t w = {layer, off, total, sha, data, n};
+    size_t len = 0;
+    CHECK(tpfed_weights_encode(out, 65535, &w, &len) == TPFED_OK);
+    return len;
+}
+
+static void test_share_bytes(void) {
+    // stories260K, one group + range [128, 172): the formula of host's shard module.
+    uint32_t r[2] = {128, 172};
+    // header 40 + groups pad4(2)=4 + ranges 8; wq (16,64): 1024 + 64; wk, wv (8,64): 512+32 each;
+    // wo (64,16): 1024 + 128; w1, w3 (44,64): 2816 + 176 each; w2 (64,44): 2816 + 256.
+    uint64_t want = 40 + 4 + 8 + (1088 + 2 * 544 + 1152) + (2 * 2992 + 3072);
+    CHECK(tpfed_share_bytes(64, 8, 2, 1, r, 1) == want);
+    uint32_t huge[2] = {0, 0xFFFFFFFFu};
+    CHECK(tpfed_share_bytes(65535, 65535, 65535, 255, huge, 1) != 0);   // big, but no overflow
+    uint32_t bad[2] = {10, 5};
+    CHECK(tpfed_share_bytes(64, 8, 2, 0, bad, 1) == 0);
+    CHECK(tpfed_share_bytes(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 255, huge, 1) == 0);   // overflow
+}
+
+static void test_peer(void) {
+    static uint8_t arena[256 * 1024];
+    static uint8_t pl[70000], share[70000];
+    tpfed_peer_config cfg = {&hal, &info, 6, TPFED_TRANSPORT_UDP | TPFED_TRANSPORT_SERIAL, 1024, 4, 2, 0};
+    CHECK(tpfed_peer_init(arena, 100, &cfg) == NULL);
+    cfg.max_frame = 100;
+    CHECK(tpfed_peer_init(arena, sizeof arena, &cfg) == NULL);
+    cfg.max_frame = 1024;
+    tpfed_peer *p = tpfed_peer_init(arena + 1, sizeof arena - 1, &cfg);   // unaligned on purpose
+    CHECK(p != NULL && ((uintptr_t)p & 7u) == 0);
+    CHECK(tpfed_peer_int8_macs(p) > 0);
+    CHECK(tpfed_peer_state(p) == TPFED_PEER_IDLE && tpfed_peer_device_id(p) == 255);
+    tpfed_header_t h;
+    const uint8_t *rp;
+
+    // HELLO
+    tpfed_hello_t hello;
+    memset(&hello, 0, sizeof hello);
+    hello.name = (const uint8_t *)"coordinator";
+    hello.name_len = 11;
+    size_t n = 0;
+    CHECK(tpfed_hello_encode(pl, sizeof pl, &hello, &n) == TPFED_OK);
+    CHECK(exchange(p, TPFED_MSG_HELLO, 0, pl, n, &h, &rp) == 1 && h.type == TPFED_MSG_HELLO);
+    tpfed_hello_t got;
+    CHECK(tpfed_hello_decode(rp, h.length, &got) == TPFED_OK);
+    CHECK(got.max_frame == 1024 && got.transports == (TPFED_TRANSPORT_UDP | TPFED_TRANSPORT_SERIAL));
+    CHECK(got.device_class == 6 && got.name_len == 9 && h.src == 1);
+    CHECK(got.arena_kb == (tpfed_peer_arena_size(p) - tpfed_peer_arena_used(p) - TPFED_PEER_WORK_RESERVE) / 1024);
+
+    // stories260K geometry: dim 64, hidden 172, 5 layers, 8 heads, 4 KV heads.
+    // kv_groups [9,3,3] and range [5, 999): malformed -> BAD_PAYLOAD, also with 3 > max_groups.
+    ent bad = {0, 3, {9, 3, 3}, 1, {{5, 999}}};
+    n = assign_payload(pl, 64, 172, 5, 8, 4, 64, &bad, 1);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_BAD_PAYLOAD);
+    ent unsorted = {0, 2, {2, 1}, 0, {{0}}};
+    n = assign_payload(pl, 64, 172, 5, 8, 4, 64, &unsorted, 1);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_BAD_PAYLOAD);
+    ent twice[2] = {{1, 1, {0}, 0, {{0}}}, {1, 1, {1}, 0, {{0}}}};
+    n = assign_payload(pl, 64, 172, 5, 8, 4, 64, twice, 2);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_BAD_PAYLOAD);
+    ent out_of_range = {5, 1, {0}, 0, {{0}}};
+    n = assign_payload(pl, 64, 172, 5, 8, 4, 64, &out_of_range, 1);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_BAD_PAYLOAD);
+    // valid but more ranges than this peer takes (max_ranges 2) -> UNSUPPORTED
+    ent many = {0, 0, {0}, 3, {{0, 32}, {32, 64}, {64, 96}}};
+    n = assign_payload(pl, 64, 172, 5, 8, 4, 64, &many, 1);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_UNSUPPORTED);
+    // frames beyond max_frame -> UNSUPPORTED
+    n = assign_payload(pl, 512, 172, 5, 8, 4, 64, NULL, 0);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_UNSUPPORTED);
+    // sizes that wrap 32 bits: hidden 2^31-1, one range [0, 2^31-1) with dim 128 -> OOM (not a fault)
+    ent wrap = {0, 0, {0}, 1, {{0, 0x7FFFFFFFu}}};
+    n = assign_payload(pl, 128, 0x7FFFFFFFu, 1, 1, 1, 8, &wrap, 1);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_OUT_OF_MEMORY);
+    // KV cache for 65535 positions of 4 groups: too large -> OOM
+    ent kv = {0, 4, {0, 1, 2, 3}, 0, {{0}}};
+    n = assign_payload(pl, 64, 172, 5, 8, 4, 65535, &kv, 1);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_OUT_OF_MEMORY);
+    CHECK(tpfed_peer_state(p) == TPFED_PEER_IDLE);
+
+    // A valid assignment: layer 2 holds group 1 and [128, 172); layer 0 range [0, 32).
+    ent good[2] = {{2, 1, {1}, 1, {{128, 172}}}, {0, 0, {0}, 1, {{0, 32}}}};
+    n = assign_payload(pl, 64, 172, 5, 8, 4, 64, good, 2);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && h.type == TPFED_MSG_ACK);
+    CHECK(tpfed_peer_state(p) == TPFED_PEER_ASSIGNED && tpfed_peer_layers_assigned(p) == 2);
+    CHECK(tpfed_peer_session(p) == 1 && tpfed_peer_device_id(p) == 1);
+    size_t used_after_assign = tpfed_peer_arena_used(p);
+
+    for (int li = 0; li < 2; li++) {
+        size_t total = make_share(share, &good[li], 64, 172, 8, 2, 4);
+        uint8_t sha[32], wrong[32];
+        tpfed_sha256(sha, share, total);
+        memset(wrong, 0xAB, sizeof wrong);
+        const uint32_t chunk = 512;
+        uint32_t nchunks = (uint32_t)((total + chunk - 1) / chunk);
+        // a chunk not on the granule -> BAD_PAYLOAD
+        n = weights_payload(pl, good[li].layer, 100, (uint32_t)total, sha, share + 100, 64);
+        CHECK(exchange(p, TPFED_MSG_WEIGHTS, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_BAD_PAYLOAD);
+        // half of a share with another sha256 first: replaced by the real one below
+        n = weights_payload(pl, good[li].layer, 0, (uint32_t)total, wrong, share, 64);
+        CHECK(exchange(p, TPFED_MSG_WEIGHTS, 1, pl, n, NULL, NULL) == 0);
+        // backwards, each chunk twice; replies only at the end
+        for (int32_t c = (int32_t)nchunks - 1; c >= 0; c--) {
+            uint32_t off = (uint32_t)c * chunk, len = (uint32_t)(total - off < chunk ? total - off : chunk);
+            for (int rep = 0; rep < 2; rep++) {
+                n = weights_payload(pl, good[li].layer, off, (uint32_t)total, sha, share + off, (uint16_t)len);
+                int replies = exchange(p, TPFED_MSG_WEIGHTS, 1, pl, n, NULL, NULL);
+                if (c == 0 && rep == 0) {
+                    CHECK(replies == (li == 0 ? 1 : 2));
+                    tpfed_header_t a;
+                    const uint8_t *ap;
+                    CHECK(tpfed_frame_decode(lk.frames[0], lk.lens[0], 0xFFFF, &a, &ap) == TPFED_OK);
+                    CHECK(a.type == TPFED_MSG_ACK);
+                    if (li == 1) {
+                        CHECK(tpfed_frame_decode(lk.frames[1], lk.lens[1], 0xFFFF, &a, &ap) == TPFED_OK);
+                        CHECK(a.type == TPFED_MSG_READY);
+                        tpfed_ready_t r;
+                        CHECK(tpfed_ready_decode(ap, a.length, &r) == TPFED_OK);
+                        CHECK(r.arena_used == used_after_assign);
+                    }
+                } else {
+                    CHECK(replies == 0);
+                }
+            }
+        }
+    }
+    CHECK(tpfed_peer_state(p) == TPFED_PEER_READY && tpfed_peer_layers_held(p) == 2);
+
+    // ACTIVATION -> PARTIAL of zeros (the share is all zeros), seq echoed
+    int8_t qs[64];
+    uint8_t scales[4];
+    memset(qs, 3, sizeof qs);
+    tpfed_wr_u16(scales, 0x3C00);
+    tpfed_wr_u16(scales + 2, 0x3C00);
+    tpfed_activation_t act = {2, TPFED_STAGE_ATTENTION, 0, 64, scales, qs};
+    CHECK(tpfed_activation_encode(pl, sizeof pl, &act, &n) == TPFED_OK);
+    CHECK(exchange(p, TPFED_MSG_ACTIVATION, 1, pl, n, &h, &rp) == 1 && h.type == TPFED_MSG_PARTIAL);
+    CHECK(h.seq == seq);
+    tpfed_partial_t part;
+    CHECK(tpfed_partial_decode(rp, h.length, &part) == TPFED_OK && part.n == 64 && part.layer == 2);
+    act.stage = TPFED_STAGE_MLP;
+    act.layer = 0;
+    CHECK(tpfed_activation_encode(pl, sizeof pl, &act, &n) == TPFED_OK);
+    CHECK(exchange(p, TPFED_MSG_ACTIVATION, 1, pl, n, &h, &rp) == 1 && h.type == TPFED_MSG_PARTIAL);
+
+    // An ASSIGN that does not fit: OOM, and the old assignment still answers.
+    n = assign_payload(pl, 64, 172, 5, 8, 4, 65535, &kv, 1);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 2, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_OUT_OF_MEMORY);
+    CHECK(tpfed_peer_state(p) == TPFED_PEER_READY && tpfed_peer_session(p) == 1);
+    CHECK(exchange(p, TPFED_MSG_ACTIVATION, 1, pl, n == 0 ? 0 : 0, NULL, NULL) == 0);   // empty: dropped
+    CHECK(tpfed_activation_encode(pl, sizeof pl, &act, &n) == TPFED_OK);
+    CHECK(exchange(p, TPFED_MSG_ACTIVATION, 1, pl, n, &h, &rp) == 1 && h.type == TPFED_MSG_PARTIAL);
+
+    // The last chunk of a held share again: ACK and READY again (a lost ACK is recovered).
+    size_t total = make_share(share, &good[0], 64, 172, 8, 2, 4);
+    uint8_t sha[32];
+    tpfed_sha256(sha, share, total);
+    uint32_t last_off = (uint32_t)((total - 1) / 512 * 512);
+    n = weights_payload(pl, 2, last_off, (uint32_t)total, sha, share + last_off, (uint16_t)(total - last_off));
+    CHECK(exchange(p, TPFED_MSG_WEIGHTS, 1, pl, n, &h, &rp) == 2 && h.type == TPFED_MSG_READY);
+
+    // BYE of another session ignored; of this one ends it.
+    uint8_t reason = 0;
+    CHECK(exchange(p, TPFED_MSG_BYE, 5, &reason, 1, NULL, NULL) == 0 && tpfed_peer_state(p) == TPFED_PEER_READY);
+    CHECK(exchange(p, TPFED_MSG_BYE, 1, &reason, 1, NULL, NULL) == 0 && tpfed_peer_state(p) == TPFED_PEER_IDLE);
+    CHECK(tpfed_peer_get_stats(p)->activations == 3);
+}
+
+// ------------------------------------------------------------------------- stream helper
+
+static uint8_t wire[8192];
+static size_t wire_len;
+static void wire_write(void *ctx, const uint8_t *b, uint32_t n) {
+    (void)ctx;
+    memcpy(wire + wire_len, b, n);
+    wire_len += n;
+}
+
+static void test_stream(const char *dir) {
+    // The helper's encoder writes what tpfed_cobs_encode gives, then 0x00.
+    size_t fn;
+    uint8_t *frame = read_file(dir, "hello_esp32s3.bin", &fn);
+    static uint8_t buf[2048], enc[2048];
+    tpfed_stream s;
+    tpfed_stream_init(&s, buf, sizeof buf, wire_write, NULL, NULL);
+    wire_len = 0;
+    tpfed_stream_send_frame(&s, frame, (uint32_t)fn);
+    size_t m = tpfed_cobs_encode(enc, sizeof enc, frame, fn);
+    CHECK(wire_len == m + 1 && memcmp(wire, enc, m) == 0 && wire[m] == 0);
+    // Edge lengths around 254-byte blocks and trailing zeros.
+    static uint8_t data[1100];
+    for (size_t n = 250; n < 520; n++) {
+        for (size_t i = 0; i < n; i++) data[i] = (uint8_t)((i * 7 + n) % 5 ? i + 1 : 0);
+        data[n - 1] = (n % 2) ? 0 : 9;
+        wire_len = 0;
+        tpfed_stream_send_frame(&s, data, (uint32_t)n);
+        m = tpfed_cobs_encode(enc, sizeof enc, data, n);
+        CHECK(wire_len == m + 1 && memcmp(wire, enc, m) == 0);
+    }
+    // A HELLO through the stream reaches a peer, whose reply comes back COBS-framed.
+    static uint8_t arena[64 * 1024];
+    static uint8_t rbuf[TPFED_STREAM_BUFFER_SIZE(1024u)];
+    tpfed_stream st;
+    tpfed_stream_init(&st, rbuf, sizeof rbuf, wire_write, NULL, NULL);
+    tpfed_hal shal = {&st, tpfed_stream_send_frame, link_millis};
+    tpfed_peer_config cfg = {&shal, &info, 6, TPFED_TRANSPORT_SERIAL, 1024, 32, 8, 1000};
+    tpfed_peer *p = tpfed_peer_init(arena, sizeof arena, &cfg);
+    CHECK(p != NULL && tpfed_peer_int8_macs(p) == 1000);
+    tpfed_hello_t hello;
+    memset(&hello, 0, sizeof hello);
+    size_t n = 0;
+    static uint8_t pl[256];
+    CHECK(tpfed_hello_encode(pl, sizeof pl, &hello, &n) == TPFED_OK);
+    size_t len = make(TPFED_MSG_HELLO, 3, 0, pl, n);
+    m = tpfed_cobs_encode(enc, sizeof enc, txbuf, len);
+    enc[m++] = 0;
+    wire_len = 0;
+    CHECK(tpfed_stream_feed(&st, p, (const uint8_t *)"\x00\x00garbage\x00", 10) == 0);
+    CHECK(tpfed_stream_feed(&st, p, enc, m) == 1);
+    CHECK(wire_len > 0 && wire[wire_len - 1] == 0);
+    int32_t dl = tpfed_cobs_decode(enc, sizeof enc, wire, wire_len - 1);
+    tpfed_header_t h;
+    const uint8_t *rp;
+    CHECK(dl > 0 && tpfed_frame_decode(enc, (size_t)dl, 0xFFFF, &h, &rp) == TPFED_OK);
+    CHECK(h.type == TPFED_MSG_HELLO && h.src == 3);
+    free(frame);
+}
+
+int main(int argc, char **argv) {
+    const char *dir = argc > 1 ? argv[1] : "shared_protocol/golden";
+    size_t mn;
+    char *manifest = (char *)read_file(dir, "manifest.json", &mn);
+    test_golden_fragments(dir, manifest, "frags_hello_mtu20.bin", "hello_esp32s3.bin", 20, 0);
+    test_golden_fragments(dir, manifest, "frags_activation_max_mtu512.bin", "activation_max.bin", 512, 65535);
+    test_golden_fragments(dir, manifest, "frags_weights_max_mtu1400.bin", "weights_max_payload.bin", 1400, 4660);
+    test_fragment_limits();
+    test_share_bytes();
+    test_stream(dir);
+    test_peer();
+    free(manifest);
+    if (failures) {
+        fprintf(stderr, "%d check(s) failed\n", failures);
+        return 1;
+    }
+    printf("test_core: all checks passed\n");
+    return 0;
+}
