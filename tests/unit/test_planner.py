@@ -13,6 +13,7 @@ from tpfed.errors import PlanError
 from tpfed.model.config import ModelConfig
 from tpfed.model.hfconfig import STORIES260K, load_model_config
 from tpfed.planning import costs
+from tpfed.planning.costs import FREE_COORDINATOR
 from tpfed.planning.fleet import DeviceSpec, device_from_profile, identical_fleet, load_fleet
 from tpfed.planning.plan import Plan
 from tpfed.planning.planner import fluid_time, plan, replan
@@ -97,7 +98,9 @@ def test_capability_any_count_uniform(n):
 def test_capability_gives_faster_devices_more():
     fleet = [dev("fast", gmacs=40), dev("slow", gmacs=10)]
     m = ModelConfig(dim=512, hidden_dim=2048, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=100, seq_len=64)
-    p = plan(m, fleet, strategy="capability")
+    # the device-side model alone: with the default coordinator the slow device's 0.08 ms of
+    # an MLP stage's compute saves less than one more partial costs, and it is left out
+    p = plan(m, fleet, strategy="capability", coordinator=FREE_COORDINATOR)
     p.validate()
     fast, slow = p.device("fast"), p.device("slow")
     assert fast.mlp_columns > 3 * slow.mlp_columns
@@ -236,8 +239,8 @@ def test_capability_is_close_to_the_exact_optimum():
             exact = exact_makespan_ms(SMALL, fleet, SMALL.seq_len, 0.1)
         except AssertionError:
             continue  # infeasible instance (not enough memory in total)
-        try:
-            p = plan(SMALL, fleet, strategy="capability")
+        try:  # the MILP is the device-side model: a coordinator that costs nothing
+            p = plan(SMALL, fleet, strategy="capability", coordinator=FREE_COORDINATOR)
         except PlanError:
             gaps.append(float("inf"))
             continue
@@ -261,7 +264,9 @@ def test_hf_configs_plan_over_the_lab_fleet(repo_root, name):
     assert p.makespan_ms >= p.ideal_ms * (1 - 1e-9)
     assert p.makespan_ms < p.round_robin_makespan_ms
     if name == "llama-2-70b":
-        assert p.makespan_ms <= 1.10 * p.ideal_ms
+        # the ideal leaves out memory and the send queue's order; with the coordinator's
+        # queues in the model the capability split sits about 11% above it
+        assert p.makespan_ms <= 1.15 * p.ideal_ms
 
 
 def test_hf_config_mapping(repo_root):
@@ -298,7 +303,7 @@ def test_replan_after_leave_moves_only_the_lost_units(repo_root):
     m = hf(repo_root, "mistral-7b")
     fleet = load_fleet(repo_root / "boards" / "fleets" / "lab-100.yaml")
     p = plan(m, fleet, strategy="capability", seq_len=2048)
-    gone = p.devices[3].name
+    gone = p.devices[-1].name  # the coordinator's costs keep mistral-7b on a few GPUs
     q = replan(p, [d for d in fleet if d.name != gone])
     q.validate()
     assert gone not in {d.name for d in q.devices}
@@ -311,7 +316,7 @@ def test_replan_after_leave_moves_only_the_lost_units(repo_root):
     for d in p.devices:  # everyone still there keeps everything it had
         if d.name != gone:
             assert _units(p, d.name) <= _units(q, d.name)
-    assert q.makespan_ms <= 1.10 * q.ideal_ms
+    assert q.makespan_ms <= 1.15 * q.ideal_ms
     assert q.moved_bytes == p.diff(q).moved_bytes
 
 
@@ -379,3 +384,30 @@ def test_fluid_time():
     speed = np.array([1.0, 1.0])
     assert fluid_time(0.5, link, speed) == pytest.approx(0.5)  # second device not worth it
     assert fluid_time(3.0, link, speed) == pytest.approx(2.0)  # 2 + 1 = 3
+
+
+# --------------------------------------------------------------------------- the coordinator's link
+def test_plan_and_simulation_agree_on_lab_100(repo_root):
+    """The planner counts the coordinator's sends and its receive queue as the simulator does:
+    on Llama-2-70B over lab-100 the two agree within 10% (they were 116 vs 984 ms/token)."""
+    from tpfed.planning.simulator import simulate
+
+    m = hf(repo_root, "llama-2-70b")
+    fleet = load_fleet(repo_root / "boards" / "fleets" / "lab-100.yaml")
+    p = plan(m, fleet, strategy="capability")
+    p.validate()
+    r = simulate(p, fleet, tokens=16)
+    sim_ms = sum(r.token_ms) / len(r.token_ms)
+    assert abs(p.makespan_ms / sim_ms - 1) <= 0.10
+    assert sim_ms < 500  # fewer devices per stage: well under the 984 ms of the old split
+    # every excluded device says why and what would make it help
+    assert all("would help" in reason or "no device would" in reason for _, reason in p.excluded)
+
+
+def test_every_extra_device_costs_the_coordinator_a_partial():
+    """A stage whose compute is shorter than what one more partial costs the coordinator is
+    left to one device; with a free coordinator the same fleet splits it."""
+    m = ModelConfig(dim=512, hidden_dim=2048, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=100, seq_len=64)
+    fleet = [dev(f"d{i}", gmacs=40) for i in range(4)]
+    assert len(plan(m, fleet, strategy="capability").devices) < 4
+    assert len(plan(m, fleet, strategy="capability", coordinator=FREE_COORDINATOR).devices) == 4

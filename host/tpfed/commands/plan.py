@@ -43,6 +43,8 @@ def load_inputs(args: argparse.Namespace):
 
 def summary(plan) -> dict:
     """The JSON form ``tpfed plan --json`` prints."""
+    from tpfed.planning.plan import group_excluded
+
     n = plan.model.n_layers
     return {
         "model": plan.model.name,
@@ -67,7 +69,18 @@ def summary(plan) -> dict:
             for d in plan.devices
         ],
         "excluded": [{"name": name, "reason": reason} for name, reason in plan.excluded],
+        "excluded_groups": [{"devices": names, "count": n, "reason": reason}
+                            for names, n, reason in group_excluded(plan.excluded)],
     }
+
+
+def console():
+    """A rich console that does not wrap or crop when stdout is not a terminal."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=240, soft_wrap=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,7 +96,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary(plan)))
     else:
-        from rich.console import Console
-
-        Console().print(plan.table())
+        console().print(plan.table())
     return 0

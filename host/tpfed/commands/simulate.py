@@ -37,10 +37,11 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, key) <= 0:
             raise TpfedError(f"--{key.replace('_', '-')} must be positive")
     model, devices = load_inputs(args)
-    plan = make_plan(model, devices, strategy=args.strategy, seq_len=args.seq_len, margin=args.margin)
     coord = CoordinatorSpec(int8_macs=args.coordinator_gmacs * 1e9, ops_per_s=args.coordinator_gops * 1e9,
                             bandwidth_Bps=args.coordinator_mbps * 1e6 / 8,
                             per_frame_s=args.coordinator_frame_us * 1e-6)
+    plan = make_plan(model, devices, strategy=args.strategy, seq_len=args.seq_len, margin=args.margin,
+                     coordinator=coord)
     result = simulate(plan, devices, coordinator=coord, tokens=args.tokens)
     if args.plot:
         plot(plan, result, args.plot)
@@ -51,13 +52,15 @@ def run(args: argparse.Namespace) -> int:
         doc["excluded"] = [{"name": n, "reason": r} for n, r in plan.excluded]
         print(json.dumps(doc))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    from tpfed.commands.plan import console
+    from tpfed.planning.plan import group_excluded
+
+    con = console()
     con.print(f"[bold]{model.name or 'model'}[/bold] over {len(plan.devices)} devices ({plan.strategy}): "
               f"{result.tokens_per_s:.2f} tokens/s, {sum(result.token_ms) / len(result.token_ms):.3f} ms/token "
-              f"(planner predicted {plan.makespan_ms:.3f} ms of device-side time)")
+              f"(planner predicted {plan.makespan_ms:.3f} ms)")
     con.print(f"bytes per token: {result.bytes_per_token:,.0f} (payload floor {result.min_bytes_per_token:,.0f})")
     where = Table(title="where the time goes (critical path, per token)")
     where.add_column("cause")
@@ -74,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     for name, u in sorted(result.utilisation.items(), key=lambda kv: -kv[1])[:40]:
         util.add_row(name, f"{result.compute_s[name] * 1e3 / result.tokens:.3f}", f"{100 * u:.1f}%")
     con.print(util)
-    for name, reason in plan.excluded:
-        con.print(f"[dim]excluded {name}: {reason}[/dim]")
+    for names, _, reason in group_excluded(plan.excluded):
+        con.print(f"[dim]excluded {names}: {reason}[/dim]", highlight=False)
     if args.plot:
         con.print(f"plot written to {args.plot}")
     return 0

@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from tpfed.compute.kernels import Q8_BLOCK
 from tpfed.errors import PlanError
 from tpfed.model.config import ModelConfig
 from tpfed.planning import costs
-
-QK = costs.QK
 
 
 @dataclass(frozen=True)
@@ -110,7 +109,7 @@ def block_bytes_array(model: ModelConfig) -> np.ndarray:
 @functools.lru_cache(maxsize=32)
 def _block_bytes(model: ModelConfig) -> np.ndarray:
     nb = costs.n_blocks(model)
-    out = np.full(nb, costs.mlp_range_bytes(model, min(QK, model.hidden_dim)), dtype=np.int64)
+    out = np.full(nb, costs.mlp_range_bytes(model, min(Q8_BLOCK, model.hidden_dim)), dtype=np.int64)
     out[-1] = costs.mlp_range_bytes(model, costs.block_widths(model)[-1])
     out.flags.writeable = False
     return out
@@ -146,8 +145,8 @@ def shares_from_owners(
     keep = own >= 0
     idx, ends, own = idx[keep], ends[keep], own[keep]
     li = idx // B
-    col_a = (idx - li * B) * QK
-    col_b = np.minimum((ends - li * B) * QK, hidden)
+    col_a = (idx - li * B) * Q8_BLOCK
+    col_b = np.minimum((ends - li * B) * Q8_BLOCK, hidden)
     ranges: dict[int, list[tuple[int, int]]] = {}
     for k, r in zip((own * L + li).tolist(), zip(col_a.tolist(), col_b.tolist(), strict=True), strict=True):
         lst = ranges.get(k)
@@ -186,8 +185,8 @@ def owner_matrices(plan: Plan, names: Sequence[str]) -> tuple[np.ndarray, np.nda
                 g_pos.extend(li * G + g for g in s.kv_groups)
                 g_dev.extend([i] * len(s.kv_groups))
             for a, b in s.mlp_ranges:
-                r_start.append(li * B + a // QK)
-                r_end.append(li * B + costs.ceil_div(b, QK))
+                r_start.append(li * B + a // Q8_BLOCK)
+                r_end.append(li * B + costs.ceil_div(b, Q8_BLOCK))
                 r_dev.append(i)
     if g_pos:
         gown.reshape(-1)[np.array(g_pos)] = np.array(g_dev)
@@ -225,8 +224,8 @@ def diff_owners(m: ModelConfig, names: Sequence[str], g0: np.ndarray, b0: np.nda
     b_first = si - li * nb
     b_end = ei - li * nb + 1
     nbytes = cum[b_end] - cum[b_first]
-    col_a = b_first * QK
-    col_b = np.minimum(b_end * QK, m.hidden_dim)
+    col_a = b_first * Q8_BLOCK
+    col_b = np.minimum(b_end * Q8_BLOCK, m.hidden_dim)
     for layer, a, b, src, dst, size in zip(li.tolist(), col_a.tolist(), col_b.tolist(), flat0[si].tolist(),
                                            flat1[si].tolist(), nbytes.tolist(), strict=True):
         moves.append(Move(layer, "mlp", (a, b), names[src] if src >= 0 else None, names[dst], size))
@@ -304,7 +303,7 @@ class Plan:
                         raise PlanError(f"plan: {d.name} holds group {g} of layer {li}, model has {G}")
                     gcount[li, g] += 1
                 for a, b in s.mlp_ranges:
-                    if not (0 <= a < b <= H and a % QK == 0 and (b % QK == 0 or b == H)):
+                    if not (0 <= a < b <= H and a % Q8_BLOCK == 0 and (b % Q8_BLOCK == 0 or b == H)):
                         raise PlanError(f"plan: {d.name} layer {li}: bad column range [{a}, {b})")
                     ccount[li, a] += 1
                     ccount[li, b] -= 1
@@ -448,8 +447,41 @@ class Plan:
                 f"{100 * util[d.name]:.0f}%",
             )
         if self.excluded:
-            t.caption = "\n".join(f"excluded {name}: {reason}" for name, reason in self.excluded)
+            t.caption = "\n".join(f"excluded {names}: {reason}" for names, _, reason in group_excluded(self.excluded))
+            t.caption_justify = "left"
         return t
+
+
+def group_excluded(excluded: Sequence[tuple[str, str]]) -> list[tuple[str, int, str]]:
+    """Excluded devices grouped by identical reason, in first-seen order: (names, count,
+    reason), the names compacted (``phone-1..20``, or ``a, b (2)``)."""
+    groups: dict[str, list[str]] = {}
+    for name, reason in excluded:
+        groups.setdefault(reason, []).append(name)
+    return [(_compact_names(names), len(names), reason) for reason, names in groups.items()]
+
+
+def _compact_names(names: list[str]) -> str:
+    if len(names) == 1:
+        return names[0]
+    runs: dict[str, list[int]] = {}
+    other: list[str] = []
+    for n in names:
+        stem, _, num = n.rpartition("-")
+        if stem and num.isdigit():
+            runs.setdefault(stem, []).append(int(num))
+        else:
+            other.append(n)
+    parts = []
+    for stem, nums in runs.items():
+        nums.sort()
+        spans, a = [], nums[0]
+        for x, y in zip(nums, [*nums[1:], None], strict=True):
+            if y != x + 1:
+                spans.append(f"{a}" if a == x else f"{a}..{x}")
+                a = y
+        parts.append(f"{stem}-{','.join(spans)}")
+    return f"{', '.join(parts + other)} ({len(names)})"
 
 
 def _layer_span(layers: list[int], n_layers: int) -> str:

@@ -1,13 +1,19 @@
 """Split a model over a fleet: round-robin, by capability, and re-planning after a join or leave.
 
-Cost model (shared with :mod:`tpfed.planning.simulator` through :mod:`tpfed.planning.costs`): every layer has two
-stages separated by the coordinator's sum, attention then MLP. A device taking part in a stage
-pays one round trip on its own link (activation out, partial back: two one-way latencies plus
-the bytes over its bandwidth) plus its compute at its (derated) MAC/s. The stage lasts as long as
-its slowest participant; the predicted time per token (``makespan``) is the sum over layers of
-both stages. Attention MACs are taken at the mean context of a full sequence.
+Cost model (shared with :mod:`tpfed.planning.simulator` through :mod:`tpfed.planning.costs`): every
+layer has two stages separated by the coordinator's sum, attention then MLP. In a stage the
+coordinator normalises and quantises the residual, sends the activation to each participant in
+device order on its own NIC (once, with a broadcast medium), each participant pays one round
+trip on its own link plus its compute at its (derated) MAC/s, and the coordinator receives and
+sums the partials one at a time in order of arrival. So every device taking part in a stage
+costs the coordinator a send and a receive, and N partials of a stage queue on one NIC. The
+predicted time per token (``makespan``) is the sum of all stages computed exactly as the
+simulator does, plus the coordinator's per-token work (embedding, classifier, sampling).
+Attention MACs are taken at the mean context of a full sequence.
 
-Capability planning, per stage:
+Capability planning first cuts the usable devices into teams that each hold a run of whole
+layers (:func:`_team_owners`), so that a stage has as few participants as its compute pays for;
+within a team, per stage:
 
 - attention: KV groups are indivisible and identical, so handing them out one "slot" at a time
   (one group in every layer) to the device that would finish it soonest is optimal for identical
@@ -26,6 +32,7 @@ stage time the others achieve, are left out and named in ``Plan.excluded``.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import time
@@ -34,9 +41,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tpfed.compute.kernels import Q8_BLOCK
 from tpfed.errors import PlanError
 from tpfed.model.config import ModelConfig
 from tpfed.planning import costs
+from tpfed.planning.costs import CoordinatorSpec
 from tpfed.planning.fleet import DeviceSpec
 from tpfed.planning.plan import (
     DeviceShare,
@@ -86,35 +95,66 @@ class Evaluation:
 
 
 class _Ctx:
-    """Everything derived from (model, seq_len, fleet) that the strategies share."""
+    """Everything derived from (model, seq_len, fleet, coordinator) that the strategies share.
 
-    def __init__(self, model: ModelConfig, devices: Sequence[DeviceSpec], seq_len: int, margin: float):
+    ``fa.link`` is what the allocation heuristics charge a device per stage it takes part in:
+    its wire time (two one-way latencies and the frames over its bandwidth) plus what the
+    coordinator spends on it. By default that is the least a participant costs (norm and
+    quantise, one send, one receive); ``pen`` replaces the coordinator part per device (a
+    team's positional costs, see :func:`_team_pen`). :meth:`evaluate` does not use it: it
+    computes every stage exactly as the simulator does."""
+
+    def __init__(self, model: ModelConfig, devices: Sequence[DeviceSpec], seq_len: int, margin: float,
+                 coordinator: CoordinatorSpec | None = None, pen: np.ndarray | None = None):
         if not 0.0 <= margin < 1.0:
             raise PlanError(f"memory margin must be in [0, 1), got {margin}")
         if seq_len <= 0:
             raise PlanError(f"sequence length must be positive, got {seq_len}")
         self.model, self.seq_len, self.margin = model, seq_len, margin
+        self.devices = list(devices)
+        self.coord = coordinator or CoordinatorSpec()
+        self.cc = costs.CoordinatorCosts.of(self.coord, model)
         self.uc = costs.UnitCosts.of(model, seq_len)
         self.fa = FleetArrays.of(devices, self.uc, margin)
         self.L, self.G, self.B = model.n_layers, model.n_groups, self.uc.n_blocks
         self.N = len(devices)
+        self.wire = self.fa.link.copy()
+        self.dispatch = np.array([self.coord.peer_dispatch_s if d.name in self.coord.colocated else 0.0
+                                  for d in devices])
+        cc = self.cc
+        self.ovh = cc.pre_s + cc.send_s + cc.recv_s - cc.early_s  # the least a participant costs
+        self.fa.link = self.wire + self.dispatch + (self.ovh if pen is None else pen)
         self.widths = np.array(costs.block_widths(model), dtype=np.float64)
         self.bbytes = block_bytes_array(model)
         self.wa = self.uc.attn_macs  # MACs of one group
-        self.wb = costs.QK * self.uc.col_macs  # MACs of one full block
+        self.wb = Q8_BLOCK * self.uc.col_macs  # MACs of one full block
         # per (layer, block) entry of an owner matrix, flattened: its columns and its bytes
         self._wcols = np.tile(self.widths, self.L)
         self._wbytes = np.tile(self.bbytes.astype(np.float64), self.L)
 
+    def stage_times(self, part: np.ndarray, work: np.ndarray) -> np.ndarray:
+        """Duration of every stage (one row each: participants ``part``, their compute seconds
+        ``work``) as the simulator computes it: norm and quantise, the activation sent to the
+        participants in device order, each one's wire time and compute, and its partial
+        queueing for the coordinator's receive in order of arrival."""
+        cc = self.cc
+        k = part.sum(axis=1)
+        send = part * cc.send_s if cc.broadcast else np.cumsum(part, axis=1) * cc.send_s
+        back = np.where(part, (cc.pre_s - cc.early_s) + send + (self.wire + self.dispatch) + work, -np.inf)
+        back.sort(axis=1)
+        n = part.shape[1]
+        q = (back + (n - np.arange(n)) * cc.recv_s).max(axis=1) if n else np.zeros(part.shape[0])
+        return np.where(k > 0, np.maximum(q, cc.pre_s + k * cc.recv_s), 0.0)
+
     def evaluate(self, gown: np.ndarray, bown: np.ndarray) -> Evaluation:
         L, N = self.L, self.N
-        speed, link = self.fa.speed, self.fa.link
+        speed, wire = self.fa.speed, self.wire
         rows = np.arange(L)[:, None] * N
         gkey = (gown + rows).ravel()
         if gown.size and gown.min() < 0:
             gkey = gkey[gown.ravel() >= 0]
         cnt = np.bincount(gkey, minlength=L * N).reshape(L, N).astype(np.float64)
-        ta = cnt * (self.wa / speed) + (cnt > 0) * link
+        wa = cnt * (self.wa / speed)
         bflat = bown.ravel()
         bkey = (bown + rows).ravel()
         wcols, wbytes = self._wcols, self._wbytes
@@ -122,33 +162,35 @@ class _Ctx:
             ok = bflat >= 0
             bkey, bflat, wcols, wbytes = bkey[ok], bflat[ok], wcols[ok], wbytes[ok]
         cols = np.bincount(bkey, weights=wcols, minlength=L * N).reshape(L, N)
-        tm = cols * (self.uc.col_macs / speed) + (cols > 0) * link
+        wm = cols * (self.uc.col_macs / speed)
         mem = cnt.sum(axis=0).astype(np.int64) * self.uc.attn_bytes
         mem += np.bincount(bflat, weights=wbytes, minlength=N).astype(np.int64)
-        sa, sm = ta.max(axis=1), tm.max(axis=1)
-        return Evaluation(float(sa.sum() + sm.sum()), ta.sum(axis=0) + tm.sum(axis=0), mem, sa, sm)
+        sa, sm = self.stage_times(cnt > 0, wa), self.stage_times(cols > 0, wm)
+        busy = wa.sum(axis=0) + wm.sum(axis=0) + ((cnt > 0).sum(axis=0) + (cols > 0).sum(axis=0)) * wire
+        return Evaluation(float(sa.sum() + sm.sum() + self.cc.token_s), busy, mem, sa, sm)
 
     def round_robin_makespan_s(self) -> float:
-        """Makespan of the round-robin split: every layer is split alike, so one layer's two
-        stages times the number of layers."""
-        N, G, B = self.N, self.G, self.B
-        speed, link = self.fa.speed, self.fa.link
-        cnt = np.bincount(np.arange(G) % N, minlength=N).astype(np.float64)
-        bounds = (np.arange(N + 1, dtype=np.int64) * B) // N
-        row = np.repeat(np.arange(N, dtype=np.int64), np.diff(bounds))
-        cols = np.bincount(row, weights=self.widths, minlength=N)
-        ta = cnt * (self.wa / speed) + (cnt > 0) * link
-        tm = cols * (self.uc.col_macs / speed) + (cols > 0) * link
-        return float(self.L * (ta.max() + tm.max()))
+        return self.evaluate(*self.round_robin_owners()).makespan_s
 
     def ideal_s(self) -> float:
-        """Per-token lower bound of the cost model: each stage's work spread fluidly over all
-        devices (no memory limit, no indivisible units), a device paying its link time only if
-        it takes part. Memory is left out because a relaxation that keeps it but makes every
-        layer alike is not a bound: the optimum may give a device only some layers."""
-        attn = fluid_time(self.G * self.wa, self.fa.link, self.fa.speed)
-        mlp = fluid_time(self.model.hidden_dim * self.uc.col_macs, self.fa.link, self.fa.speed)
-        return self.L * (attn + mlp)
+        """Per-token lower bound of the cost model: each stage's work spread fluidly (no memory
+        limit, no indivisible units), bounded two ways: over all devices, each one used paying
+        its wire time and the least a participant costs the coordinator; and over any k
+        devices, whose partials the coordinator receives one at a time, so the one received
+        j-th from last had to arrive j receive times before the end (the fastest devices
+        taking the latest slots). Memory is left out because a relaxation that keeps it but
+        makes every layer alike is not a bound: the optimum may give a device only some layers."""
+        return self.L * (self._fluid_stage(self.G * self.wa)
+                         + self._fluid_stage(self.model.hidden_dim * self.uc.col_macs)) + self.cc.token_s
+
+    def _fluid_stage(self, work: float) -> float:
+        cc = self.cc
+        per_device = fluid_time(work, self.wire + self.dispatch + self.ovh, self.fa.speed)
+        s = np.sort(self.fa.speed)[::-1]
+        c = float(np.min(self.wire + self.dispatch)) + cc.pre_s + cc.send_s - cc.early_s
+        j = np.arange(1, s.size + 1)
+        per_k = (work + c * np.cumsum(s) + cc.recv_s * np.cumsum(j * s)) / np.cumsum(s)
+        return max(per_device, float(per_k.min()))
 
     def ideal_compute_s(self) -> float:
         return self.L * (self.G * self.wa + self.model.hidden_dim * self.uc.col_macs) / float(self.fa.speed.sum())
@@ -336,18 +378,65 @@ def _attention(ctx: _Ctx, cap_units: np.ndarray) -> _Attn:
     return _Attn(a, flat.reshape(ctx.G, ctx.L).T.copy())
 
 
-def _exclusion_reasons(ctx: _Ctx, ev: Evaluation, used: np.ndarray, small: np.ndarray) -> dict[int, str]:
+def _exclusion_reasons(ctx: _Ctx, ev: Evaluation, used: np.ndarray, small: np.ndarray,
+                       bown: np.ndarray | None = None) -> dict[int, str]:
+    """Why each unused device would not help, and what would make it help (see
+    :func:`_why_not`)."""
     reasons: dict[int, str] = {}
-    stage = float(ev.mlp_stage_s.max()) if ev.mlp_stage_s.size else 0.0
+    stages = ev.mlp_stage_s[ev.mlp_stage_s > 0]
+    stage = float(stages.mean()) if stages.size else 0.0
+    # the MAC/s of the devices that hold an MLP stage, on average over the layers
+    if bown is not None and bown.size and (bown >= 0).any():
+        held = np.zeros((ctx.L, ctx.N), dtype=bool)
+        rows, cols = np.nonzero(bown >= 0)
+        held[rows, bown[rows, cols]] = True
+        holders = float((held * ctx.fa.speed).sum(axis=1).mean())
+    else:
+        holders = 0.0
     for d in np.flatnonzero(~used).tolist():
-        if small[d]:
-            reasons[d] = (f"cannot hold one unit: needs {ctx.min_unit_bytes() / MiB:.3f} MiB, "
-                          f"has {ctx.fa.cap[d] / MiB:.3f} MiB after the {ctx.margin:.0%} margin")
-        else:
-            one = ctx.fa.link[d] + ctx.wb / ctx.fa.speed[d]
-            reasons[d] = (f"too slow or too far to help: one 32-column block would take {one * 1e3:.3f} ms "
-                          f"(link {ctx.fa.link[d] * 1e3:.3f} ms) against a stage time of {stage * 1e3:.3f} ms")
+        reasons[d] = _why_not(ctx, d, bool(small[d]), stage, holders)
     return reasons
+
+
+def _why_not(ctx: _Ctx, d: int, small: bool, stage: float, holders: float) -> str:
+    """One of three reasons, each with what would change it:
+
+    - memory: it cannot hold the smallest unit;
+    - slow or far: one 32-column block (its wire time, the coordinator's frames for it and its
+      compute) would take longer than the MLP stages take on average;
+    - coordinator-bound: its MAC/s added to those of a stage's holders would save less compute
+      than one more device costs the coordinator (an activation sent, a partial received)."""
+    ms = 1e3
+    if small:
+        need = ctx.min_unit_bytes()
+        return (f"cannot hold one unit: needs {need / MiB:.3f} MiB, has {ctx.fa.cap[d] / MiB:.3f} MiB "
+                f"after the {ctx.margin:.0%} margin; would help with >= {need / (1 - ctx.margin) / MiB:.3f} MiB")
+    speed, wire = float(ctx.fa.speed[d]), float(ctx.wire[d] + ctx.dispatch[d])
+    ovh = ctx.ovh
+    compute = ctx.wb / speed
+    one = wire + ovh + compute
+    if one >= stage:
+        fixes = []
+        if stage - ovh - compute > 0:
+            fixes.append(f"a link under {(stage - ovh - compute) * ms:.3f} ms")
+        if stage - ovh - wire > 0:
+            fixes.append(f">= {ctx.wb / (stage - ovh - wire) / speed:.1f}x the MAC/s")
+        fix = " or ".join(fixes) if fixes else "a shorter link and more MAC/s"
+        return (f"too slow or too far to help: one 32-column block would take {one * ms:.3f} ms (link "
+                f"{wire * ms:.3f}, coordinator {ovh * ms:.3f}, compute {compute * ms:.3f}), longer than the "
+                f"{stage * ms:.3f} ms an MLP stage takes; would help with {fix}")
+    W = ctx.model.hidden_dim * ctx.uc.col_macs
+    cost = ctx.cc.send_s + ctx.cc.recv_s
+    if holders <= 0:
+        return "given no unit"
+    saves = W / holders - W / (holders + speed)
+    head = (f"its frames cost the coordinator more than its compute saves: adding its {speed / 1e9:.3g} GMAC/s "
+            f"to the {holders / 1e9:.4g} GMAC/s holding a layer saves {saves * ms:.3f} ms of an MLP stage, "
+            f"one more partial costs {cost * ms:.3f} ms")
+    if W / holders > cost:
+        need = W / (W / holders - cost) - holders
+        return f"{head}; would help with >= {need / speed:.1f}x the MAC/s"
+    return f"{head}; no device would: a stage's compute is shorter than one partial's cost"
 
 
 def _build(ctx: _Ctx, strategy: str, gown: np.ndarray, bown: np.ndarray, reasons: dict[int, str],
@@ -380,13 +469,16 @@ def _build(ctx: _Ctx, strategy: str, gown: np.ndarray, bown: np.ndarray, reasons
 
 
 def plan(model: ModelConfig, devices: Sequence[DeviceSpec], strategy: str = "round-robin",
-         seq_len: int | None = None, margin: float = 0.1) -> Plan:
-    """Split ``model`` over ``devices`` (see the module docstring). Raises :class:`PlanError`
-    when no split fits (round-robin: naming the device that cannot hold its share)."""
+         seq_len: int | None = None, margin: float = 0.1,
+         coordinator: CoordinatorSpec | None = None) -> Plan:
+    """Split ``model`` over ``devices`` (see the module docstring) for ``coordinator`` (default:
+    :class:`CoordinatorSpec`'s figures, a desktop on gigabit Ethernet). Raises
+    :class:`PlanError` when no split fits (round-robin: naming the device that cannot hold its
+    share)."""
     t0 = time.perf_counter()
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
-    ctx = _Ctx(model, devices, seq_len or model.seq_len, margin)
+    ctx = _Ctx(model, devices, seq_len or model.seq_len, margin, coordinator)
     if strategy == "round-robin":
         gown, bown = ctx.round_robin_owners()
         ev = ctx.evaluate(gown, bown)
@@ -404,14 +496,115 @@ def plan(model: ModelConfig, devices: Sequence[DeviceSpec], strategy: str = "rou
     small = ctx.fa.cap < ctx.min_unit_bytes()
     if small.all():
         raise PlanError(f"no device can hold a single unit ({ctx.min_unit_bytes()} bytes)")
-    gown, bown = _capability_owners(ctx, ~small)
+    gown, bown = _team_owners(ctx, ~small)
     ev = ctx.evaluate(gown, bown)
     used = (ev.memory > 0)
-    return _build(ctx, strategy, gown, bown, _exclusion_reasons(ctx, ev, used, small), t0)
+    return _build(ctx, strategy, gown, bown, _exclusion_reasons(ctx, ev, used, small, bown), t0)
+
+
+# --------------------------------------------------------------------------------- teams
+def _team_pen(ctx: _Ctx, k: int) -> np.ndarray:
+    """What the coordinator adds to the round trip of the p-th of ``k`` participants (in send
+    order) when the partials come back in send order: norm and quantise, p sends (one with a
+    broadcast), and k - p + 1 receives (its own and those queued after it)."""
+    cc = ctx.cc
+    p = np.arange(1, k + 1, dtype=np.float64)
+    send = np.full(k, cc.send_s) if cc.broadcast else p * cc.send_s
+    return cc.pre_s - cc.early_s + send + (k - p + 1) * cc.recv_s
+
+
+def _team_layer_s(ctx: _Ctx, team: np.ndarray, pen: np.ndarray) -> float:
+    """Estimated time of one layer (both stages) held by ``team`` alone (device indices in send
+    order): the MLP spread fluidly, the KV groups handed out one at a time to whoever would
+    finish soonest, each device paying its wire time and its positional coordinator costs."""
+    base = ctx.wire[team] + ctx.dispatch[team] + pen
+    speed = ctx.fa.speed[team]
+    mlp = fluid_time(ctx.model.hidden_dim * ctx.uc.col_macs, base, speed)
+    per = (ctx.wa / speed).tolist()
+    start = base.tolist()
+    heap = [(b + q, d) for d, (b, q) in enumerate(zip(start, per, strict=True))]
+    heapq.heapify(heap)
+    attn = 0.0
+    for _ in range(ctx.G):
+        f, d = heapq.heappop(heap)
+        attn = max(attn, f)
+        heapq.heappush(heap, (f + per[d], d))
+    return mlp + attn
+
+
+def _team_owners(ctx: _Ctx, usable: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Capability split that knows each device in a stage costs the coordinator a partial.
+
+    The usable devices, fastest first, are cut into teams of k; each team's time per layer is
+    estimated (:func:`_team_layer_s`) with the costs of its positions in the coordinator's send
+    and receive queues, and the layers go to the quickest teams first, as many as each team's
+    memory holds (a fractional knapsack, in whole layers). The k with the least total wins,
+    every k from 1 to all of them being tried; each chosen team then splits its run of layers
+    among its members with the capability split (:func:`_capability_owners`), with its
+    positional costs in place of the flat per-participant cost so that members earlier in the
+    queues get less work. With k = all there is one team: the split of every layer over every
+    device that pays."""
+    cand = np.flatnonzero(usable)
+    order = cand[np.argsort(-ctx.fa.speed[cand], kind="stable")]
+    n = order.size
+    layer_bytes = ctx.G * ctx.uc.attn_bytes + int(ctx.bbytes.sum())
+    unit = max(ctx.uc.attn_bytes, int(ctx.bbytes.max()))
+    ks = sorted({*range(1, min(n, 12) + 1), *(k for k in (16, 24, 32, 48, 64) if k < n), n})
+    best: tuple[float, list[tuple[np.ndarray, int]]] | None = None
+    pens: dict[int, np.ndarray] = {}
+    seen: dict[tuple, float] = {}  # teams of alike devices have alike estimates
+    base = ctx.wire + ctx.dispatch
+    for k in ks:
+        teams = [np.sort(order[i:i + k]) for i in range(0, n, k)]
+        taus, caps = [], []
+        for t in teams:
+            key = (ctx.fa.speed[t].tobytes(), base[t].tobytes())
+            tau = seen.get(key)
+            if tau is None:
+                pen = pens.setdefault(t.size, _team_pen(ctx, t.size))
+                tau = seen[key] = _team_layer_s(ctx, t, pen)
+            taus.append(tau)
+            caps.append(max(0, int((int(ctx.fa.cap[t].sum()) - t.size * unit) // layer_bytes)))
+        if k == n:
+            caps[-1] = ctx.L  # one team: the memory check is the split's own
+        left, total, alloc = ctx.L, 0.0, []
+        for i in np.argsort(taus, kind="stable").tolist():
+            take = min(caps[i], left)
+            if take > 0:
+                alloc.append((teams[i], take))
+                total += take * taus[i]
+                left -= take
+            if left == 0:
+                break
+        if left == 0 and (best is None or total < best[0] * (1 - 1e-9)):
+            best = (total, alloc)
+    if best is not None and (len(best[1]) > 1 or best[1][0][0].size < n):
+        try:
+            return _assemble_teams(ctx, best[1])
+        except PlanError:
+            pass  # a team's memory did not split into whole units: one team for all
+    return _capability_owners(ctx, usable)
+
+
+def _assemble_teams(ctx: _Ctx, alloc: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Owner matrices from (team, layers) pairs: runs of layers in the order of each team's
+    first device, every run split among its team by the capability split."""
+    gown = np.full((ctx.L, ctx.G), -1, dtype=np.int64)
+    bown = np.full((ctx.L, ctx.B), -1, dtype=np.int64)
+    start = 0
+    for team, layers in sorted(alloc, key=lambda a: int(a[0][0])):
+        sub = _Ctx(dataclasses.replace(ctx.model, n_layers=layers), [ctx.devices[i] for i in team.tolist()],
+                   ctx.seq_len, ctx.margin, ctx.coord, pen=_team_pen(ctx, team.size))
+        g, b = _capability_owners(sub, np.ones(team.size, dtype=bool))
+        gown[start:start + layers] = team[g]
+        bown[start:start + layers] = team[b]
+        start += layers
+    return gown, bown
 
 
 # --------------------------------------------------------------------------------- re-planning
-def replan(old: Plan, devices: Sequence[DeviceSpec], margin: float | None = None) -> Plan:
+def replan(old: Plan, devices: Sequence[DeviceSpec], margin: float | None = None,
+           coordinator: CoordinatorSpec | None = None) -> Plan:
     """Re-plan after devices joined or left, keeping every unit whose owner is still there.
 
     Units of devices that left (or that no longer fit a device's memory) go, layer by layer, to
@@ -420,7 +613,7 @@ def replan(old: Plan, devices: Sequence[DeviceSpec], margin: float | None = None
     units move; ``moved_bytes`` and ``moves`` of the result say which and how much.
     """
     t0 = time.perf_counter()
-    ctx = _Ctx(old.model, devices, old.seq_len, old.margin if margin is None else margin)
+    ctx = _Ctx(old.model, devices, old.seq_len, old.margin if margin is None else margin, coordinator)
     L, N = ctx.L, ctx.N
     gone = sorted({d.name for d in old.devices} - set(ctx.fa.names))
     all_names = ctx.fa.names + gone
@@ -439,9 +632,26 @@ def replan(old: Plan, devices: Sequence[DeviceSpec], margin: float | None = None
     if over.size:
         ev = ctx.evaluate(gown, bown)
     mem_left = cap - ev.memory
-    _place_orphan_groups(ctx, gown, mem_left)
-    _place_orphan_blocks(ctx, gown, bown, mem_left)
-    old_names = {d.name for d in old.devices}
+    best = None
+    masks = _orphan_helpers(ctx, gown, bown, mem_left, small)
+    for allowed in masks:
+        try:
+            room = np.where(allowed, mem_left, 0)
+            g1, b1 = gown.copy(), bown.copy()
+            _place_orphan_groups(ctx, g1, room)
+            _place_orphan_blocks(ctx, g1, b1, room)
+        except PlanError:
+            continue
+        span = ctx.evaluate(g1, b1).makespan_s if len(masks) > 1 else 0.0
+        if best is None or span < best[0]:
+            best = (span, g1, b1, np.where(allowed, room, mem_left))
+    if best is None:
+        _place_orphan_groups(ctx, gown, mem_left)
+        _place_orphan_blocks(ctx, gown, bown, mem_left)
+    else:
+        gown[:], bown[:], mem_left = best[1], best[2], best[3]
+    # a device the old plan left out stays out; only devices it never saw are newcomers
+    old_names = {d.name for d in old.devices} | {n for n, _ in old.excluded}
     newcomers = [d for d in range(N) if ctx.fa.names[d] not in old_names and not small[d]]
     if newcomers:
         _pull_to_newcomers(ctx, gown, bown, mem_left, newcomers)
@@ -451,12 +661,56 @@ def replan(old: Plan, devices: Sequence[DeviceSpec], margin: float | None = None
     result = _build(ctx, old.strategy, gown, bown, {}, t0)
     if result.excluded:
         ev = ctx.evaluate(gown, bown)
-        reasons = _exclusion_reasons(ctx, ev, used, small)
+        reasons = _exclusion_reasons(ctx, ev, used, small, bown)
         result.excluded = [(n, reasons[ctx.fa.names.index(n)]) for n, _ in result.excluded]
     result.moves = diff_owners(ctx.model, all_names, g0, b0, gown, bown)
     result.moved_bytes = sum(mv.bytes for mv in result.moves)
     result.plan_ms = (time.perf_counter() - t0) * 1e3
     return result
+
+
+def _orphan_helpers(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: np.ndarray,
+                    small: np.ndarray) -> list[np.ndarray]:
+    """Which devices may take the units that lost their owner: one or two candidate masks,
+    whichever the re-plan finds quicker. Every device added to a stage costs the coordinator
+    a partial, so the devices already holding units come first; the fastest others are added,
+    at least as many as memory needs, and as many as the orphans' compute pays for (j
+    minimising the orphans' per-layer MACs over the holders' and j helpers' MAC/s plus j
+    partials per stage), and one more (a partial that comes back while others still compute
+    costs less than that)."""
+    holders = np.zeros(ctx.N, dtype=bool)
+    holders[gown[gown >= 0]] = True
+    holders[bown[bown >= 0]] = True
+    g_orphan = int((gown < 0).sum())
+    b_orphan = np.nonzero(bown < 0)
+    need = g_orphan * ctx.uc.attn_bytes + int(ctx.bbytes[b_orphan[1]].sum())
+    everyone = np.ones(ctx.N, dtype=bool)
+    if need == 0:
+        return [holders]
+    unit = max(ctx.uc.attn_bytes, int(ctx.bbytes.max()))
+    room_in = float(np.clip(mem_left[holders] - unit, 0, None).sum())
+    out = np.flatnonzero(~holders & ~small & (mem_left >= ctx.min_unit_bytes()))
+    if not out.size:
+        return [everyone]
+    out = out[np.argsort(-ctx.fa.speed[out], kind="stable")]
+    covers = np.concatenate([[room_in >= need], np.cumsum(np.clip(mem_left[out] - unit, 0, None)) + room_in >= need])
+    if not covers.any():
+        return [everyone]
+    j_min = int(np.argmax(covers))
+    layers = max(1, int(((gown < 0).any(axis=1) | (bown < 0).any(axis=1)).sum()))
+    work = (g_orphan * ctx.wa + float(ctx.widths[b_orphan[1]].sum()) * ctx.uc.col_macs) / layers
+    held = float(ctx.fa.speed[holders].sum()) / max(1.0, float(ctx.L) / layers) if holders.any() else 0.0
+    j = np.arange(out.size + 1)
+    t = work / (held + np.concatenate([[0.0], np.cumsum(ctx.fa.speed[out])]) + 1e-300) \
+        + 2 * j * (ctx.cc.send_s + ctx.cc.recv_s)
+    t[:j_min] = np.inf
+    best = int(np.argmin(t))
+    masks = []
+    for jj in sorted({best, min(best + 1, out.size)}):
+        m = holders.copy()
+        m[out[:jj]] = True
+        masks.append(m)
+    return masks
 
 
 def _shed(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, d: int, excess: int) -> None:
@@ -521,7 +775,7 @@ def _place_orphan_blocks(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left
         return
     use = np.flatnonzero(quota.any(axis=0))  # devices with room somewhere
     quota, cols = quota[:, use], cols[:, use]
-    per = (costs.QK * ctx.uc.col_macs) / ctx.fa.speed[use]
+    per = (Q8_BLOCK * ctx.uc.col_macs) / ctx.fa.speed[use]
     base = ctx.fa.link[use] + cols * (ctx.uc.col_macs / ctx.fa.speed[use])
 
     def fit(t: np.ndarray) -> np.ndarray:
@@ -558,14 +812,14 @@ def _place_orphan_blocks_seq(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_
     bb = ctx.bbytes
     for li in np.flatnonzero((bown < 0).any(axis=1)).tolist():
         cols = _layer_loads(ctx, bown, li, ctx.widths)
-        base = (link + (cols + costs.QK) * per_col).tolist()
+        base = (link + (cols + Q8_BLOCK) * per_col).tolist()
         heap = [(base[d], d) for d in range(ctx.N) if mem_left[d] >= bb[0]]
         heapq.heapify(heap)
         cl = cols.tolist()
         for b in np.flatnonzero(bown[li] < 0).tolist():
             while True:
                 if not heap:
-                    raise PlanError(f"re-plan: no device has room for layer {li} columns {b * costs.QK}..")
+                    raise PlanError(f"re-plan: no device has room for layer {li} columns {b * Q8_BLOCK}..")
                 _, d = heapq.heappop(heap)
                 if mem_left[d] >= bb[b]:
                     break
@@ -573,7 +827,7 @@ def _place_orphan_blocks_seq(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_
             mem_left[d] -= bb[b]
             cl[d] += ctx.widths[b]
             if mem_left[d] >= bb[0]:
-                heapq.heappush(heap, (link[d] + (cl[d] + costs.QK) * per_col[d], d))
+                heapq.heappush(heap, (link[d] + (cl[d] + Q8_BLOCK) * per_col[d], d))
 
 
 def _pull_to_newcomers(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: np.ndarray,
@@ -590,7 +844,8 @@ def _pull_to_newcomers(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: 
     ok = gown >= 0
     cnt = np.bincount((gown + rows)[ok], minlength=L * N).reshape(L, N).astype(np.float64)
     quota = _spread(np.where(nc, np.maximum(mem_left, 0) // ab, 0), L)
-    take = _pull_stage(cnt, ctx.wa / ctx.fa.speed, 1.0, ctx.fa.link, nc, quota)
+    extra = ctx.cc.send_s + ctx.cc.recv_s  # one more partial in the stage
+    take = _pull_stage(cnt, ctx.wa / ctx.fa.speed, 1.0, ctx.fa.link, nc, quota, extra)
     _apply_pull(gown, take, nc)
     mem_left -= (take.sum(axis=0) * ab).astype(np.int64)  # taken (> 0) and freed (< 0)
     # MLP: units are blocks of up to 32 columns; times are counted in columns, a donor sheds
@@ -602,7 +857,7 @@ def _pull_to_newcomers(ctx: _Ctx, gown: np.ndarray, bown: np.ndarray, mem_left: 
     cols = np.bincount(bkey, weights=wcols, minlength=L * N).reshape(L, N)
     bb = int(ctx.bbytes.max())
     quota = _spread(np.where(nc, np.maximum(mem_left, 0) // bb, 0), L)
-    take = _pull_stage(cols, ctx.uc.col_macs / ctx.fa.speed, float(costs.QK), ctx.fa.link, nc, quota)
+    take = _pull_stage(cols, ctx.uc.col_macs / ctx.fa.speed, float(Q8_BLOCK), ctx.fa.link, nc, quota, extra)
     donors_before = bown.copy()
     moved = _apply_pull(bown, take, nc)
     moved_bytes = ctx.bbytes[np.nonzero(moved)[1]]
@@ -617,32 +872,33 @@ def _spread(units: np.ndarray, n_layers: int) -> np.ndarray:
 
 
 def _pull_stage(load: np.ndarray, per: np.ndarray, unit: float, link: np.ndarray, nc: np.ndarray,
-                quota: np.ndarray) -> np.ndarray:
+                quota: np.ndarray, extra: float = 0.0) -> np.ndarray:
     """Water-filling of one stage over all layers. ``load`` (L x N) is each device's work in
     load units (groups or columns), ``per`` the seconds per load unit, ``unit`` the load of one
     movable unit. Per layer, the smallest stage time T such that the holders that are not
     newcomers can shed whole units down to T and the newcomers (within ``quota`` units) can take
     them and still finish by T. Returns units taken (> 0, newcomers) or shed (< 0, donors) per
-    layer and device; all zero in a layer that no move shortens."""
+    layer and device; all zero in a layer that no move shortens by more than ``extra`` (what
+    the coordinator spends on one more participant)."""
     held = load > 0
     t_now = np.where(held, link + load * per, 0.0)
     cur = t_now.max(axis=1)
     out = np.zeros(load.shape)
     # only layers where some newcomer could finish one more unit before the stage ends now,
     # and only the devices that hold something there or could take something
-    helpful = nc & (quota >= 1) & (link + (load + unit) * per < cur[:, None] * (1 - 1e-9))
+    helpful = nc & (quota >= 1) & (link + (load + unit) * per < cur[:, None] * (1 - 1e-9) - extra)
     rows = np.flatnonzero(helpful.any(axis=1))
     if not rows.size:
         return out
     cols = np.flatnonzero(held[rows].any(axis=0) | helpful[rows].any(axis=0))
     sub = np.ix_(rows, cols)
     out[sub] = _pull_rows(load[sub], per[cols], unit, link[cols], nc[cols], quota[sub],
-                          t_now[sub], cur[rows])
+                          t_now[sub], cur[rows], extra)
     return out
 
 
 def _pull_rows(load: np.ndarray, per: np.ndarray, unit: float, link: np.ndarray, nc: np.ndarray,
-               quota: np.ndarray, t_now: np.ndarray, cur: np.ndarray) -> np.ndarray:
+               quota: np.ndarray, t_now: np.ndarray, cur: np.ndarray, extra: float = 0.0) -> np.ndarray:
     held = load > 0
     donors = ~nc
     fixed_new = np.where(nc & held, t_now, 0.0).max(axis=1)  # newcomers do not shed
@@ -660,7 +916,7 @@ def _pull_rows(load: np.ndarray, per: np.ndarray, unit: float, link: np.ndarray,
         return (shed.sum(axis=1) <= room.sum(axis=1)) & (fixed_new <= t)
 
     t = _bisect_min(feasible, fixed_new.copy(), cur.copy(), iters=36)
-    better = t < cur * (1 - 1e-9)
+    better = t < cur * (1 - 1e-9) - extra
     shed, room = plan_at(t)
     shed[~better] = 0.0
     # hand the shed units to newcomers in order, each up to its room

@@ -49,49 +49,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tpfed.compute.kernels import Q8_BLOCK
 from tpfed.errors import PlanError
 from tpfed.planning import costs
+from tpfed.planning.costs import CoordinatorSpec
 from tpfed.planning.fleet import DeviceSpec
 from tpfed.planning.plan import Plan
 from tpfed.protocol.fastpath import min_stage_bytes
-
-
-@dataclass(frozen=True)
-class CoordinatorSpec:
-    """The host that embeds, normalises, sums partials and samples."""
-
-    int8_macs: float = 38e9
-    """Classifier throughput (MAC/s); default: the desktop profile's figure."""
-    ops_per_s: float = 1e9
-    """Elementwise work (norm, quantise, summing partials), operations per second."""
-    bandwidth_Bps: float = 117.5e6
-    """Its NIC's payload rate; default: gigabit Ethernet."""
-    per_frame_s: float = 5e-6
-    """Software cost of sending or receiving one frame (system call, framing, CRC)."""
-    stage_s: float | None = None
-    """Measured: RMSNorm, quantising and encoding the activation of one stage (replaces the
-    ``ops_per_s`` estimate)."""
-    send_s: float | None = None
-    """Measured: handing one activation frame to one peer's link (replaces ``per_frame_s`` and
-    the NIC time)."""
-    recv_s: float | None = None
-    """Measured: CPU of receiving one partial frame, all included (wake-up, system call,
-    reassembly, decode, sum)."""
-    recv_after_s: float | None = None
-    """Measured: the part of ``recv_s`` after the link hands the frame over (decode, sum)."""
-    token_s: float | None = None
-    """Measured: embedding, final norm, classifier and sampling of one token."""
-    peer_frame_s: float = 0.0
-    """CPU a peer on this host spends per activation besides its MACs (wake-up, receive,
-    dispatch, encode, send); used for the ``colocated`` devices."""
-    peer_dispatch_s: float = 0.0
-    """What a round trip with a peer on this host takes beyond its probed round trip, its MACs
-    and ``recv_after_s``: the peer dispatching an activation rather than echoing a probe, and
-    the coordinator's gather bookkeeping; on the critical path of the ``colocated`` devices."""
-    cores: float | None = None
-    """Cores the coordinator and its colocated peers get; None: no CPU contention modelled."""
-    colocated: frozenset[str] = frozenset()
-    """Names of the devices running on the coordinator's host (sharing its cores)."""
 
 
 @dataclass
@@ -186,16 +150,9 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
     act, part = costs.act_frame_bytes(m), costs.partial_frame_bytes(m)
     out_link = lat + act / bw
     back_link = lat + part / bw
-    send_s = coord.send_s if coord.send_s is not None else coord.per_frame_s + act / coord.bandwidth_Bps
-    recv_s = (coord.recv_s if coord.recv_s is not None
-              else coord.per_frame_s + part / coord.bandwidth_Bps + m.dim / coord.ops_per_s)
-    # a partial is on the coordinator's socket this long before the link hands it over
-    early_s = recv_s - (coord.recv_after_s if coord.recv_after_s is not None else recv_s)
-    # RMSNorm (square, sum, scale) + Q8_0 quantise
-    pre_s = coord.stage_s if coord.stage_s is not None else 6 * m.dim / coord.ops_per_s
-    embed_s = 0.0 if coord.token_s is not None else m.dim / coord.ops_per_s
-    head_s = (coord.token_s if coord.token_s is not None else
-              m.vocab_size * m.dim / coord.int8_macs + (6 * m.dim + 3 * m.vocab_size) / coord.ops_per_s)
+    cc = costs.CoordinatorCosts.of(coord, m)
+    send_s, recv_s, early_s, pre_s, embed_s, head_s = (cc.send_s, cc.recv_s, cc.early_s, cc.pre_s,
+                                                       cc.embed_s, cc.head_s)
     cores = coord.cores
     if cores is not None and not cores > 0:
         raise PlanError(f"simulate: the coordinator's cores must be positive, got {cores}")
@@ -224,7 +181,7 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
                 continue
             start = now
             begin = now + pre_s
-            send_end = begin + (np.arange(k) + 1) * send_s
+            send_end = begin + cc.send_offsets(k)
             arrive = send_end + out_link[st.idx]
             work = (st.fixed + st.per_ctx * ctx) / speed[st.idx]
             done = arrive + work + dispatch[st.idx]
@@ -234,7 +191,7 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
             end = float(finish[-1])
             if cores is not None:
                 mine = local[st.idx]
-                cpu = pre_s + k * (send_s + recv_s) + float(np.sum(coord.peer_frame_s + work[mine]))
+                cpu = pre_s + (1 if cc.broadcast else k) * send_s + k * recv_s + float(np.sum(coord.peer_frame_s + work[mine]))
                 if start + cpu / cores > end:
                     cats["cpu contention"] += start + cpu / cores - end
                     end = start + cpu / cores
@@ -247,7 +204,7 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
             cats["device compute"] += float(work[ci] + dispatch[c])
             cats["coordinator receive"] += float(finish[-1]) - crit_back
             np.add.at(compute, st.idx, work)
-            bytes_total += k * (act + part)
+            bytes_total += (1 if cc.broadcast else k) * act + k * part
             min_bytes += k * min_stage_bytes(m.dim)
             if last:
                 timeline.extend((plan.devices[i].name, st.kind, float(a - t0), float(b - t0))
@@ -284,7 +241,7 @@ def plot(plan: Plan, result: SimResult, path: str, max_devices: int = 48) -> Non
     gown, bown = owner_matrices(plan, names)
     m = plan.model
     # one row per layer: each KV group drawn as wide as the columns its heads produce
-    reps = max(1, m.group_q_dim // costs.QK)
+    reps = max(1, m.group_q_dim // Q8_BLOCK)
     grid = np.concatenate([np.repeat(gown, reps, axis=1), bown], axis=1).astype(float)
     grid[grid < 0] = np.nan
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 9), gridspec_kw={"height_ratios": [1, 1.4]})
@@ -311,3 +268,6 @@ def plot(plan: Plan, result: SimResult, path: str, max_devices: int = 48) -> Non
         raise PlanError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
     finally:
         plt.close(fig)
+
+
+__all__ = ["CoordinatorSpec", "SimResult", "plot", "simulate"]
