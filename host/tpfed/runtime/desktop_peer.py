@@ -1,373 +1,196 @@
-"""The desktop peer: the protocol state machine around :class:`tpfed.compute.share.DeviceShards`.
+"""The desktop peer: the C peer core served on UDP by the C port (firmware/ports/host/udp_peer.c).
 
-:class:`DesktopPeer` is transport-free: :meth:`DesktopPeer.handle` takes one received frame
-and returns the frames to send back, so the same object serves UDP (``tpfed peer``), tests and
-any other transport. States: a fresh peer answers HELLO with its capabilities; ASSIGN sets the
-session, its device id and the share it will hold; WEIGHTS chunks build one shard per layer,
-each verified against its sha256 before it is parsed; when every assigned layer is in, the peer
-sends READY and answers ACTIVATION with PARTIAL.
+Python sets things up (device info, config, the arena, the bound socket) and then only calls
+``tpfed_udp_peer_serve`` in a loop: receiving, reassembly, the protocol, the compute and the
+replies all happen in C with the GIL released, one receive and one send per ACTIVATION. Between
+calls Python handles signals and logs what changed: a new session, layers held, ready.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import time
-from dataclasses import dataclass, field
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import TextIO
 
-import numpy as np
-
-from tpfed.compute import kernels
-from tpfed.compute.kernels import Q8Tensor
-from tpfed.compute.share import DeviceShards, LayerShare, ShardError, ShareSet, parse_layer_share
-from tpfed.model.config import ModelConfig
-from tpfed.protocol.codec import Frame, assemble, check_frame, decode_frame, encode_frame
-from tpfed.protocol.errors import ProtocolError
-from tpfed.protocol.fastpath import (
-    activation_frame_size,
-    decode_activation,
-    encode_partial,
-    partial_frame_size,
-)
-from tpfed.protocol.schema import (
-    BATTERY_UNKNOWN,
-    BROADCAST,
-    HEADER_SIZE,
-    TEMPERATURE_UNKNOWN,
-    DeviceClass,
-    ErrorCode,
-    Feature,
-    MsgType,
-    Stage,
-    TransportKind,
+from tpfed.compute._native import ffi, lib
+from tpfed.errors import TpfedError
+from tpfed.runtime.peer_core import (
+    MAX_FRAME,
+    DeviceInfo,
+    PeerConfig,
+    PeerCore,
+    arena_min_bytes,
+    available_memory_bytes,
 )
 
-MAX_FRAME = 0xFFFF  # the largest frame a desktop peer takes (u16 field in HELLO)
+REASSEMBLY_SLOTS = 8          # frames in reassembly at once (several coordinators may push)
+REASSEMBLY_TIMEOUT_MS = 2000  # an incomplete frame older than this is dropped
+SERVE_SLICE_MS = 200          # how long one serve call may run before Python gets control
 
 
-def available_memory_bytes() -> int:
-    """Memory the OS can give this process now (MemAvailable on Linux)."""
+def mtu_range(max_frame: int = MAX_FRAME) -> tuple[int, int]:
+    """Smallest and largest UDP payload size a peer taking frames of max_frame bytes can use."""
+    return int(lib.tpfed_udp_peer_min_mtu(max_frame)), int(lib.TPFED_UDP_MAX_DATAGRAM)
+
+
+def arena_overhead(max_frame: int = MAX_FRAME) -> int:
+    """Bytes the core keeps for itself beyond what it offers (HELLO arena_kb): its state, the
+    transmit frame and the compute reserve."""
+    return arena_min_bytes(max_frame) + lib.TPFED_PEER_WORK_RESERVE
+
+
+def check_options(memory_bytes: int | None, mtu: int) -> int:
+    """The arena to map so that the peer offers memory_bytes (what is free, less the core's
+    own part, if None); TpfedError if the options cannot make a peer."""
+    lo, hi = mtu_range()
+    if not lo <= mtu <= hi:
+        raise TpfedError(f"--mtu {mtu} is outside {lo}..{hi} (a {MAX_FRAME}-byte frame must fit "
+                         f"{lib.TPFED_DATAGRAM_MAX_FRAGMENTS} fragments)")
+    least = arena_min_bytes()
+    if memory_bytes is None:
+        free = available_memory_bytes()
+        if free < arena_overhead() + least:
+            raise TpfedError(f"only {free} bytes of memory are free; a peer needs "
+                             f"{arena_overhead() + least}")
+        memory_bytes = free - arena_overhead()
+    elif memory_bytes < least:
+        raise TpfedError(f"--memory-mb {memory_bytes / 2**20:g} is below the peer's minimum of "
+                         f"{least / 2**20:.3f} MiB")
+    return memory_bytes + arena_overhead()
+
+
+def bind_udp(host: str, port: int) -> socket.socket:
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise TpfedError(f"cannot listen on udp://{host}:{port}: {exc.strerror}") from None
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        for size in (8 << 20, 1 << 20):  # room for a window of WEIGHTS chunks
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+                break
+            except OSError:
+                continue
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise TpfedError(f"cannot listen on udp://{host}:{port}: {exc.strerror}") from None
+    return sock
 
 
-def total_memory_bytes() -> int:
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def measure_int8_macs(rows: int = 512, cols: int = 1024, min_seconds: float = 0.05) -> int:
-    """int8 multiply-accumulates per second of this machine's matmul kernel (one thread),
-    measured on a matrix that fits in cache, as a peer's compute figure for planning."""
-    rng = np.random.default_rng(0)
-    w = kernels.quantize_q8_0(rng.standard_normal((rows, cols), dtype=np.float32))
-    x = kernels.quantize_q8_0(rng.standard_normal(cols, dtype=np.float32))
-    out = np.empty(rows, np.float32)
-    kernels.matmul_q8_0_f32(w, x, out=out)  # warm up
-    best = float("inf")
-    spent, reps = 0.0, 0
-    while spent < min_seconds or reps < 5:
-        t0 = time.perf_counter()
-        kernels.matmul_q8_0_f32(w, x, out=out)
-        dt = time.perf_counter() - t0
-        best = min(best, dt)
-        spent += dt
-        reps += 1
-    return int(rows * cols / best)
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 @dataclass
-class Capabilities:
-    """What a desktop peer announces in HELLO."""
-
-    name: str
-    int8_macs: int
-    ram_bytes: int
-    arena_bytes: int
-    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
-    device_class: DeviceClass = DeviceClass.DESKTOP
-
-    @classmethod
-    def measure(cls, name: str, memory_limit_bytes: int | None = None) -> Capabilities:
-        arena = available_memory_bytes()
-        if memory_limit_bytes is not None:
-            arena = min(arena, memory_limit_bytes)
-        return cls(name=name, int8_macs=measure_int8_macs(), ram_bytes=total_memory_bytes(),
-                   arena_bytes=arena)
-
-    def hello_payload(self) -> dict:
-        simd = Feature.SIMD if kernels.variant() != "ref" else 0
-        return {
-            "device_class": int(self.device_class),
-            "name": self.name[:64],
-            "ram_kb": min(self.ram_bytes // 1024, 0xFFFFFFFF),
-            "psram_kb": 0,
-            "flash_kb": 0,
-            "cpu_mhz": 0,
-            "cores": min(self.cores, 255),
-            "features": int(Feature.FPU | simd),
-            "int8_macs": self.int8_macs,
-            "battery_pct": BATTERY_UNKNOWN,
-            "temperature_dc": TEMPERATURE_UNKNOWN,
-            "transports": int(TransportKind.UDP),
-            "max_frame": MAX_FRAME,
-            "arena_kb": min(self.arena_bytes // 1024, 0xFFFFFFFF),
-        }
+class _Seen:
+    state: int = lib.TPFED_PEER_IDLE
+    session: int = 0
+    assigned: int = 0
+    held: int = 0
 
 
-@dataclass
-class _Assembly:
-    """A shard being received in WEIGHTS chunks."""
+class UdpPeer:
+    """A peer core on a bound UDP socket. ``serve(stop)`` runs until ``stop()`` is true."""
 
-    total: int
-    sha256: bytes
-    buf: bytearray
-    received: int = 0
-    seen: set[int] = field(default_factory=set)
-
-
-@dataclass
-class PeerStats:
-    frames_in: int = 0
-    frames_out: int = 0
-    dropped: int = 0  # malformed frames (bad CRC, truncated, ...): dropped and counted
-    errors_sent: int = 0
-    activations: int = 0
-
-
-class DesktopPeer:
-    """Protocol state machine of a desktop peer. Not thread-safe; one per endpoint."""
-
-    def __init__(self, caps: Capabilities) -> None:
-        self.caps = caps
-        self.stats = PeerStats()
-        self.device_id = BROADCAST  # learnt from the first frame addressed to us
-        self.session = 0
-        self.config: ModelConfig | None = None
-        self.assignment: dict[int, tuple[tuple[int, ...], tuple[tuple[int, int], ...]]] = {}
-        self.shares: dict[int, LayerShare] = {}
-        self.shard_bytes: dict[int, int] = {}
-        self._digests: dict[int, bytes] = {}
-        self.shards: DeviceShards | None = None
-        self._assembly: dict[int, _Assembly] = {}
-        self._seq = 0
-        self._started = time.monotonic()
-
-    # -- helpers ---------------------------------------------------------------------------
-    def _next_seq(self) -> int:
-        self._seq = (self._seq + 1) & 0xFFFF
-        return self._seq
-
-    def _frame(self, to: int, msg: MsgType, payload: dict, flags: int = 0) -> bytes:
-        self.stats.frames_out += 1
-        return encode_frame(Frame(type=msg, payload=payload, src=self._src(), dst=to,
-                                  seq=self._next_seq(), session=self.session, flags=flags))
-
-    def _src(self) -> int:
-        return self.device_id if self.device_id != BROADCAST else 0xFE
-
-    def _error(self, to: int, code: ErrorCode, text: str) -> list[bytes]:
-        self.stats.errors_sent += 1
-        return [self._frame(to, MsgType.ERROR, {"code": int(code), "text": text[:255]})]
+    def __init__(self, sock: socket.socket, info: DeviceInfo, arena_bytes: int, mtu: int,
+                 config: PeerConfig | None = None, log: TextIO = sys.stderr) -> None:
+        self.sock = sock
+        self.log = log
+        config = config or PeerConfig()
+        size = lib.tpfed_udp_peer_bytes(mtu, config.max_frame, REASSEMBLY_SLOTS)
+        if size == 0:
+            raise TpfedError(f"MTU {mtu} does not suit frames of {config.max_frame} bytes")
+        self._port_mem = ffi.new("uint8_t[]", size)
+        self._port = lib.tpfed_udp_peer_init(self._port_mem, size, sock.fileno(), mtu,
+                                             config.max_frame, REASSEMBLY_SLOTS,
+                                             REASSEMBLY_TIMEOUT_MS)
+        if self._port == ffi.NULL:
+            raise TpfedError("cannot set up the UDP port of the peer")
+        self.core = PeerCore(lib.tpfed_udp_peer_hal(self._port), info, arena_bytes, config)
+        lib.tpfed_udp_peer_attach(self._port, self.core.ptr)
+        self._seen = _Seen()
+        self._host = ffi.new("char[]", 64)
 
     @property
-    def ready(self) -> bool:
-        return self.shards is not None
+    def name(self) -> str:
+        return self.core.info.board
 
-    # -- entry point -----------------------------------------------------------------------
-    def handle(self, data: bytes) -> list[bytes]:
-        """Process one received frame; return the frames to send back to its sender. Never
-        raises: a frame that cannot be served is answered with ERROR or dropped and counted."""
-        self.stats.frames_in += 1
-        try:
-            return self._handle(data)
-        except Exception:  # a peer keeps serving whatever one frame holds
-            self.stats.dropped += 1
-            return []
+    def stats(self) -> dict[str, int]:
+        s = lib.tpfed_udp_peer_get_stats(self._port)
+        out = {k: int(getattr(s, k)) for k in ("datagrams_in", "datagrams_out", "dropped",
+                                                 "refused", "send_errors", "recv_errors")}
+        return {**self.core.stats(), **out}
 
-    def _handle(self, data: bytes) -> list[bytes]:
-        try:
-            if len(data) > 2 and data[2] == MsgType.ACTIVATION:
-                return self._on_activation(data)
-            if len(data) > 2 and data[2] == MsgType.PROBE:
-                return self._on_probe_fast(data)
-            frame = decode_frame(data)
-        except ProtocolError:
-            self.stats.dropped += 1
-            return []
-        if frame.dst not in (BROADCAST, self.device_id) and frame.type != MsgType.HELLO:
-            self.stats.dropped += 1
-            return []
-        handler = {
-            MsgType.HELLO: self._on_hello,
-            MsgType.ASSIGN: self._on_assign,
-            MsgType.WEIGHTS: self._on_weights,
-            MsgType.HEARTBEAT: self._on_heartbeat,
-            MsgType.PROBE: self._on_probe,
-            MsgType.BYE: self._on_bye,
-        }.get(MsgType(frame.type))
-        if handler is None:
-            return self._error(frame.src, ErrorCode.BAD_STATE,
-                               f"a peer does not take {MsgType(frame.type).name} frames")
-        return handler(frame)
+    def serve_once(self, timeout_ms: int = SERVE_SLICE_MS) -> int:
+        """Serve for up to timeout_ms (less if the core's state changed); returns frames handled."""
+        n = lib.tpfed_udp_peer_serve(self._port, timeout_ms)
+        if n < 0:
+            raise TpfedError(f"peer {self.name}: UDP socket error {-n}")
+        self._report()
+        return n
 
-    def _on_hello(self, frame: Frame) -> list[bytes]:
-        if frame.dst != BROADCAST:
-            self.device_id = frame.dst
-        return [self._frame(frame.src, MsgType.HELLO, self.caps.hello_payload())]
+    def serve(self, stop) -> None:
+        while not stop():
+            self.serve_once()
 
-    def _on_assign(self, frame: Frame) -> list[bytes]:
-        p = frame.payload
-        try:
-            config = ModelConfig(dim=p["dim"], hidden_dim=p["hidden_dim"], n_layers=p["n_layers"],
-                                 n_heads=p["n_heads"], n_kv_heads=p["n_kv_heads"], vocab_size=1,
-                                 seq_len=p["seq_len"], norm_eps=p["norm_eps"],
-                                 rope_theta=p["rope_theta"])
-        except ValueError as exc:
-            return self._error(frame.src, ErrorCode.UNSUPPORTED, f"ASSIGN geometry: {exc}")
-        need = max(activation_frame_size(config.dim), partial_frame_size(config.dim))
-        if need > MAX_FRAME:
-            return self._error(frame.src, ErrorCode.UNSUPPORTED,
-                               f"dim {config.dim} needs frames of {need} bytes, this peer takes {MAX_FRAME}")
-        assignment = {}
-        for e in p["entries"]:
-            if not 0 <= e["layer"] < config.n_layers or e["layer"] in assignment:
-                return self._error(frame.src, ErrorCode.BAD_PAYLOAD,
-                                   f"ASSIGN names layer {e['layer']} twice or out of range")
-            assignment[e["layer"]] = (tuple(e["kv_groups"]),
-                                      tuple((r["start"], r["end"]) for r in e["mlp_ranges"]))
-        self.device_id = frame.dst
-        self.session = frame.session
-        self.config = config
-        self.assignment = assignment
-        self.shares.clear()
-        self.shard_bytes.clear()
-        self._digests.clear()
-        self._assembly.clear()
-        self.shards = None
-        return [self._frame(frame.src, MsgType.ACK, {"acked_seq": frame.seq,
-                                                      "acked_type": int(MsgType.ASSIGN)})]
+    def _say(self, text: str) -> None:
+        print(f"tpfed peer {self.name}: {text}", file=self.log, flush=True)
 
-    def _on_weights(self, frame: Frame) -> list[bytes]:
-        if self.config is None or frame.session != self.session:
-            return self._error(frame.src, ErrorCode.BAD_STATE, "WEIGHTS before ASSIGN of this session")
-        p = frame.payload
-        layer, total, off, chunk = p["shard_id"], p["total"], p["offset"], p["data"]
-        if layer not in self.assignment:
-            return self._error(frame.src, ErrorCode.NOT_ASSIGNED, f"layer {layer} was not assigned")
-        if total > self.caps.arena_bytes:
-            return self._error(frame.src, ErrorCode.OUT_OF_MEMORY,
-                               f"shard of layer {layer} ({total} bytes) exceeds the arena "
-                               f"({self.caps.arena_bytes} bytes)")
-        done = self.shares.get(layer)
-        if done is not None and self._digests.get(layer) == bytes(p["sha256"]):
-            return []  # a late duplicate of a chunk of a shard already complete
-        asm = self._assembly.get(layer)
-        if asm is None or asm.total != total or asm.sha256 != p["sha256"]:
-            asm = self._assembly[layer] = _Assembly(total=total, sha256=bytes(p["sha256"]),
-                                                    buf=bytearray(total))
-        if off + len(chunk) > total:
-            return self._error(frame.src, ErrorCode.BAD_PAYLOAD,
-                               f"WEIGHTS chunk {off}+{len(chunk)} beyond shard size {total}")
-        if off not in asm.seen:
-            asm.buf[off:off + len(chunk)] = chunk
-            asm.seen.add(off)
-            asm.received += len(chunk)
-        if asm.received < total:
-            return []
-        del self._assembly[layer]
-        digest = hashlib.sha256(asm.buf).digest()
-        if digest != asm.sha256:
-            return self._error(frame.src, ErrorCode.SHARD_HASH_MISMATCH,
-                               f"shard of layer {layer} refused: sha256 {digest.hex()[:16]}... "
-                               f"!= announced {asm.sha256.hex()[:16]}...")
-        try:
-            share = parse_layer_share(bytes(asm.buf), self.config)
-        except ShardError as exc:
-            return self._error(frame.src, ErrorCode.BAD_PAYLOAD, f"shard of layer {layer}: {exc}")
-        groups, ranges = self.assignment[layer]
-        if share.layer != layer or share.groups != groups or share.ranges != ranges:
-            return self._error(frame.src, ErrorCode.BAD_PAYLOAD,
-                               f"shard of layer {layer} does not hold what ASSIGN said")
-        self.shares[layer] = share
-        self.shard_bytes[layer] = total
-        self._digests[layer] = asm.sha256
-        out = [self._frame(frame.src, MsgType.ACK, {"acked_seq": frame.seq,
-                                                     "acked_type": int(MsgType.WEIGHTS)})]
-        if len(self.shares) == len(self.assignment):
-            self.shards = DeviceShards(ShareSet(self.config, self.shares.values()), self.assignment)
-            used = self.shards.nbytes()
-            out.append(self._frame(frame.src, MsgType.READY, {
-                "shard_bytes": min(sum(self.shard_bytes.values()), 0xFFFFFFFF),
-                "arena_used": min(used, 0xFFFFFFFF),
-                "arena_free": min(max(self.caps.arena_bytes - used, 0), 0xFFFFFFFF),
-            }))
-        return out
-
-    def _on_activation(self, data: bytes) -> list[bytes]:
-        a = decode_activation(data)
-        if a.dst not in (BROADCAST, self.device_id):
-            self.stats.dropped += 1
-            return []
-        if self.shards is None or a.session != self.session:
-            return self._error(a.src, ErrorCode.BAD_STATE if self.shards is None else ErrorCode.BAD_SESSION,
-                               f"ACTIVATION for session {a.session} while "
-                               f"{'not ready' if self.shards is None else f'in session {self.session}'}")
-        if a.stage not in (Stage.ATTENTION, Stage.MLP):
-            return self._error(a.src, ErrorCode.BAD_PAYLOAD, f"ACTIVATION for unknown stage {a.stage}")
-        x = Q8Tensor(a.qs, a.scales)
-        try:
-            if a.stage == Stage.ATTENTION:
-                part = self.shards.attention(a.layer, x, a.pos)
-            else:
-                part = self.shards.mlp(a.layer, x)
-        except (ShardError, ValueError) as exc:
-            return self._error(a.src, ErrorCode.BAD_PAYLOAD, str(exc))
-        if part is None:
-            return self._error(a.src, ErrorCode.NOT_ASSIGNED,
-                               f"nothing of layer {a.layer} stage {Stage(a.stage).name} is held here")
-        self.stats.activations += 1
-        self.stats.frames_out += 1
-        return [encode_partial(a.layer, a.stage, a.pos, part, dst=a.src, seq=a.seq,
-                               session=self.session, src=self._src())]
-
-    def _on_heartbeat(self, frame: Frame) -> list[bytes]:
-        uptime = int((time.monotonic() - self._started) * 1000) & 0xFFFFFFFF
-        return [self._frame(frame.src, MsgType.HEARTBEAT, {"uptime_ms": uptime, "load_pct": 0})]
-
-    def _on_probe(self, frame: Frame) -> list[bytes]:
-        self.stats.frames_out += 1
-        reply = Frame(type=MsgType.PROBE_REPLY, payload=dict(frame.payload), src=self._src(),
-                      dst=frame.src, seq=frame.seq, session=frame.session)
-        return [encode_frame(reply)]
-
-    def _on_probe_fast(self, data: bytes) -> list[bytes]:
-        """PROBE echoed without decoding its payload (a PROBE's payload is echoed unchanged),
-        so a probe times the link and this peer's frame turnaround, not the payload codec."""
-        h = check_frame(data)
-        if h.dst not in (BROADCAST, self.device_id):
-            self.stats.dropped += 1
-            return []
-        self.stats.frames_out += 1
-        payload = memoryview(data)[HEADER_SIZE:HEADER_SIZE + h.length]
-        return [assemble((int(MsgType.PROBE_REPLY), 0, self._src(), h.src, h.seq, h.session,
-                          h.version), payload)]
-
-    def _on_bye(self, frame: Frame) -> list[bytes]:
-        if frame.session != self.session:  # only the coordinator of this session ends it
-            self.stats.dropped += 1
-            return []
-        self.shards = None
-        self.shares.clear()
-        self._assembly.clear()
-        self.assignment = {}
-        self.config = None
-        return []
+    def _report(self) -> None:
+        c, seen = self.core, self._seen
+        now = _Seen(c.state, c.session, c.layers_assigned, c.layers_held)
+        if now == seen:
+            return
+        if now.state != lib.TPFED_PEER_IDLE and (now.session != seen.session or
+                                                 seen.state == lib.TPFED_PEER_IDLE):
+            port = lib.tpfed_udp_peer_event_from(self._port, self._host, 64)
+            who = f" from {ffi.string(self._host).decode()}:{port}" if port >= 0 else ""
+            self._say(f"session {now.session}{who}: {now.assigned} layers assigned, "
+                      f"{_mib(c.arena_used)} of the arena laid out")
+        elif now.state == lib.TPFED_PEER_IDLE and seen.state != lib.TPFED_PEER_IDLE:
+            self._say(f"session {seen.session} ended")
+        if now.state == lib.TPFED_PEER_READY and seen.state != lib.TPFED_PEER_READY:
+            self._say(f"holding {now.held} layers, {_mib(c.arena_used)} of the arena used; ready")
+        elif now.state == lib.TPFED_PEER_ASSIGNED and now.held < seen.held:
+            self._say(f"holding {now.held} of {now.assigned} layers: a share is being replaced")
+        self._seen = now
 
 
-__all__ = ["Capabilities", "DesktopPeer", "MAX_FRAME", "measure_int8_macs"]
+def run_peer(listen_host: str, listen_port: int, name: str, memory_bytes: int | None, mtu: int,
+             verbose: bool = False) -> None:
+    """``tpfed peer``: bind, announce ``listening on udp://HOST:PORT`` on stdout (the line
+    :mod:`tpfed.runtime.localpeers` reads), serve until SIGTERM/SIGINT."""
+    arena = check_options(memory_bytes, mtu)
+    sock = bind_udp(listen_host, listen_port)
+    stopping = []
+
+    def on_signal(signum, frame) -> None:
+        stopping.append(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        peer = UdpPeer(sock, DeviceInfo(board=name, port="host-udp"), arena, mtu)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        print(f"tpfed peer {name} listening on udp://{shown}:{port} "
+              f"({peer.core.int8_macs / 1e9:.2f} GMAC/s int8, "
+              f"{(arena - arena_overhead()) / 2**20:.0f} MiB offered)",
+              flush=True)
+        peer.serve(lambda: bool(stopping))
+        if verbose:
+            s = peer.stats()
+            print(f"tpfed peer {name}: {s['frames_in']} frames in, {s['activations']} activations, "
+                  f"{s['dropped']} frames dropped, {s['errors_sent']} errors sent, "
+                  f"{s['refused']} replies too large", file=sys.stderr)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        sock.close()
+
+
+__all__ = ["MAX_FRAME", "UdpPeer", "arena_overhead", "bind_udp", "check_options", "mtu_range", "run_peer"]
