@@ -32,6 +32,10 @@ class Tokenizer:
     vocab: list[bytes]
     scores: list[float]
     max_token_length: int
+    bos_id: int = BOS
+    eos_id: int = EOS
+    byte_offset: int = BYTE_OFFSET
+    """Id of the byte fallback token ``<0x00>`` (the 256 byte tokens are consecutive)."""
     _lookup: dict[bytes, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -99,7 +103,7 @@ class Tokenizer:
         raw = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         tokens: list[int] = []
         if bos:
-            tokens.append(BOS)
+            tokens.append(self.bos_id)
         if raw:
             tokens.append(self.lookup(b" "))
         i = 0
@@ -115,7 +119,7 @@ class Tokenizer:
             if tid != -1:
                 tokens.append(tid)
             else:
-                tokens.extend(b + BYTE_OFFSET for b in piece)
+                tokens.extend(b + self.byte_offset for b in piece)
             i = j
         vocab = self.vocab
         scores = self.scores
@@ -133,7 +137,7 @@ class Tokenizer:
                 break
             tokens[best_idx : best_idx + 2] = [best_id]
         if eos:
-            tokens.append(EOS)
+            tokens.append(self.eos_id)
         return tokens
 
     def piece(self, prev_token: int, token: int) -> bytes:
@@ -142,7 +146,7 @@ class Tokenizer:
         if not 0 <= token < len(self.vocab):
             raise ModelError(f"token id {token} outside the vocabulary (size {len(self.vocab)})")
         p = self.vocab[token]
-        if prev_token == BOS and p.startswith(b" "):
+        if prev_token == self.bos_id and p.startswith(b" "):
             p = p[1:]
         m = _RAW_BYTE.fullmatch(p)
         if m:
@@ -153,7 +157,7 @@ class Tokenizer:
         out = bytearray()
         prev = prev_token
         for t in tokens:
-            if t in (BOS, EOS):
+            if t in (self.bos_id, self.eos_id):
                 prev = t
                 continue
             out += self.piece(prev, t)

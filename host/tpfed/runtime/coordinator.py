@@ -588,6 +588,9 @@ class Coordinator(PeerLinks, Int8Transformer):
         computed by the peers."""
         if not 0 <= pos < self.seq_len:
             raise PeerError(f"position {pos} outside the planned context ({self.seq_len})")
+        # The C fast path gathers without the event loop: let the loop run once per token so
+        # other tasks (streaming, status, a second request) are served while generating.
+        await asyncio.sleep(0)
         stages = self.forward_stages(token, pos)
         partial = None
         try:
