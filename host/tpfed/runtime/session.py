@@ -47,6 +47,8 @@ class RunResult:
     setup_s: float = 0.0
     devices: list[DeviceSpec] = field(default_factory=list)
     """The peers as the planner saw them (HELLO figures and measured links), in peer order."""
+    prompt_ids: list[int] = field(default_factory=list)
+    generated_ids: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
         s = self.stats
@@ -59,6 +61,8 @@ class RunResult:
             "min_wire_bytes_per_token": round(s.min_wire_bytes_per_token, 1),
             "peers": self.peers,
             "setup_s": round(self.setup_s, 3),
+            "prompt_ids": self.prompt_ids,
+            "generated_ids": self.generated_ids,
         }
 
 
@@ -129,12 +133,16 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
     return links
 
 
-async def generate(coord: Coordinator, tokenizer: Tokenizer, prompt: str, steps: int,
-                   sampler: Sampler, on_piece: Callable[[bytes], None] | None = None) -> RunResult:
-    """llama2.c's generate loop: BOS and the prompt are fed, then tokens are sampled until
-    ``steps`` positions are used or BOS comes back. ``on_piece`` receives each new token's
-    bytes as soon as it is known."""
-    prompt_tokens = tokenizer.encode(prompt, bos=True)
+async def generate_ids(coord: Coordinator, prompt_tokens: Sequence[int], steps: int,
+                       sampler: Sampler, *, max_new_tokens: int | None = None,
+                       stop_ids: Sequence[int] = (BOS,),
+                       on_token: Callable[[int, int], bool | None] | None = None) -> RunResult:
+    """llama2.c's generate loop over token ids: the prompt (BOS included) is fed, then tokens
+    are sampled until ``steps`` positions are used, ``max_new_tokens`` are made or a token of
+    ``stop_ids`` comes (not kept). ``on_token(prev, token)`` sees each new token as soon as it
+    is known; returning True stops generation after it (a stop sequence, say)."""
+    if not prompt_tokens:
+        raise TpfedError("the prompt is empty (it needs at least the BOS token)")
     if len(prompt_tokens) > steps:
         raise TpfedError(f"the prompt is {len(prompt_tokens)} tokens, more than --steps {steps}")
     coord.reset()
@@ -149,16 +157,29 @@ async def generate(coord: Coordinator, tokenizer: Tokenizer, prompt: str, steps:
             nxt = prompt_tokens[pos + 1]
         else:
             nxt = sampler.sample(logits)
-            if nxt == BOS:
+            if nxt in stop_ids:
                 break
             out_tokens.append(nxt)
-            if on_piece is not None:
-                on_piece(tokenizer.piece(token, nxt))
+            if on_token is not None and on_token(token, nxt):
+                break
+            if max_new_tokens is not None and len(out_tokens) >= max_new_tokens:
+                break
         token = nxt
     stats.seconds = time.perf_counter() - t0
     stats.tokens = pos + 1
-    text = prompt + tokenizer.decode(out_tokens, prev_token=prompt_tokens[-1])
-    return RunResult(text=text, tokens=prompt_tokens + out_tokens, stats=stats)
+    return RunResult(text="", tokens=list(prompt_tokens) + out_tokens, stats=stats,
+                     prompt_ids=list(prompt_tokens), generated_ids=out_tokens)
+
+
+async def generate(coord: Coordinator, tokenizer: Tokenizer, prompt: str, steps: int,
+                   sampler: Sampler, on_piece: Callable[[bytes], None] | None = None) -> RunResult:
+    """:func:`generate_ids` from text: ``on_piece`` receives each new token's bytes as soon as
+    it is known; the result's text is the prompt and its continuation."""
+    prompt_tokens = tokenizer.encode(prompt, bos=True)
+    on_token = None if on_piece is None else (lambda prev, tok: on_piece(tokenizer.piece(prev, tok)))
+    result = await generate_ids(coord, prompt_tokens, steps, sampler, on_token=on_token)
+    result.text = prompt + tokenizer.decode(result.generated_ids, prev_token=prompt_tokens[-1])
+    return result
 
 
 def generate_local(model: Int8Transformer, tokenizer: Tokenizer, prompt: str, steps: int,
@@ -179,47 +200,115 @@ def generate_local(model: Int8Transformer, tokenizer: Tokenizer, prompt: str, st
     return out, pos + 1
 
 
-async def run(opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = None,
-              on_piece: Callable[[bytes], None] | None = None,
-              on_status: Callable[[str], None] | None = None) -> RunResult:
-    """Everything ``tpfed run`` does, as a coroutine."""
-    say = on_status or (lambda _msg: None)
-    if opts.steps < 1:
-        raise TpfedError(f"--steps must be at least 1, got {opts.steps}")
-    specs = parse_peers(opts.peers)
-    q8, tok = model if model is not None else load_model(opts.model, opts.tokenizer)
-    sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)
-    seq_len = min(opts.steps, q8.config.seq_len)
-    t_setup = time.perf_counter()
-    async with contextlib.AsyncExitStack() as stack:
-        links = await open_links(specs, stack, mtu=opts.mtu)
-        coord = Coordinator(q8, links, deadline_s=opts.deadline_s, seq_len=seq_len)
-        stack.push_async_callback(coord.close)
-        peers = await coord.connect()
-        say(f"{len(peers)} peers: " + ", ".join(
-            f"{p.name} ({p.hello['int8_macs'] / 1e9:.1f} GMAC/s, {p.latency_s * 1e6:.0f} us)"
-            for p in peers))
-        plan = coord.make_plan(opts.strategy)
-        await coord.push_weights()
-        setup_s = time.perf_counter() - t_setup
+class Fleet:
+    """Peers reached, planned and holding their shares, kept for as many generations as asked
+    (``tpfed serve`` keeps one; ``tpfed run`` uses one for a single prompt).
+
+        async with Fleet(opts, model=(q8, tok)) as fleet:      # connect, plan, push
+            result = await fleet.generate("Once upon a time", Sampler(0.0))
+
+    Generations on one fleet run one at a time (``generate`` waits for the one before)."""
+
+    def __init__(self, opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = None,
+                 on_status: Callable[[str], None] | None = None) -> None:
+        if opts.steps < 1:
+            raise TpfedError(f"--steps must be at least 1, got {opts.steps}")
+        self.opts = opts
+        self.specs = parse_peers(opts.peers)
+        self.say = on_status or (lambda _msg: None)
+        self.q8, self.tokenizer = model if model is not None else load_model(opts.model, opts.tokenizer)
+        self.seq_len = min(opts.steps, self.q8.config.seq_len)
+        self.coord: Coordinator | None = None
+        self.plan = None
+        self.setup_s = 0.0
+        self._stack = contextlib.AsyncExitStack()
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> Fleet:
+        opts, say = self.opts, self.say
+        t_setup = time.perf_counter()
+        try:
+            links = await open_links(self.specs, self._stack, mtu=opts.mtu)
+            coord = Coordinator(self.q8, links, deadline_s=opts.deadline_s, seq_len=self.seq_len)
+            self._stack.push_async_callback(coord.close)
+            peers = await coord.connect()
+            say(f"{len(peers)} peers: " + ", ".join(
+                f"{p.name} ({p.hello['int8_macs'] / 1e9:.1f} GMAC/s, {p.latency_s * 1e6:.0f} us)"
+                for p in peers))
+            plan = coord.make_plan(opts.strategy)
+            await coord.push_weights()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self.coord, self.plan = coord, plan
+        self.setup_s = time.perf_counter() - t_setup
         shares = ", ".join(f"{d.name}: {d.kv_units} KV groups + {d.mlp_columns} MLP columns"
                            for d in plan.devices)
-        say(f"plan {plan.strategy}: {shares}; weights pushed in {setup_s:.2f} s")
+        say(f"plan {plan.strategy}: {shares}; weights pushed in {self.setup_s:.2f} s")
         for name, why in plan.excluded:
             say(f"left out {name}: {why}")
-        result = await generate(coord, tok, opts.prompt, seq_len, sampler, on_piece)
-        result.plan = plan
-        result.setup_s = setup_s
-        result.devices = [p.spec() for p in peers]
-        by_name = {d.name: d for d in plan.devices}
-        result.peers = [
+        return self
+
+    async def close(self) -> None:
+        await self._stack.aclose()
+
+    async def __aenter__(self) -> Fleet:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def peers_json(self) -> list[dict]:
+        assert self.coord is not None and self.plan is not None
+        by_name = {d.name: d for d in self.plan.devices}
+        return [
             {"name": p.name, "uri": p.link.uri,
              "kv_groups": by_name[p.name].kv_units if p.name in by_name else 0,
              "mlp_columns": by_name[p.name].mlp_columns if p.name in by_name else 0,
              "int8_macs": p.hello["int8_macs"], "latency_us": round(p.latency_s * 1e6, 1)}
-            for p in peers
+            for p in self.coord.peers
         ]
+
+    def _finish(self, result: RunResult) -> RunResult:
+        assert self.coord is not None
+        result.plan = self.plan
+        result.setup_s = self.setup_s
+        result.devices = [p.spec() for p in self.coord.peers]
+        result.peers = self.peers_json()
         return result
+
+    async def generate(self, prompt: str, sampler: Sampler, *, steps: int | None = None,
+                       on_piece: Callable[[bytes], None] | None = None) -> RunResult:
+        """Text in, text out (the prompt and its continuation), as ``tpfed run`` prints it."""
+        if self.coord is None:
+            raise TpfedError("the fleet is not started")
+        async with self._lock:
+            result = await generate(self.coord, self.tokenizer, prompt, min(steps or self.seq_len, self.seq_len),
+                                    sampler, on_piece)
+        return self._finish(result)
+
+    async def generate_ids(self, prompt_ids: Sequence[int], sampler: Sampler, *,
+                           steps: int | None = None, max_new_tokens: int | None = None,
+                           stop_ids: Sequence[int] = (BOS,),
+                           on_token: Callable[[int, int], bool | None] | None = None) -> RunResult:
+        """Token ids in and out (see :func:`generate_ids`); ``text`` is left empty."""
+        if self.coord is None:
+            raise TpfedError("the fleet is not started")
+        async with self._lock:
+            result = await generate_ids(self.coord, prompt_ids, min(steps or self.seq_len, self.seq_len),
+                                        sampler, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                        on_token=on_token)
+        return self._finish(result)
+
+
+async def run(opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = None,
+              on_piece: Callable[[bytes], None] | None = None,
+              on_status: Callable[[str], None] | None = None) -> RunResult:
+    """Everything ``tpfed run`` does, as a coroutine: a fleet for one prompt."""
+    fleet = Fleet(opts, model=model, on_status=on_status)
+    sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)
+    async with fleet:
+        return await fleet.generate(opts.prompt, sampler, on_piece=on_piece)
 
 
 def run_sync(opts: RunOptions, **kw) -> RunResult:
@@ -229,4 +318,5 @@ def run_sync(opts: RunOptions, **kw) -> RunResult:
         raise PeerError(f"peer connection failed: {exc}") from exc
 
 
-__all__ = ["RunOptions", "RunResult", "generate", "generate_local", "load_model", "open_links", "run", "run_sync"]
+__all__ = ["Fleet", "RunOptions", "RunResult", "generate", "generate_ids", "generate_local", "load_model",
+           "open_links", "run", "run_sync"]
