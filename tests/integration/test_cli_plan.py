@@ -104,3 +104,35 @@ def test_simulate_json_and_plot(tmp_path, repo_root):
     assert doc["tokens"] == 4 and doc["tokens_per_s"] > 0
     assert doc["bytes_per_token"] >= doc["min_bytes_per_token"] > 0
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plan_and_simulate_with_replicas(tmp_path, repo_root):
+    r = tpfed("plan", "--devices", "5", "--replicas", "2", "--json", "--save", str(tmp_path / "p.json"))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["replicas"] == 2
+    sets = doc["replica_sets"]
+    assert sets and all(len(s) == 2 for s in sets)
+    assert [n for s in sets for n in s] == [d["name"] for d in doc["devices"]]
+    by_name = {d["name"]: d for d in doc["devices"]}
+    for a, b in sets:
+        assert by_name[a]["kv_groups"] == by_name[b]["kv_groups"]
+        assert by_name[a]["mlp_columns"] == by_name[b]["mlp_columns"]
+    assert any("in no replica set" in e["reason"] for e in doc["excluded"])
+    from tpfed.planning.plan import Plan
+
+    saved = Plan.load(tmp_path / "p.json")
+    saved.validate()
+    assert saved.replica_sets == sets
+    table = tpfed("plan", "--devices", "4", "--replicas", "2")
+    assert table.returncode == 0, table.stderr
+    assert "replica set" in table.stdout and "set" in table.stdout.splitlines()[3]
+    sim = tpfed("simulate", "--devices", "4", "--replicas", "2", "--tokens", "2", "--json")
+    assert sim.returncode == 0, sim.stderr
+    sdoc = json.loads(sim.stdout)
+    assert sdoc["replicas"] == 2 and len(sdoc["replica_sets"]) >= 1
+    tight = tpfed("plan", "--model", str(repo_root / "tests/data/configs/llama-2-70b.json"), "--devices", "4",
+                  "--replicas", "3")
+    assert tight.returncode == 2
+    assert tight.stderr.count("\n") == 1 and "not enough memory for 3 replicas" in tight.stderr
+    assert "MiB per copy missing" in tight.stderr

@@ -18,6 +18,9 @@ def add_model_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategy", choices=("round-robin", "capability"), default="capability")
     parser.add_argument("--seq-len", type=int, metavar="N", help="KV cache length to plan for (default: the model's)")
     parser.add_argument("--margin", type=float, default=0.1, help="memory safety margin (default 0.1)")
+    parser.add_argument("--replicas", type=int, default=1, metavar="K",
+                        help="hold every unit on K alike devices with identical shares; the first "
+                             "partial of each set is taken (default 1)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +58,8 @@ def summary(plan) -> dict:
         "ideal_ms": plan.ideal_ms,
         "ideal_compute_ms": plan.ideal_compute_ms,
         "round_robin_makespan_ms": plan.round_robin_makespan_ms,
+        "replicas": plan.replicas,
+        "replica_sets": [list(members) for members in plan.replica_sets],
         "devices": [
             {
                 "name": d.name,
@@ -89,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     from tpfed.planning.planner import plan as make_plan
 
     model, devices = load_inputs(args)
-    plan = make_plan(model, devices, strategy=args.strategy, seq_len=args.seq_len, margin=args.margin)
+    plan = make_plan(model, devices, strategy=args.strategy, seq_len=args.seq_len, margin=args.margin,
+                     replicas=args.replicas)
     plan.validate()
     if args.save:
         plan.save(args.save)

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
                             bandwidth_Bps=args.coordinator_mbps * 1e6 / 8,
                             per_frame_s=args.coordinator_frame_us * 1e-6)
     plan = make_plan(model, devices, strategy=args.strategy, seq_len=args.seq_len, margin=args.margin,
-                     coordinator=coord)
+                     coordinator=coord, replicas=args.replicas)
     result = simulate(plan, devices, coordinator=coord, tokens=args.tokens)
     if args.plot:
         plot(plan, result, args.plot)
@@ -49,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
         doc = result.to_dict()
         doc["plan_makespan_ms"] = plan.makespan_ms
         doc["strategy"] = plan.strategy
+        doc["replicas"] = plan.replicas
+        doc["replica_sets"] = [list(members) for members in plan.replica_sets]
         doc["excluded"] = [{"name": n, "reason": r} for n, r in plan.excluded]
         print(json.dumps(doc))
         return 0
@@ -58,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from tpfed.planning.plan import group_excluded
 
     con = console()
-    con.print(f"[bold]{model.name or 'model'}[/bold] over {len(plan.devices)} devices ({plan.strategy}): "
+    sets = f" in {len(plan.replica_sets)} replica sets of {plan.replicas}" if plan.replicas > 1 else ""
+    con.print(f"[bold]{model.name or 'model'}[/bold] over {len(plan.devices)} devices{sets} ({plan.strategy}): "
               f"{result.tokens_per_s:.2f} tokens/s, {sum(result.token_ms) / len(result.token_ms):.3f} ms/token "
               f"(planner predicted {plan.makespan_ms:.3f} ms)")
     con.print(f"bytes per token: {result.bytes_per_token:,.0f} (payload floor {result.min_bytes_per_token:,.0f})")

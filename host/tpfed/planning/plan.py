@@ -4,10 +4,18 @@ coordinator consumes; it can be printed, saved, loaded, compared and validated.
 Internally the planner works on two owner matrices, ``group_owner[layer, group]`` and
 ``block_owner[layer, block]`` (device index, -1 for none), and turns them into per-device
 :class:`LayerShare` objects; :func:`owner_matrices` goes back the other way.
+
+Replicas. A plan made with ``replicas=K`` groups its devices in *replica sets*
+(``Plan.replica_sets``, device names, sets in plan order): every member of a set holds exactly
+the same layers, so their partials are bit-identical and the coordinator may take whichever
+arrives first while still summing one partial per set in set order. Every unit is held by
+exactly one set. ``Plan.devices`` lists the members of each set next to each other, sets in
+plan order. With K = 1 every device is its own set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -167,8 +175,19 @@ def shares_from_owners(
 def owner_matrices(plan: Plan, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """``group_owner`` (L x G) and ``block_owner`` (L x B) with indices into ``names``; units
     held by a device not in ``names`` get -1."""
+    return _owner_matrices(plan, {n: i for i, n in enumerate(names)}, plan.devices)
+
+
+def set_owner_matrices(plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`owner_matrices`, with the index of the replica set holding each unit."""
+    by_name = {d.name: d for d in plan.devices}
+    firsts = [by_name[s[0]] for s in plan.replica_sets]
+    return _owner_matrices(plan, {d.name: i for i, d in enumerate(firsts)}, firsts)
+
+
+def _owner_matrices(plan: Plan, index: dict[str, int], devices: Sequence[DeviceShare]
+                    ) -> tuple[np.ndarray, np.ndarray]:
     m = plan.model
-    index = {n: i for i, n in enumerate(names)}
     B = costs.n_blocks(m)
     gown = np.full((m.n_layers, m.n_groups), -1, dtype=np.int64)
     bown = np.full((m.n_layers, B), -1, dtype=np.int64)
@@ -178,7 +197,7 @@ def owner_matrices(plan: Plan, names: Sequence[str]) -> tuple[np.ndarray, np.nda
     r_end: list[int] = []
     r_dev: list[int] = []
     G = m.n_groups
-    for dev in plan.devices:
+    for dev in devices:
         i = index.get(dev.name, -1)
         for li, s in dev.layers.items():
             if s.kv_groups:
@@ -232,6 +251,45 @@ def diff_owners(m: ModelConfig, names: Sequence[str], g0: np.ndarray, b0: np.nda
     return moves
 
 
+def replicated_moves(old: Plan, new: Plan) -> list[Move]:
+    """What every device of ``new`` has to receive: the units it holds in ``new`` and did not
+    hold in ``old`` (a device new to a replica set receives the set's whole share). ``src`` is
+    a device that held the unit in ``old`` and is still in ``new`` (None: none is)."""
+    m = new.model
+    gs0, bs0 = set_owner_matrices(old)
+    gs1, bs1 = set_owner_matrices(new)
+    still = {d.name for d in new.devices}
+    labels: list[str | None] = [next((n for n in s if n in still), None) for s in old.replica_sets]
+    old_set = {n: i for i, s in enumerate(old.replica_sets) for n in s}
+    dst = len(labels)
+    out: list[Move] = []
+    for j, members in enumerate(new.replica_sets):
+        g1 = np.where(gs1 == j, dst, -1)
+        b1 = np.where(bs1 == j, dst, -1)
+        by_old: dict[int, list[str]] = {}
+        for n in members:
+            by_old.setdefault(old_set.get(n, -1), []).append(n)
+        for i, group in by_old.items():
+            g0 = np.where((gs0 == i) & (i >= 0), dst, gs0)
+            b0 = np.where((bs0 == i) & (i >= 0), dst, bs0)
+            moves = diff_owners(m, [*labels, group[0]], g0, b0, g1, b1)
+            out.extend(mv if n == group[0] else dataclasses.replace(mv, dst=n) for n in group for mv in moves)
+    return out
+
+
+def _stage_kind(stage: str | int) -> str:
+    name = getattr(stage, "name", stage)
+    if isinstance(name, str):
+        key = name.lower()
+        if key in ("attn", "attention"):
+            return "attn"
+        if key == "mlp":
+            return "mlp"
+    elif isinstance(stage, int) and stage in (0, 1):
+        return "attn" if stage == 0 else "mlp"
+    raise ValueError(f"stage must be 'attn' or 'mlp' (or 0 / 1), got {stage!r}")
+
+
 @dataclass
 class Plan:
     model: ModelConfig
@@ -253,8 +311,47 @@ class Plan:
     """Total MACs / total MAC/s of all devices, links ignored (the issue's simplest ideal)."""
     moved_bytes: int = 0
     moves: list[Move] = field(default_factory=list)
+    replicas: int = 1
+    """How many devices the plan asked to hold every unit (``plan(..., replicas=K)``); a set
+    may have fewer members after a re-plan (members lost) or more never."""
+    replica_sets: list[list[str]] = field(default_factory=list)
+    """Device names grouped in replica sets, sets in plan order, members in the order of
+    ``devices``; every member holds identical layers. Empty on construction means one set per
+    device (filled in by ``__post_init__``)."""
+
+    def __post_init__(self) -> None:
+        if not self.replica_sets:
+            self.replica_sets = [[d.name] for d in self.devices]
 
     # ----------------------------------------------------------------- queries
+    @property
+    def replicated(self) -> bool:
+        """Whether some replica set has more than one member."""
+        return any(len(s) > 1 for s in self.replica_sets)
+
+    def set_of(self, name: str) -> int:
+        """Index (in ``replica_sets``) of the set ``name`` belongs to."""
+        for i, members in enumerate(self.replica_sets):
+            if name in members:
+                return i
+        raise KeyError(name)
+
+    def owner_sets(self, layer: int, stage: str | int) -> list[list[str]]:
+        """The replica sets holding part of ``stage`` of ``layer``, in plan order. ``stage`` is
+        ``"attn"`` (or ``"attention"``, or ``Stage.ATTENTION`` == 0) or ``"mlp"`` (``Stage.MLP``
+        == 1). The coordinator sends the stage's activation to every member of these sets and
+        sums one partial per set in this order."""
+        if not 0 <= layer < self.model.n_layers:
+            raise IndexError(f"layer {layer} out of range 0..{self.model.n_layers - 1}")
+        kind = _stage_kind(stage)
+        by_name = {d.name: d for d in self.devices}
+        out: list[list[str]] = []
+        for members in self.replica_sets:
+            s = by_name[members[0]].layers.get(layer)
+            if s is not None and (s.kv_groups if kind == "attn" else s.mlp_ranges):
+                out.append(list(members))
+        return out
+
     def device(self, name: str) -> DeviceShare:
         for d in self.devices:
             if d.name == name:
@@ -277,6 +374,10 @@ class Plan:
             ranges.extend((a, b, d.name) for a, b in s.mlp_ranges)
         ranges.sort()
         return [g or "" for g in groups], ranges
+
+    def set_share(self, index: int) -> DeviceShare:
+        """What every member of replica set ``index`` holds (its first member's share)."""
+        return self.device(self.replica_sets[index][0])
 
     def utilisation(self) -> dict[str, float]:
         return {d.name: (d.busy_ms / self.makespan_ms if self.makespan_ms > 0 else 0.0) for d in self.devices}
@@ -312,6 +413,8 @@ class Plan:
                 raise PlanError(f"plan: {d.name} is said to use {d.memory_bytes} bytes, its shares take {need}")
             if need > d.memory_limit_bytes:
                 raise PlanError(f"plan: {d.name} needs {need} bytes, its limit is {d.memory_limit_bytes}")
+        if self.replicated or len(self.replica_sets) != len(self.devices):
+            gcount, ccount = self._validate_sets(gcount, ccount)
         bad = np.argwhere(gcount != 1)
         if bad.size:
             li, g = bad[0]
@@ -322,6 +425,40 @@ class Plan:
             li, c = bad[0]
             raise PlanError(f"plan: layer {li} column {c} has {cols[li, c]} owners (needs exactly 1)")
 
+    def _validate_sets(self, gcount: np.ndarray, ccount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Replica sets partition the devices and their members hold identical layers; returns
+        the unit counts with each set counted once."""
+        by_name = {d.name: d for d in self.devices}
+        seen: set[str] = set()
+        for i, members in enumerate(self.replica_sets):
+            if not members:
+                raise PlanError(f"plan: replica set {i} is empty")
+            for n in members:
+                if n not in by_name:
+                    raise PlanError(f"plan: replica set {i} names {n!r}, which the plan does not hold")
+                if n in seen:
+                    raise PlanError(f"plan: device {n!r} is in two replica sets")
+                seen.add(n)
+            first = by_name[members[0]]
+            for n in members[1:]:
+                if by_name[n].layers != first.layers:
+                    raise PlanError(f"plan: replica set {i}: {n} does not hold the same units as {members[0]}")
+        missing = [d.name for d in self.devices if d.name not in seen]
+        if missing:
+            raise PlanError(f"plan: device {missing[0]!r} is in no replica set")
+        # each set counts once: take away what the other members added
+        for members in self.replica_sets:
+            extra = len(members) - 1
+            if not extra:
+                continue
+            for li, s in by_name[members[0]].layers.items():
+                for g in s.kv_groups:
+                    gcount[li, g] -= extra
+                for a, b in s.mlp_ranges:
+                    ccount[li, a] -= extra
+                    ccount[li, b] += extra
+        return gcount, ccount
+
     # ----------------------------------------------------------------- comparing
     def diff(self, other: Plan) -> PlanDiff:
         """What moves going from this plan to ``other`` (units whose owner changes)."""
@@ -329,11 +466,13 @@ class Plan:
             other.model.n_layers, other.model.n_groups, other.model.hidden_dim
         ):
             raise PlanError("plan diff: the two plans are for different model shapes")
+        mine = {d.name for d in self.devices}
+        theirs = {d.name for d in other.devices}
+        if self.replicated or other.replicated:
+            return PlanDiff(replicated_moves(self, other), sorted(theirs - mine), sorted(mine - theirs))
         names = sorted({d.name for d in self.devices} | {d.name for d in other.devices})
         g0, b0 = owner_matrices(self, names)
         g1, b1 = owner_matrices(other, names)
-        mine = {d.name for d in self.devices}
-        theirs = {d.name for d in other.devices}
         return PlanDiff(diff_owners(other.model, names, g0, b0, g1, b1),
                         sorted(theirs - mine), sorted(mine - theirs))
 
@@ -351,6 +490,8 @@ class Plan:
             "round_robin_makespan_ms": self.round_robin_makespan_ms,
             "moved_bytes": self.moved_bytes,
             "moves": [asdict(mv) for mv in self.moves],
+            "replicas": self.replicas,
+            "replica_sets": [list(s) for s in self.replica_sets],
             "excluded": [[n, r] for n, r in self.excluded],
             "devices": [
                 {
@@ -400,6 +541,8 @@ class Plan:
                 moved_bytes=int(doc.get("moved_bytes", 0)),
                 moves=[Move(int(mv["layer"]), str(mv["kind"]), tuple(int(u) for u in mv["unit"]),
                             mv["src"], str(mv["dst"]), int(mv["bytes"])) for mv in doc.get("moves", [])],
+                replicas=int(doc.get("replicas", 1)),
+                replica_sets=[[str(n) for n in s] for s in doc.get("replica_sets", [])],
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise PlanError(f"not a tpfed plan ({type(exc).__name__}: {exc})") from None
@@ -427,16 +570,25 @@ class Plan:
     def table(self):  # -> rich.table.Table
         from rich.table import Table
 
+        sets = self.replicas > 1 or self.replicated
+        n_sets = len(self.replica_sets)
+        where = (f"{len(self.devices)} devices in {n_sets} replica set{'s' if n_sets != 1 else ''} of {self.replicas}"
+                 if sets else f"{len(self.devices)} devices")
         t = Table(
-            title=(f"{self.model.name or 'model'} over {len(self.devices)} devices ({self.strategy}): "
+            title=(f"{self.model.name or 'model'} over {where} ({self.strategy}): "
                    f"{self.makespan_ms:.3f} ms/token predicted, ideal {self.ideal_ms:.3f}, "
                    f"round-robin {self.round_robin_makespan_ms:.3f}; planned in {self.plan_ms:.1f} ms"),
         )
-        for col in ("device", "layers", "KV groups", "MLP columns", "memory MiB", "limit MiB", "busy ms", "util"):
+        cols = ("device", "layers", "KV groups", "MLP columns", "memory MiB", "limit MiB", "busy ms", "util")
+        if sets:
+            cols = ("set", *cols)
+        for col in cols:
             t.add_column(col, justify="left" if col in ("device", "KV groups") else "right")
         util = self.utilisation()
+        set_of = {n: i for i, s in enumerate(self.replica_sets) for n in s}
         for d in self.devices:
             t.add_row(
+                *((str(set_of.get(d.name, "-")),) if sets else ()),
                 d.name,
                 _layer_span(sorted(d.layers), self.model.n_layers),
                 _groups_summary(d, self.model.n_layers),

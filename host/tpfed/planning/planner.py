@@ -53,6 +53,7 @@ from tpfed.planning.plan import (
     block_bytes_array,
     diff_owners,
     owner_matrices,
+    replicated_moves,
     shares_from_owners,
 )
 
@@ -105,7 +106,8 @@ class _Ctx:
     computes every stage exactly as the simulator does."""
 
     def __init__(self, model: ModelConfig, devices: Sequence[DeviceSpec], seq_len: int, margin: float,
-                 coordinator: CoordinatorSpec | None = None, pen: np.ndarray | None = None):
+                 coordinator: CoordinatorSpec | None = None, pen: np.ndarray | None = None,
+                 replicas: int = 1):
         if not 0.0 <= margin < 1.0:
             raise PlanError(f"memory margin must be in [0, 1), got {margin}")
         if seq_len <= 0:
@@ -113,7 +115,14 @@ class _Ctx:
         self.model, self.seq_len, self.margin = model, seq_len, margin
         self.devices = list(devices)
         self.coord = coordinator or CoordinatorSpec()
+        self.replicas = replicas
         self.cc = costs.CoordinatorCosts.of(self.coord, model)
+        if replicas > 1:
+            # the devices are replica sets: each participant is K members, every one of which
+            # the coordinator sends an activation to and receives a partial from
+            cc = self.cc
+            self.cc = dataclasses.replace(cc, send_s=cc.send_s * (1 if cc.broadcast else replicas),
+                                          recv_s=cc.recv_s * replicas)
         self.uc = costs.UnitCosts.of(model, seq_len)
         self.fa = FleetArrays.of(devices, self.uc, margin)
         self.L, self.G, self.B = model.n_layers, model.n_groups, self.uc.n_blocks
@@ -145,6 +154,52 @@ class _Ctx:
         n = part.shape[1]
         q = (back + (n - np.arange(n)) * cc.recv_s).max(axis=1) if n else np.zeros(part.shape[0])
         return np.where(k > 0, np.maximum(q, cc.pre_s + k * cc.recv_s), 0.0)
+
+    def stage_times_sets(self, part: np.ndarray, work: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        """:meth:`stage_times` for devices in replica sets (members next to each other, set i
+        starting at column ``starts[i]``): every participant is sent the activation and returns
+        a partial that queues for the coordinator's receive, and the stage ends when the first
+        partial of every participating set has been received (later duplicates cost nothing
+        more; the simulator does the same)."""
+        cc = self.cc
+        n = part.shape[1]
+        if not n:
+            return np.zeros(part.shape[0])
+        send = part * cc.send_s if cc.broadcast else np.cumsum(part, axis=1) * cc.send_s
+        back = np.where(part, (cc.pre_s - cc.early_s) + send + (self.wire + self.dispatch) + work, np.inf)
+        order = np.argsort(back, axis=1, kind="stable")
+        a = np.maximum(np.take_along_axis(back, order, axis=1), cc.pre_s)
+        k = np.arange(n)
+        x = np.maximum.accumulate(a - k * cc.recv_s, axis=1) + (k + 1) * cc.recv_s
+        fin = np.empty_like(x)
+        np.put_along_axis(fin, order, x, axis=1)
+        first = np.minimum.reduceat(fin, starts, axis=1)
+        first[~np.isfinite(first)] = 0.0
+        return first.max(axis=1)
+
+    def evaluate_sets(self, gown: np.ndarray, bown: np.ndarray, set_of: np.ndarray,
+                      starts: np.ndarray) -> Evaluation:
+        """The exact cost of a replicated plan: ``gown``/``bown`` hold replica-set indices,
+        this context's devices are the sets' members (``set_of[d]`` is device d's set, members
+        of a set next to each other from column ``starts[set]``), each computing at its own
+        MAC/s on its own link."""
+        L, V = self.L, len(starts)
+        rows = np.arange(L)[:, None] * V
+        ok = gown >= 0
+        cnt_v = np.bincount((gown + rows)[ok], minlength=L * V).reshape(L, V).astype(np.float64)
+        okb = (bown >= 0).ravel()
+        cols_v = np.bincount((bown + rows).ravel()[okb], weights=self._wcols[okb],
+                             minlength=L * V).reshape(L, V)
+        mem_v = cnt_v.sum(axis=0).astype(np.int64) * self.uc.attn_bytes
+        mem_v += np.bincount(bown.ravel()[okb], weights=self._wbytes[okb], minlength=V).astype(np.int64)
+        cnt, cols = cnt_v[:, set_of], cols_v[:, set_of]
+        speed, wire = self.fa.speed, self.wire
+        wa = cnt * (self.wa / speed)
+        wm = cols * (self.uc.col_macs / speed)
+        sa = self.stage_times_sets(cnt > 0, wa, starts)
+        sm = self.stage_times_sets(cols > 0, wm, starts)
+        busy = wa.sum(axis=0) + wm.sum(axis=0) + ((cnt > 0).sum(axis=0) + (cols > 0).sum(axis=0)) * wire
+        return Evaluation(float(sa.sum() + sm.sum() + self.cc.token_s), busy, mem_v[set_of], sa, sm)
 
     def evaluate(self, gown: np.ndarray, bown: np.ndarray) -> Evaluation:
         L, N = self.L, self.N
@@ -470,15 +525,33 @@ def _build(ctx: _Ctx, strategy: str, gown: np.ndarray, bown: np.ndarray, reasons
 
 def plan(model: ModelConfig, devices: Sequence[DeviceSpec], strategy: str = "round-robin",
          seq_len: int | None = None, margin: float = 0.1,
-         coordinator: CoordinatorSpec | None = None) -> Plan:
+         coordinator: CoordinatorSpec | None = None, replicas: int = 1) -> Plan:
     """Split ``model`` over ``devices`` (see the module docstring) for ``coordinator`` (default:
     :class:`CoordinatorSpec`'s figures, a desktop on gigabit Ethernet). Raises
     :class:`PlanError` when no split fits (round-robin: naming the device that cannot hold its
-    share)."""
+    share).
+
+    ``replicas=K`` places every unit on K devices with identical shares: the devices that can
+    hold a unit are sorted by capability and cut into replica sets of K alike devices (the
+    remainder is left out, and says why); each set is planned as one device with its weakest
+    member's memory and MAC/s and its worst link, and every member gets the set's share. The
+    predicted time counts K activations and K partials per set on the coordinator's link, and
+    ends each stage when the first partial of every set is in (see :meth:`_Ctx.evaluate_sets`).
+    When the sets cannot hold K copies, one :class:`PlanError` says how much is missing."""
     t0 = time.perf_counter()
     if strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise PlanError(f"replicas must be a positive integer, got {replicas!r}")
     ctx = _Ctx(model, devices, seq_len or model.seq_len, margin, coordinator)
+    if replicas > 1:
+        return _plan_replicated(ctx, strategy, replicas, t0)
+    gown, bown, reasons = _owners(ctx, strategy)
+    return _build(ctx, strategy, gown, bown, reasons, t0)
+
+
+def _owners(ctx: _Ctx, strategy: str, what: str = "device") -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Owner matrices of ``strategy`` over ``ctx``'s devices, and why each unused one is out."""
     if strategy == "round-robin":
         gown, bown = ctx.round_robin_owners()
         ev = ctx.evaluate(gown, bown)
@@ -486,20 +559,159 @@ def plan(model: ModelConfig, devices: Sequence[DeviceSpec], strategy: str = "rou
         if over.size:
             d = int(over[0])
             raise PlanError(
-                f"round-robin: device {ctx.fa.names[d]!r} cannot hold its share: needs "
+                f"round-robin: {what} {ctx.fa.names[d]!r} cannot hold its share: needs "
                 f"{ev.memory[d]} bytes ({ev.memory[d] / MiB:.2f} MiB), has {ctx.fa.cap[d]} bytes "
-                f"({ctx.fa.cap[d] / MiB:.2f} MiB) after the {margin:.0%} margin"
+                f"({ctx.fa.cap[d] / MiB:.2f} MiB) after the {ctx.margin:.0%} margin"
             )
         reasons = {d: "round-robin gives it no unit (more devices than KV groups and MLP blocks)"
                    for d in range(ctx.N)}
-        return _build(ctx, strategy, gown, bown, reasons, t0)
+        return gown, bown, reasons
     small = ctx.fa.cap < ctx.min_unit_bytes()
     if small.all():
         raise PlanError(f"no device can hold a single unit ({ctx.min_unit_bytes()} bytes)")
     gown, bown = _team_owners(ctx, ~small)
     ev = ctx.evaluate(gown, bown)
     used = (ev.memory > 0)
-    return _build(ctx, strategy, gown, bown, _exclusion_reasons(ctx, ev, used, small, bown), t0)
+    return gown, bown, _exclusion_reasons(ctx, ev, used, small, bown)
+
+
+# --------------------------------------------------------------------------------- replicas
+def _set_spec(devices: Sequence[DeviceSpec], name: str, best: bool = False) -> DeviceSpec:
+    """A replica set as one device: its smallest memory, its slowest (derated) MAC/s, its
+    longest latency and its narrowest bandwidth (``best``: its quickest member's figures, for
+    lower bounds)."""
+    first = devices[0]
+    worst, most = (max, min) if best else (min, max)
+    return DeviceSpec(
+        name=name,
+        memory_bytes=min(d.memory_bytes for d in devices),
+        int8_macs=worst(d.effective_macs for d in devices),
+        latency_s=most(d.latency_s for d in devices),
+        bandwidth_Bps=worst(d.bandwidth_Bps for d in devices),
+        device_class=first.device_class,
+        transport=first.transport,
+    )
+
+
+def _sets_ideal_s(ctx: _Ctx, sets: list[list[int]]) -> float:
+    """Lower bound of a replicated plan's time per token: each set as its quickest member,
+    costing the coordinator one activation and one partial (the least a set can cost)."""
+    specs = [_set_spec([ctx.devices[i] for i in s], f"set-{v}", best=True) for v, s in enumerate(sets)]
+    coord = _set_coordinator(ctx.coord, [[ctx.devices[i] for i in s] for s in sets],
+                             [sp.name for sp in specs])
+    return _Ctx(ctx.model, specs, ctx.seq_len, ctx.margin, coord).ideal_s()
+
+
+def _set_coordinator(coord: CoordinatorSpec, sets: Sequence[Sequence[DeviceSpec]],
+                     names: Sequence[str]) -> CoordinatorSpec:
+    """``coord`` with a set counted as on its host when one of its members is."""
+    if not coord.colocated:
+        return coord
+    extra = {n for n, s in zip(names, sets, strict=True) if any(d.name in coord.colocated for d in s)}
+    return dataclasses.replace(coord, colocated=coord.colocated | extra)
+
+
+def _form_sets(ctx: _Ctx, k: int) -> tuple[list[list[int]], dict[int, str]]:
+    """Replica sets of ``k`` alike devices (indices into ``ctx``'s devices): the devices that
+    can hold a unit, sorted by MAC/s, then memory, then link, cut into runs of ``k``; each set
+    lists its members in fleet order and the sets are ordered by their first member. Returns
+    the sets and why each device in none of them is out."""
+    small = ctx.fa.cap < ctx.min_unit_bytes()
+    usable = np.flatnonzero(~small)
+    if usable.size < k:
+        raise PlanError(f"{k} replicas need at least {k} devices that can hold a unit "
+                        f"({ctx.min_unit_bytes() / MiB:.3f} MiB after the {ctx.margin:.0%} margin); "
+                        f"the fleet has {usable.size}")
+    order = usable[np.lexsort((ctx.wire[usable], -ctx.fa.cap[usable], -ctx.fa.speed[usable]))]
+    n_sets = usable.size // k
+    sets = sorted((sorted(order[i * k:(i + 1) * k].tolist()) for i in range(n_sets)), key=lambda m: m[0])
+    out: dict[int, str] = {}
+    rest = order[n_sets * k:].tolist()
+    for d in rest:
+        out[d] = (f"in no replica set: the {usable.size} devices that can hold a unit make {n_sets} "
+                  f"set{'s' if n_sets != 1 else ''} of {k} and the {len(rest)} least capable "
+                  f"{'are' if len(rest) > 1 else 'is'} left over; would help with "
+                  f"{k - len(rest)} more device{'s' if k - len(rest) > 1 else ''} like it")
+    for d in np.flatnonzero(small).tolist():
+        out[d] = _why_not(ctx, d, True, 0.0, 0.0)
+    return sets, out
+
+
+def _replica_memory_message(ctx: _Ctx, vctx: _Ctx, k: int) -> str:
+    m = ctx.model
+    need = m.n_layers * (m.n_groups * ctx.uc.attn_bytes + int(ctx.bbytes.sum()))
+    have = int(vctx.fa.cap.sum())
+    one = int(np.where(ctx.fa.cap >= ctx.min_unit_bytes(), ctx.fa.cap, 0).sum())
+    msg = (f"not enough memory for {k} replicas: {m.name or 'the model'} needs {need / MiB:.1f} MiB per copy "
+           f"(weights + KV cache for seq_len {ctx.seq_len}); its {vctx.N} replica set{'s' if vctx.N != 1 else ''} "
+           f"of {k} hold "
+           f"{have / MiB:.1f} MiB per copy (a set holds what its smallest member has after the "
+           f"{ctx.margin:.0%} margin): {(need - have) / MiB:.1f} MiB per copy missing, at least "
+           f"{k * (need - have) / MiB:.1f} MiB more device memory")
+    if one >= need:
+        msg += "; one copy fits (replicas 1)"
+    return msg
+
+
+def _plan_replicated(ctx: _Ctx, strategy: str, k: int, t0: float) -> Plan:
+    sets, out = _form_sets(ctx, k)
+    members = [[ctx.devices[i] for i in s] for s in sets]
+    vnames = ["+".join(d.name for d in s) for s in members]
+    vcoord = _set_coordinator(ctx.coord, members, vnames)
+    vctx = _Ctx(ctx.model, [_set_spec(s, n) for s, n in zip(members, vnames, strict=True)],
+                ctx.seq_len, ctx.margin, vcoord, replicas=k)
+    need = ctx.L * (ctx.G * ctx.uc.attn_bytes + int(ctx.bbytes.sum()))
+    if int(np.where(vctx.fa.cap >= vctx.min_unit_bytes(), vctx.fa.cap, 0).sum()) < need:
+        raise PlanError(_replica_memory_message(ctx, vctx, k))
+    gown, bown, reasons = _owners(vctx, strategy, what="replica set")
+    result = _build_sets(ctx, vctx, sets, gown, bown, reasons, out, strategy, t0)
+    result.replicas = k
+    return result
+
+
+def _build_sets(ctx: _Ctx, vctx: _Ctx, sets: list[list[int]], gown: np.ndarray, bown: np.ndarray,
+                vreasons: dict[int, str], out: dict[int, str], strategy: str, t0: float) -> Plan:
+    """The real plan of a plan over replica sets: ``gown``/``bown`` index ``sets`` (lists of
+    device indices into ``ctx``), which ``vctx`` planned as one device each; every member gets
+    its set's share; ``vreasons`` say why a set holds nothing, ``out`` why a device is in no
+    set."""
+    flat = [i for s in sets for i in s]
+    sizes = np.array([len(s) for s in sets], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    set_of = np.repeat(np.arange(len(sets)), sizes)
+    rctx = _Ctx(ctx.model, [ctx.devices[i] for i in flat], ctx.seq_len, ctx.margin, ctx.coord)
+    ev = rctx.evaluate_sets(gown, bown, set_of, starts)
+    rr = rctx.evaluate_sets(*vctx.round_robin_owners(), set_of, starts).makespan_s
+    shares = shares_from_owners(ctx.model, len(sets), gown, bown)
+    devices: list[DeviceShare] = []
+    replica_sets: list[list[str]] = []
+    excluded: list[tuple[int, str, str]] = [(d, ctx.fa.names[d], why) for d, why in out.items()]
+    for v, layers in enumerate(shares):
+        names = [ctx.fa.names[i] for i in sets[v]]
+        if not layers:
+            why = vreasons.get(v, "given no unit")
+            excluded.extend((i, ctx.fa.names[i], f"in replica set {vctx.fa.names[v]}: {why}" if len(names) > 1
+                             else why) for i in sets[v])
+            continue
+        replica_sets.append(names)
+        for r in range(int(starts[v]), int(starts[v] + sizes[v])):
+            devices.append(DeviceShare(rctx.fa.names[r], dict(layers), int(ev.memory[r]), int(rctx.fa.cap[r]),
+                                       float(ev.busy_s[r] * 1e3)))
+    excluded.sort()
+    return Plan(
+        model=ctx.model,
+        strategy=strategy,
+        devices=devices,
+        excluded=[(n, why) for _, n, why in excluded],
+        seq_len=ctx.seq_len,
+        makespan_ms=ev.makespan_s * 1e3,
+        ideal_ms=_sets_ideal_s(ctx, sets) * 1e3,
+        round_robin_makespan_ms=rr * 1e3,
+        plan_ms=(time.perf_counter() - t0) * 1e3,
+        margin=ctx.margin,
+        ideal_compute_ms=vctx.ideal_compute_s() * 1e3,
+        replica_sets=replica_sets,
+    )
 
 
 # --------------------------------------------------------------------------------- teams
@@ -594,7 +806,7 @@ def _assemble_teams(ctx: _Ctx, alloc: list[tuple[np.ndarray, int]]) -> tuple[np.
     start = 0
     for team, layers in sorted(alloc, key=lambda a: int(a[0][0])):
         sub = _Ctx(dataclasses.replace(ctx.model, n_layers=layers), [ctx.devices[i] for i in team.tolist()],
-                   ctx.seq_len, ctx.margin, ctx.coord, pen=_team_pen(ctx, team.size))
+                   ctx.seq_len, ctx.margin, ctx.coord, pen=_team_pen(ctx, team.size), replicas=ctx.replicas)
         g, b = _capability_owners(sub, np.ones(team.size, dtype=bool))
         gown[start:start + layers] = team[g]
         bown[start:start + layers] = team[b]
@@ -611,9 +823,24 @@ def replan(old: Plan, devices: Sequence[DeviceSpec], margin: float | None = None
     the device that would finish them soonest; a device new to the plan then takes units from
     the slowest holder of each layer stage for as long as that shortens the stage. Only those
     units move; ``moved_bytes`` and ``moves`` of the result say which and how much.
+
+    With replica sets (a plan made with ``replicas`` > 1): a set that still has a member keeps
+    its units (a lost replica moves nothing); the units of a set with no member left go to the
+    other sets as above, every member of a receiving set getting them; a device not in the old
+    plan first fills a set short of members whose share it can hold (receiving the whole
+    share), else it is a newcomer as above, as a set of its own. ``moves`` has one entry per
+    receiving device.
     """
     t0 = time.perf_counter()
-    ctx = _Ctx(old.model, devices, old.seq_len, old.margin if margin is None else margin, coordinator)
+    if old.replicas > 1 or old.replicated:
+        return _replan_sets(old, devices, margin, coordinator, t0)
+    return _replan(old, devices, margin, coordinator, t0)
+
+
+def _replan(old: Plan, devices: Sequence[DeviceSpec], margin: float | None,
+            coordinator: CoordinatorSpec | None, t0: float, replicas: int = 1) -> Plan:
+    ctx = _Ctx(old.model, devices, old.seq_len, old.margin if margin is None else margin, coordinator,
+               replicas=replicas)
     L, N = ctx.L, ctx.N
     gone = sorted({d.name for d in old.devices} - set(ctx.fa.names))
     all_names = ctx.fa.names + gone
@@ -664,6 +891,73 @@ def replan(old: Plan, devices: Sequence[DeviceSpec], margin: float | None = None
         reasons = _exclusion_reasons(ctx, ev, used, small, bown)
         result.excluded = [(n, reasons[ctx.fa.names.index(n)]) for n, _ in result.excluded]
     result.moves = diff_owners(ctx.model, all_names, g0, b0, gown, bown)
+    result.moved_bytes = sum(mv.bytes for mv in result.moves)
+    result.plan_ms = (time.perf_counter() - t0) * 1e3
+    return result
+
+
+def _replan_sets(old: Plan, devices: Sequence[DeviceSpec], margin: float | None,
+                 coordinator: CoordinatorSpec | None, t0: float) -> Plan:
+    k = max(old.replicas, max((len(s) for s in old.replica_sets), default=1))
+    ctx = _Ctx(old.model, devices, old.seq_len, old.margin if margin is None else margin, coordinator)
+    index = {n: i for i, n in enumerate(ctx.fa.names)}
+    in_old = {n for s in old.replica_sets for n in s}
+    members = [[index[n] for n in s if n in index] for s in old.replica_sets]
+    share_mem = [old.set_share(j).memory_bytes for j in range(len(old.replica_sets))]
+    old_out = dict(old.excluded)
+    small = ctx.fa.cap < ctx.min_unit_bytes()
+    out: dict[int, str] = {}
+    singles: list[int] = []
+    idle: list[int] = []
+    for i in range(ctx.N):
+        name = ctx.fa.names[i]
+        if name in in_old:
+            continue
+        if name in old_out:
+            # the old plan left it out: it fills no set and is no newcomer (so a lost replica
+            # moves nothing), but in sets of its own it may take units whose sets are all gone
+            out[i] = old_out[name]
+            if not small[i]:
+                idle.append(i)
+            continue
+        short = [j for j, mem in enumerate(members)
+                 if 0 < len(mem) < k and ctx.fa.cap[i] >= share_mem[j]]
+        if short:
+            sp = ctx.fa.speed[i]
+            j = min(short, key=lambda j: (len(members[j]), abs(math.log(sp / ctx.fa.speed[members[j]].min()))))
+            members[j].append(i)
+        elif small[i]:
+            out[i] = _why_not(ctx, i, True, 0.0, 0.0)
+        else:
+            singles.append(i)
+    spare: list[list[int]] = []
+    if len(idle) >= k:
+        sub = _Ctx(ctx.model, [ctx.devices[i] for i in idle], ctx.seq_len, ctx.margin, ctx.coord)
+        spare = [[idle[i] for i in s] for s in _form_sets(sub, k)[0]]
+    alive = [j for j, mem in enumerate(members) if mem]
+    if not alive and not singles and not spare:
+        raise PlanError(f"re-plan: no device of the plan is left and no new one can take its place; "
+                        f"{_memory_message(ctx)}")
+    old_names = ["+".join(s) for s in old.replica_sets]
+    sets = [members[j] for j in alive] + spare + [[i] for i in singles]
+    spare_names = ["+".join(ctx.fa.names[i] for i in s) for s in spare]
+    vnames = [old_names[j] for j in alive] + spare_names + [ctx.fa.names[i] for i in singles]
+    specs = [[ctx.devices[i] for i in s] for s in sets]
+    vspecs = [_set_spec(s, n) for s, n in zip(specs, vnames, strict=True)]
+    vcoord = _set_coordinator(ctx.coord, specs, vnames)
+    vold = dataclasses.replace(
+        old, excluded=[(n, "") for n in spare_names], replica_sets=[], moves=[],
+        devices=[DeviceShare(n, old.set_share(j).layers, 0, 0, 0.0) for j, n in enumerate(old_names)])
+    vplan = _replan(vold, vspecs, ctx.margin, vcoord, t0, replicas=k)
+    vctx = _Ctx(ctx.model, vspecs, ctx.seq_len, ctx.margin, vcoord, replicas=k)
+    gown, bown = owner_matrices(vplan, vnames)
+    vwhy = dict(vplan.excluded)
+    spare_members = {i for s in spare for i in s}
+    out = {i: why for i, why in out.items() if i not in spare_members}
+    result = _build_sets(ctx, vctx, sets, gown, bown, {v: vwhy.get(n, "given no unit") for v, n in enumerate(vnames)},
+                         out, old.strategy, t0)
+    result.replicas = k
+    result.moves = replicated_moves(old, result)
     result.moved_bytes = sum(mv.bytes for mv in result.moves)
     result.plan_ms = (time.perf_counter() - t0) * 1e3
     return result

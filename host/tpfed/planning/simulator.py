@@ -12,6 +12,13 @@ Per token, for every layer and each of its two stages (attention, MLP), in order
 4. the coordinator takes the partials in order of arrival, one at a time (frame over its NIC +
    ``per_frame_s`` + summing ``dim`` floats), and the stage ends when the last one is summed.
 
+Replicas (``Plan.replica_sets`` with more than one member): every member of a set holding part of
+a stage is sent the activation and computes (so all their KV caches stay current), every partial
+queues for the coordinator's receive in order of arrival, and the stage ends when the first
+partial of every set has been received: a slow or late member is covered by a quicker one. A
+duplicate arriving after the stage ended is not charged (the coordinator drops it unread at the
+next gather).
+
 After the last layer the coordinator runs the final norm, the classifier (vocab x dim MACs at
 ``CoordinatorSpec.int8_macs``) and sampling. Attention work grows with the position (the context
 a token attends over). The same cost functions as the planner (:mod:`tpfed.planning.costs`) are used.
@@ -160,6 +167,12 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
     dispatch = np.where(local, coord.peer_dispatch_s, 0.0)
     serial = 1.0 / min(cores, 1.0) if cores is not None else 1.0  # a single thread's slowdown
     stages = _stages(plan, m.n_layers)
+    replicated = plan.replicated
+    set_index = {name: i for i, members in enumerate(plan.replica_sets) for name in members}
+    set_of = np.array([set_index.get(d.name, -1) for d in plan.devices], dtype=np.int64)
+    if (set_of < 0).any():
+        raise PlanError("simulate: the plan has a device in no replica set")
+    n_sets = len(plan.replica_sets)
 
     compute = np.zeros(n)
     cats = {"coordinator compute": 0.0, "coordinator send": 0.0, "links": 0.0,
@@ -188,24 +201,35 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
             back = done + back_link[st.idx]
             order = np.argsort(back, kind="stable")
             finish = _queue(back[order] - early_s, recv_s, begin)
-            end = float(finish[-1])
+            if replicated:  # the first partial of every set ends its wait
+                groups = set_of[st.idx[order]]
+                first = np.full(n_sets, np.inf)
+                np.minimum.at(first, groups, finish)
+                served = first[np.isfinite(first)]
+                end = float(served.max())
+                last_pos = int(np.flatnonzero(finish == end)[0])
+                sets_in_stage = served.size
+            else:
+                end = float(finish[-1])
+                last_pos = finish.size - 1
+                sets_in_stage = k
             if cores is not None:
                 mine = local[st.idx]
                 cpu = pre_s + (1 if cc.broadcast else k) * send_s + k * recv_s + float(np.sum(coord.peer_frame_s + work[mine]))
                 if start + cpu / cores > end:
                     cats["cpu contention"] += start + cpu / cores - end
                     end = start + cpu / cores
-            c = int(st.idx[order[-1]]) if finish.size else 0
-            ci = int(order[-1])
+            c = int(st.idx[order[last_pos]]) if finish.size else 0
+            ci = int(order[last_pos])
             crit_back = float(back[ci])
             cats["coordinator compute"] += pre_s
             cats["coordinator send"] += float(send_end[ci] - begin)
             cats["links"] += float(out_link[c] + back_link[c])
             cats["device compute"] += float(work[ci] + dispatch[c])
-            cats["coordinator receive"] += float(finish[-1]) - crit_back
+            cats["coordinator receive"] += float(finish[last_pos]) - crit_back
             np.add.at(compute, st.idx, work)
             bytes_total += (1 if cc.broadcast else k) * act + k * part
-            min_bytes += k * min_stage_bytes(m.dim)
+            min_bytes += sets_in_stage * min_stage_bytes(m.dim)
             if last:
                 timeline.extend((plan.devices[i].name, st.kind, float(a - t0), float(b - t0))
                                 for i, a, b in zip(st.idx.tolist(), arrive.tolist(), done.tolist(), strict=True))
