@@ -26,6 +26,7 @@ from .errors import (
 )
 from .layout import fixed_prefix, joined
 from .schema import (
+    AUTH_TRAILER_SIZE,
     BROADCAST,
     COORDINATOR,
     CRC_SIZE,
@@ -34,7 +35,9 @@ from .schema import (
     MAX_PAYLOAD,
     PAYLOADS,
     PROTOCOL_VERSION,
+    TAG_SIZE,
     VERSION_MAJOR,
+    AuthTrailer,
     Flag,
     Header,
     MsgType,
@@ -43,7 +46,11 @@ from .schema import (
 _HEADER_FORMAT, _HEADER_NAMES = fixed_prefix(Header)
 HEADER_STRUCT = joined(_HEADER_FORMAT)
 CRC_STRUCT = joined("I")
-_RESERVED_FLAGS = 0xFF & ~int(Flag.ACK_REQUESTED | Flag.LAST)
+_TRAILER_FORMAT, _TRAILER_NAMES = fixed_prefix(AuthTrailer)
+COUNTER_STRUCT = joined(_TRAILER_FORMAT)  # the trailer's counter (the tag follows it)
+assert _TRAILER_NAMES == ("counter",) and COUNTER_STRUCT.size + TAG_SIZE == AUTH_TRAILER_SIZE
+AUTH = int(Flag.AUTH)
+_RESERVED_FLAGS = 0xFF & ~int(Flag.ACK_REQUESTED | Flag.LAST | Flag.AUTH)
 _TYPES = frozenset(int(t) for t in MsgType)
 assert HEADER_STRUCT.size == HEADER_SIZE == 12
 assert _HEADER_NAMES == ("magic", "version", "type", "flags", "src", "dst", "seq", "session", "length")
@@ -63,10 +70,19 @@ class HeaderView(NamedTuple):
     length: int
 
 
+def trailer_size(flags: int) -> int:
+    """Bytes between payload and CRC: the AUTH trailer when flags has AUTH, else 0."""
+    return AUTH_TRAILER_SIZE if flags & AUTH else 0
+
+
 @dataclass
 class Frame:
     """One protocol frame. ``payload`` holds the message's fields by name (see schema.py);
-    count fields (``n``, ``n_entries``, ...) are computed on encoding and may be omitted."""
+    count fields (``n``, ``n_entries``, ...) are computed on encoding and may be omitted.
+
+    With ``Flag.AUTH`` in flags, ``counter`` and ``tag`` are the trailer's (decoded frames carry
+    them; ``encode_frame`` writes them as given). To authenticate a frame, encode it without
+    AUTH and seal it with ``shared_protocol.auth`` (which sets the flag, counter and tag)."""
 
     type: MsgType
     payload: Mapping[str, Any] = field(default_factory=dict)
@@ -76,6 +92,8 @@ class Frame:
     session: int = 0
     flags: int = 0
     version: int = PROTOCOL_VERSION
+    counter: int = 0
+    tag: bytes | None = None
 
 
 def plain(obj: Any) -> Any:
@@ -107,13 +125,20 @@ def encode_payload(msg_type: MsgType | int, payload: Mapping[str, Any]) -> bytes
     return data
 
 
-def assemble(header: tuple[int, ...], payload: bytes | bytearray | memoryview) -> bytes:
-    """Header fields (type, flags, src, dst, seq, session, version) + payload -> frame bytes."""
+def assemble(header: tuple[int, ...], payload: bytes | bytearray | memoryview,
+             trailer: bytes = b"") -> bytes:
+    """Header fields (type, flags, src, dst, seq, session, version) + payload (+ the AUTH
+    trailer when flags has AUTH) -> frame bytes."""
     t, flags, src, dst, seq, session, version = header
-    buf = bytearray(HEADER_SIZE + len(payload) + CRC_SIZE)
+    if len(trailer) != trailer_size(flags):
+        raise ProtocolError(f"flags 0x{flags:02x} need a trailer of {trailer_size(flags)} bytes, "
+                            f"got {len(trailer)}")
+    buf = bytearray(HEADER_SIZE + len(payload) + len(trailer) + CRC_SIZE)
     HEADER_STRUCT.pack_into(buf, 0, MAGIC, version, t, flags, src, dst, seq, session, len(payload))
     end = HEADER_SIZE + len(payload)
     buf[HEADER_SIZE:end] = payload
+    buf[end:end + len(trailer)] = trailer
+    end += len(trailer)
     CRC_STRUCT.pack_into(buf, end, zlib.crc32(memoryview(buf)[:end]))
     return bytes(buf)
 
@@ -131,11 +156,18 @@ def encode_frame(frame: Frame) -> bytes:
         raise ProtocolError(f"flags 0x{frame.flags:02x} set reserved bits")
     if frame.version >> 4 != VERSION_MAJOR:
         raise VersionMismatch(frame.version, PROTOCOL_VERSION)
+    trailer = b""
+    if frame.flags & AUTH:
+        _check_u("counter", frame.counter, 32)
+        if not isinstance(frame.tag, bytes | bytearray) or len(frame.tag) != TAG_SIZE:
+            raise ProtocolError(f"an AUTH frame needs a {TAG_SIZE}-byte tag (seal frames with "
+                                "shared_protocol.auth)")
+        trailer = COUNTER_STRUCT.pack(frame.counter) + bytes(frame.tag)
     payload = encode_payload(frame.type, frame.payload)
     return assemble(
         (int(frame.type), frame.flags, frame.src, frame.dst, frame.seq, frame.session,
          frame.version),
-        payload,
+        payload, trailer,
     )
 
 
@@ -158,7 +190,7 @@ def check_frame(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAY
     h = peek_header(data)
     if h.length > max_payload:
         raise OversizeFrame(f"payload of {h.length} bytes exceeds the limit of {max_payload}")
-    total = HEADER_SIZE + h.length + CRC_SIZE
+    total = HEADER_SIZE + h.length + trailer_size(h.flags) + CRC_SIZE
     if len(data) < total:
         raise TruncatedFrame(f"frame of {len(data)} bytes, header says {total}")
     if len(data) > total:
@@ -187,5 +219,11 @@ def decode_payload(msg_type: MsgType | int, payload: bytes | bytearray | memoryv
 def decode_frame(data: bytes | bytearray | memoryview, max_payload: int = MAX_PAYLOAD) -> Frame:
     """bytes -> Frame; raises the ProtocolError subclass that names what is wrong."""
     h = check_frame(data, max_payload)
-    payload = decode_payload(h.type, memoryview(data)[HEADER_SIZE:HEADER_SIZE + h.length])
-    return Frame(MsgType(h.type), payload, h.src, h.dst, h.seq, h.session, h.flags, h.version)
+    end = HEADER_SIZE + h.length
+    payload = decode_payload(h.type, memoryview(data)[HEADER_SIZE:end])
+    counter, tag = 0, None
+    if h.flags & AUTH:
+        (counter,) = COUNTER_STRUCT.unpack_from(data, end)
+        tag = bytes(data[end + COUNTER_STRUCT.size:end + AUTH_TRAILER_SIZE])
+    return Frame(MsgType(h.type), payload, h.src, h.dst, h.seq, h.session, h.flags, h.version,
+                 counter, tag)

@@ -67,8 +67,23 @@ class BadPayload(ProtocolError):
     error_code = ErrorCode.BAD_PAYLOAD
 
 
+class BadTag(ProtocolError):
+    """An authenticated frame was needed and this one is not one (no AUTH trailer, another
+    session, or a tag that does not verify)."""
+
+    status = Status.BAD_TAG
+    error_code = ErrorCode.BAD_FRAME
+
+
+class Replayed(ProtocolError):
+    """The frame's counter was seen before or is older than the replay window."""
+
+    status = Status.REPLAYED
+    error_code = ErrorCode.BAD_FRAME
+
+
 ERROR_BY_STATUS: dict[Status, type[ProtocolError]] = {
     cls.status: cls
     for cls in (BadMagic, VersionMismatch, TruncatedFrame, BadLength, BadCrc, UnknownType,
-                OversizeFrame, BadPayload)
+                OversizeFrame, BadPayload, BadTag, Replayed)
 }

@@ -6,7 +6,9 @@ element dtypes and block size are derived from ``schema.py`` at import time (and
 against it), and the tests prove byte-for-byte equality with ``codec.py``.
 
 Decoded arrays are read-only views into the frame buffer (no copy): keep the frame alive
-while you use them, or copy.
+while you use them, or copy. The decoders take frames with the AUTH trailer too (they check
+its place, not its tag: verify with ``shared_protocol.auth`` first); the encoders make
+unauthenticated frames, to be sealed with ``shared_protocol.auth``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .codec import CRC_STRUCT, HEADER_STRUCT, check_frame
+from .codec import CRC_STRUCT, HEADER_STRUCT, check_frame, trailer_size
 from .errors import BadPayload, OversizeFrame, ProtocolError
 from .layout import element_format, field, fixed_prefix, joined, switch_cases
 from .schema import (
@@ -196,7 +198,7 @@ def decode_activation(data: bytes | bytearray | memoryview, max_payload: int = M
     if len(data) < _ACT_DATA + CRC_SIZE or data[0] != MAGIC or data[2] != _T_ACT:
         _slow_reject(data, max_payload, _T_ACT)
     (_, version, _, flags, src, dst, seq, session, plen, layer, stage, pos, n) = _ACT.unpack_from(data)
-    end = HEADER_SIZE + plen
+    end = HEADER_SIZE + plen + trailer_size(flags)
     if (version >> 4 != PROTOCOL_VERSION >> 4 or plen > max_payload or len(data) != end + CRC_SIZE
             or zlib.crc32(memoryview(data)[:end]) != CRC_STRUCT.unpack_from(data, end)[0]):
         _slow_reject(data, max_payload, _T_ACT)
@@ -266,7 +268,7 @@ def decode_partial(data: bytes | bytearray | memoryview, max_payload: int = MAX_
     if len(data) < _PART_DATA + CRC_SIZE or data[0] != MAGIC or data[2] != _T_PART:
         _slow_reject(data, max_payload, _T_PART)
     (_, version, _, flags, src, dst, seq, session, plen, layer, stage, pos, enc, n) = _PART.unpack_from(data)
-    end = HEADER_SIZE + plen
+    end = HEADER_SIZE + plen + trailer_size(flags)
     if (version >> 4 != PROTOCOL_VERSION >> 4 or plen > max_payload or len(data) != end + CRC_SIZE
             or zlib.crc32(memoryview(data)[:end]) != CRC_STRUCT.unpack_from(data, end)[0]):
         _slow_reject(data, max_payload, _T_PART)

@@ -22,12 +22,20 @@ from dataclasses import dataclass
 
 from cobs import cobs
 
-from .codec import CRC_STRUCT, HEADER_STRUCT
+from .codec import CRC_STRUCT, HEADER_STRUCT, trailer_size
 from .errors import OversizeFrame
 from .layout import fixed_prefix, joined
-from .schema import CRC_SIZE, FRAG_MAGIC, HEADER_SIZE, MAGIC, MAX_PAYLOAD, FragmentHeader
+from .schema import (
+    AUTH_TRAILER_SIZE,
+    CRC_SIZE,
+    FRAG_MAGIC,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_PAYLOAD,
+    FragmentHeader,
+)
 
-MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD + CRC_SIZE
+MAX_FRAME = HEADER_SIZE + MAX_PAYLOAD + AUTH_TRAILER_SIZE + CRC_SIZE  # an AUTH frame's trailer included
 FRAG_STRUCT = joined(fixed_prefix(FragmentHeader)[0])
 FRAG_HEADER_SIZE = FRAG_STRUCT.size
 _LEN_OFFSET = HEADER_STRUCT.size - 2  # the header's last field is the payload length
@@ -41,7 +49,8 @@ def frame_intact(data: bytes | bytearray | memoryview) -> bool:
     if n < HEADER_SIZE + CRC_SIZE:
         return False
     end = n - CRC_SIZE
-    if int.from_bytes(data[_LEN_OFFSET:HEADER_SIZE], "little") != end - HEADER_SIZE:
+    if (int.from_bytes(data[_LEN_OFFSET:HEADER_SIZE], "little") + trailer_size(data[3])
+            != end - HEADER_SIZE):
         return False
     return zlib.crc32(memoryview(data)[:end]) == CRC_STRUCT.unpack_from(data, end)[0]
 

@@ -6,8 +6,12 @@
 Dependency-free: only ``struct`` (ustruct formats) and ``binascii.crc32`` when the port has it
 (a table-driven CRC-32 otherwise). Runs unchanged on CPython.
 
-    encode_frame(msg_type, payload, src=0, dst=255, seq=0, session=0, flags=0) -> bytes
+    encode_frame(msg_type, payload, src=0, dst=255, seq=0, session=0, flags=0,
+                 counter=0, tag=None) -> bytes            (counter, tag: the AUTH trailer)
     decode_frame(data, max_payload=MAX_PAYLOAD) -> (header dict, payload dict)
+                 (an AUTH frame's header dict also holds 'counter' and 'tag')
+    seal(ks, frame, counter) -> sealed frame / verify(ks, frame) -> counter   (needs hashlib)
+    auth_derive(key, label, nonce_c, nonce_p, device_id, session) -> 32 bytes  (needs hashlib)
     cobs_encode(data) -> bytes / cobs_decode(segment) -> bytes   (no 0x00 delimiter)
     CobsStream(max_frame).feed(data) -> [frame, ...]               serial byte stream
 
@@ -33,12 +37,18 @@ Q8_BLOCK = 32
 BATTERY_UNKNOWN = 255
 TEMPERATURE_UNKNOWN = -32768
 SHA256_SIZE = 32
+KEY_SIZE = 32
+NONCE_SIZE = 16
+PROOF_SIZE = 32
+TAG_SIZE = 16
 HEADER_SIZE = 12
 FRAGMENT_HEADER_SIZE = 5
 FRAME_OVERHEAD = 16
+AUTH_TRAILER_SIZE = 20
+AUTH_FRAME_OVERHEAD = 36
 SHARE_VERSION = 1
 SHARE_HEADER_SIZE = 40
-RESERVED_FLAGS = 0xFC
+RESERVED_FLAGS = 0xF8
 
 STATUS_OK = 0
 STATUS_TRUNCATED = 1
@@ -51,11 +61,15 @@ STATUS_OVERSIZE = 7
 STATUS_BAD_PAYLOAD = 8
 STATUS_NO_SPACE = 9
 STATUS_BAD_ARG = 10
+STATUS_BAD_TAG = 11
+STATUS_REPLAYED = 12
 
 MSG_HELLO = 1
 MSG_ASSIGN = 2
 MSG_WEIGHTS = 3
 MSG_READY = 4
+MSG_AUTH = 5
+MSG_PROVISION = 6
 MSG_ACTIVATION = 16
 MSG_PARTIAL = 17
 MSG_HEARTBEAT = 32
@@ -68,6 +82,11 @@ MSG_PROBE_REPLY = 49
 
 FLAG_ACK_REQUESTED = 1
 FLAG_LAST = 2
+FLAG_AUTH = 4
+
+AUTH_CHALLENGE = 1
+AUTH_RESPONSE = 2
+AUTH_CONFIRM = 3
 
 DEV_DESKTOP = 0
 DEV_LAPTOP = 1
@@ -124,6 +143,8 @@ TYPE_NAMES = {
     2: 'ASSIGN',
     3: 'WEIGHTS',
     4: 'READY',
+    5: 'AUTH',
+    6: 'PROVISION',
     16: 'ACTIVATION',
     17: 'PARTIAL',
     32: 'HEARTBEAT',
@@ -144,6 +165,8 @@ _HELLO = ('S', ((None, ('r', '<B', 1, ('device_class',), (None,))), ('name', ('t
 _ASSIGN = ('S', ((None, ('r', '<HIHHHHffH', 24, ('dim', 'hidden_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'seq_len', 'norm_eps', 'rope_theta', 'n_entries'), (None, None, None, None, None, None, None, None, ((None, None, ('entries',)),)))), ('entries', ('A', lambda c: c['n_entries'], ('S', ((None, ('r', '<HB', 3, ('layer', 'n_kv_groups'), (None, ((None, None, ('kv_groups',)),)))), ('kv_groups', ('a', lambda c: c['n_kv_groups'], 'H', 2)), (None, ('r', '<B', 1, ('n_mlp_ranges',), (((None, None, ('mlp_ranges',)),),))), ('mlp_ranges', ('A', lambda c: c['n_mlp_ranges'], ('S', ((None, ('r', '<II', 8, ('start', 'end'), (None, None))),), False)))), False)))), True)
 _WEIGHTS = ('S', ((None, ('r', '<HII', 10, ('shard_id', 'offset', 'total'), (None, None, None))), ('sha256', ('b', 32)), ('data', ('g',))), False)
 _READY = ('S', ((None, ('r', '<III', 12, ('shard_bytes', 'arena_used', 'arena_free'), (None, None, None))),), True)
+_AUTH = ('S', ((None, ('r', '<B', 1, ('step',), (None,))), ('body', ('w', 'step', {1: ('S', (('nonce_c', ('b', 16)), (None, ('r', '<HB', 3, ('session', 'device_id'), (None, None)))), False), 2: ('S', (('nonce_p', ('b', 16)), ('proof_p', ('b', 32))), False), 3: ('S', (('proof_c', ('b', 32)),), False)}))), True)
+_PROVISION = ('S', (('key', ('b', 32)),), True)
 _ACTIVATION = ('S', ((None, ('r', '<HBHH', 7, ('layer', 'stage', 'pos', 'n'), (None, None, None, ((None, None, ('qs',)),)))), ('scales', ('a', lambda c: (c['n'] + 31) // 32, 'H', 2)), ('qs', ('a', lambda c: c['n'], 'b', 1))), True)
 _PARTIAL = ('S', ((None, ('r', '<HBHBH', 8, ('layer', 'stage', 'pos', 'encoding', 'n'), (None, None, None, None, (('encoding', 0, ('data',)), ('encoding', 1, ('data',)), ('encoding', 2, ('data', 'qs')))))), ('data', ('w', 'encoding', {0: ('a', lambda c: c['n'], 'f', 4), 1: ('a', lambda c: c['n'], 'H', 2), 2: ('S', (('scales', ('a', lambda c: (c['_']['n'] + 31) // 32, 'H', 2)), ('qs', ('a', lambda c: c['_']['n'], 'b', 1))), False)}))), True)
 _HEARTBEAT = ('S', ((None, ('r', '<IB', 5, ('uptime_ms', 'load_pct'), (None, None))),), True)
@@ -159,6 +182,8 @@ LAYOUTS = {
     2: _ASSIGN,
     3: _WEIGHTS,
     4: _READY,
+    5: _AUTH,
+    6: _PROVISION,
     16: _ACTIVATION,
     17: _PARTIAL,
     32: _HEARTBEAT,
@@ -209,6 +234,10 @@ class BadPayload(ProtocolError):
 
 class CobsError(ProtocolError):
     status = STATUS_BAD_PAYLOAD
+
+
+class BadTag(ProtocolError):
+    status = STATUS_BAD_TAG
 
 
 # --- CRC-32 (zlib's) -------------------------------------------------------------------------
@@ -487,8 +516,10 @@ def encode_payload(msg_type, payload):
 # --- frames ----------------------------------------------------------------------------------
 
 
-def encode_frame(msg_type, payload, src=COORDINATOR, dst=BROADCAST, seq=0, session=0, flags=0):
-    """Message type + payload dict + header fields -> frame bytes (header, payload, CRC)."""
+def encode_frame(msg_type, payload, src=COORDINATOR, dst=BROADCAST, seq=0, session=0, flags=0,
+                 counter=0, tag=None):
+    """Message type + payload dict + header fields -> frame bytes (header, payload, CRC). With
+    FLAG_AUTH in flags, counter and tag (16 bytes) make the trailer (or seal() the frame)."""
     hdr = {'magic': MAGIC, 'version': VERSION, 'type': msg_type, 'flags': flags, 'src': src,
            'dst': dst, 'seq': seq, 'session': session, 'length': 0}
     try:
@@ -498,12 +529,24 @@ def encode_frame(msg_type, payload, src=COORDINATOR, dst=BROADCAST, seq=0, sessi
         raise ProtocolError(str(e)) from None
     if flags & RESERVED_FLAGS:
         raise ProtocolError('flags 0x%02x set reserved bits' % flags)
+    trailer = b''
+    if flags & FLAG_AUTH:
+        if not isinstance(tag, (bytes, bytearray)) or len(tag) != TAG_SIZE:
+            raise ProtocolError('an AUTH frame needs a %d-byte tag (or seal() it)' % TAG_SIZE)
+        if not isinstance(counter, int) or not 0 <= counter <= 0xFFFFFFFF:
+            raise ProtocolError('header.counter=%r out of range' % (counter,))
+        trailer = struct.pack('<I', counter) + bytes(tag)
     body = encode_payload(msg_type, payload)
     hdr['length'] = len(body)
     out = bytearray(struct.pack(HEADER_FORMAT, *[hdr[k] for k in HEADER_NAMES]))
     out.extend(body)
+    out.extend(trailer)
     out.extend(struct.pack('<I', crc32(out)))
     return bytes(out)
+
+
+def trailer_size(flags):
+    return AUTH_TRAILER_SIZE if flags & FLAG_AUTH else 0
 
 
 def _version_error(theirs):
@@ -531,7 +574,7 @@ def decode_header(data, max_payload=MAX_PAYLOAD):
     if h['length'] > max_payload:
         raise OversizeFrame('payload of %d bytes exceeds the limit of %d'
                             % (h['length'], max_payload))
-    total = HEADER_SIZE + h['length'] + CRC_SIZE
+    total = HEADER_SIZE + h['length'] + trailer_size(h['flags']) + CRC_SIZE
     if n < total:
         raise TruncatedFrame('frame of %d bytes, header says %d' % (n, total))
     if n > total:
@@ -542,6 +585,10 @@ def decode_header(data, max_payload=MAX_PAYLOAD):
         raise BadCrc('bad CRC in %s frame seq %d' % (TYPE_NAMES.get(h['type'], h['type']), h['seq']))
     if h['type'] not in LAYOUTS:
         raise UnknownType('unknown message type 0x%02x' % h['type'])
+    if h['flags'] & FLAG_AUTH:
+        at = HEADER_SIZE + h['length']
+        h['counter'] = struct.unpack_from('<I', data, at)[0]
+        h['tag'] = bytes(data[at + 4:at + AUTH_TRAILER_SIZE])
     return h
 
 
@@ -558,9 +605,81 @@ def frame_intact(data):
     if n < HEADER_SIZE + CRC_SIZE:
         return False
     end = n - CRC_SIZE
-    if struct.unpack_from(HEADER_FORMAT, data, 0)[-1] != end - HEADER_SIZE:
+    if struct.unpack_from(HEADER_FORMAT, data, 0)[-1] + trailer_size(data[3]) != end - HEADER_SIZE:
         return False
     return crc32(memoryview(data)[:end]) == struct.unpack_from('<I', data, end)[0]
+
+
+# --- authentication (shared_protocol/auth.py; needs hashlib.sha256) -------------------------
+
+try:
+    from hashlib import sha256 as _sha256
+except ImportError:
+    _sha256 = None
+
+AUTH_LABELS = (b'tpfed-peer', b'tpfed-coord', b'tpfed-session')
+
+
+def hmac_sha256(key, msg):
+    """HMAC-SHA256 (RFC 2104) on hashlib.sha256."""
+    if _sha256 is None:
+        raise ProtocolError('this port has no hashlib.sha256: cannot authenticate frames')
+    key = bytes(key)
+    if len(key) > 64:
+        key = _sha256(key).digest()
+    key = key + bytes(64 - len(key))
+    inner = _sha256(bytes([b ^ 0x36 for b in key]))
+    inner.update(bytes(msg))
+    outer = _sha256(bytes([b ^ 0x5C for b in key]))
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+def auth_derive(key, label, nonce_c, nonce_p, device_id, session):
+    """HMAC(key, label || nonce_c || nonce_p || device_id u8 || session u16 LE); label is one
+    of AUTH_LABELS (peer proof, coordinator proof, session key)."""
+    return hmac_sha256(key, bytes(label) + bytes(nonce_c) + bytes(nonce_p)
+                       + struct.pack('<BH', device_id, session))
+
+
+def _sealed_lengths(frame):
+    if len(frame) < HEADER_SIZE + CRC_SIZE:
+        raise BadTag('not a frame')
+    plen = struct.unpack_from(HEADER_FORMAT, frame, 0)[-1]
+    if len(frame) != HEADER_SIZE + plen + trailer_size(frame[3]) + CRC_SIZE:
+        raise BadTag('frame size does not match its header')
+    return plen
+
+
+def seal(ks, frame, counter):
+    """An unauthenticated frame -> sealed with session key ks and counter (AUTH set, trailer,
+    CRC)."""
+    plen = _sealed_lengths(frame)
+    if frame[3] & FLAG_AUTH:
+        raise ProtocolError('frame is sealed already')
+    end = HEADER_SIZE + plen
+    out = bytearray(frame[:end])
+    out[3] |= FLAG_AUTH
+    out.extend(struct.pack('<I', counter))
+    out.extend(hmac_sha256(ks, out)[:TAG_SIZE])
+    out.extend(struct.pack('<I', crc32(out)))
+    return bytes(out)
+
+
+def verify(ks, frame):
+    """The counter of a sealed frame whose tag verifies under ks; BadTag otherwise."""
+    plen = _sealed_lengths(frame)
+    if not frame[3] & FLAG_AUTH:
+        raise BadTag('frame is not authenticated')
+    at = HEADER_SIZE + plen
+    want = hmac_sha256(ks, bytes(frame[:at + 4]))[:TAG_SIZE]
+    got = bytes(frame[at + 4:at + AUTH_TRAILER_SIZE])
+    diff = 0
+    for i in range(TAG_SIZE):
+        diff |= want[i] ^ got[i]
+    if diff:
+        raise BadTag('frame tag does not verify')
+    return struct.unpack_from('<I', frame, at)[0]
 
 
 # --- COBS (serial framing: each frame travels as cobs(frame) + b'\x00') ----------------------

@@ -11,7 +11,7 @@ Frame (all integers little-endian)::
     0       1     magic    0xA7
     1       1     version  (major << 4) | minor            (this spec: 1.0 -> 0x10)
     2       1     type     MsgType
-    3       1     flags    bit0 ACK_REQUESTED, bit1 LAST, other bits reserved (sent as 0)
+    3       1     flags    bit0 ACK_REQUESTED, bit1 LAST, bit2 AUTH, other bits reserved (sent as 0)
     4       1     src      device id, 0 = coordinator
     5       1     dst      device id, 0xFF = broadcast
     6       2     seq
@@ -19,6 +19,18 @@ Frame (all integers little-endian)::
     10      2     length   payload length
     12      n     payload  (layout per MsgType below)
     12+n    4     crc32    zlib.crc32 of bytes [0, 12+n)
+
+With flag AUTH the payload is followed by the authentication trailer (``AuthTrailer``), and the
+CRC comes after it::
+
+    12+n    4     counter  per-sender frame counter, 1, 2, ... (u32; never 0, never reused)
+    16+n    16    tag      HMAC-SHA256(Ks, bytes [0, 16+n))[:16]: header as sent, payload, counter
+    32+n    4     crc32    zlib.crc32 of bytes [0, 32+n)
+
+``length`` stays the payload length. Ks is the session key of the AUTH handshake (``Auth``,
+``shared_protocol/auth.py``); frames without AUTH are valid only for the handshake (AUTH) and
+for provisioning a board's federation key (PROVISION). The receiver drops, without any reply,
+every other frame that lacks AUTH, has a bad tag, names another session or repeats a counter.
 
 A receiver refuses a frame of another major version and accepts any minor version.
 Payload structs end with ``Terminated``: trailing bytes after the last field are an error,
@@ -81,6 +93,11 @@ Q8_BLOCK = 32  # int8 values per Q8_0 scale
 BATTERY_UNKNOWN = 255  # battery_pct of a mains-powered device or one that cannot tell
 TEMPERATURE_UNKNOWN = -32768  # temperature_dc when there is no sensor
 SHA256_SIZE = 32
+KEY_SIZE = 32  # federation key K and session key Ks
+NONCE_SIZE = 16  # handshake nonces
+PROOF_SIZE = 32  # handshake proofs: a whole HMAC-SHA256
+TAG_SIZE = 16  # frame tag: HMAC-SHA256 truncated to 16 bytes
+COUNTER_SIZE = 4
 
 # Integer constants exported to C as TPFED_<NAME> (the generator reads this table).
 C_CONSTANTS: dict[str, int] = {
@@ -97,6 +114,10 @@ C_CONSTANTS: dict[str, int] = {
     "BATTERY_UNKNOWN": BATTERY_UNKNOWN,
     "TEMPERATURE_UNKNOWN": TEMPERATURE_UNKNOWN,
     "SHA256_SIZE": SHA256_SIZE,
+    "KEY_SIZE": KEY_SIZE,
+    "NONCE_SIZE": NONCE_SIZE,
+    "PROOF_SIZE": PROOF_SIZE,
+    "TAG_SIZE": TAG_SIZE,
 }
 
 
@@ -107,6 +128,8 @@ class MsgType(IntEnum):
     ASSIGN = 0x02  # coordinator -> peer: model geometry and the peer's share of each layer
     WEIGHTS = 0x03  # coordinator -> peer: one chunk of a weight shard
     READY = 0x04  # peer -> coordinator: shard stored, arena figures
+    AUTH = 0x05  # handshake (CHALLENGE, RESPONSE, CONFIRM): proves the key, makes a session
+    PROVISION = 0x06  # host -> unkeyed board over its serial line: the federation key
     ACTIVATION = 0x10  # coordinator -> peers: Q8_0 input of one layer stage
     PARTIAL = 0x11  # peer -> coordinator: its partial output vector of that stage
     HEARTBEAT = 0x20
@@ -123,6 +146,15 @@ class Flag(IntFlag):
 
     ACK_REQUESTED = 0x01
     LAST = 0x02  # last chunk of a sequence (WEIGHTS) or end of a stream
+    AUTH = 0x04  # an AuthTrailer (counter, tag) follows the payload
+
+
+class AuthStep(IntEnum):
+    """AUTH.step: the three messages of the handshake."""
+
+    CHALLENGE = 1  # coordinator -> peer: nonce_c, session, device_id
+    RESPONSE = 2  # peer -> coordinator: nonce_p, proof_p
+    CONFIRM = 3  # coordinator -> peer: proof_c; the peer ACKs it with an AUTH frame
 
 
 class DeviceClass(IntEnum):
@@ -213,6 +245,8 @@ class Status(IntEnum):
     BAD_PAYLOAD = 8  # payload does not match its type's layout
     NO_SPACE = 9  # encoding: output buffer too small
     BAD_ARG = 10  # encoding: NULL pointer or a value out of range
+    BAD_TAG = 11  # AUTH: no trailer where one is needed, wrong session, or the tag does not verify
+    REPLAYED = 12  # AUTH: counter 0, already seen, or older than the replay window
 
 
 # Enums exported to C, in header order: (C type stem, class, constant prefix).
@@ -220,6 +254,7 @@ C_ENUMS: list[tuple[str, type[IntEnum] | type[IntFlag], str]] = [
     ("status", Status, "TPFED_E_"),  # Status.OK is emitted as TPFED_OK
     ("msg_type", MsgType, "TPFED_MSG_"),
     ("flag", Flag, "TPFED_FLAG_"),
+    ("auth_step", AuthStep, "TPFED_AUTH_"),
     ("device_class", DeviceClass, "TPFED_DEV_"),
     ("feature", Feature, "TPFED_FEAT_"),
     ("transport_kind", TransportKind, "TPFED_TRANSPORT_"),
@@ -255,6 +290,15 @@ FRAGMENT_HEADER_SIZE = FragmentHeader.sizeof()
 C_CONSTANTS["HEADER_SIZE"] = HEADER_SIZE
 C_CONSTANTS["FRAGMENT_HEADER_SIZE"] = FRAGMENT_HEADER_SIZE
 C_CONSTANTS["FRAME_OVERHEAD"] = HEADER_SIZE + CRC_SIZE
+
+AuthTrailer = Struct(
+    "counter" / Int32ul * "per-sender frame counter: 1, 2, ...; checked against a replay window",
+    "tag" / Bytes(TAG_SIZE) * "HMAC-SHA256(Ks, header || payload || counter)[:16]",
+)
+AUTH_TRAILER_SIZE = AuthTrailer.sizeof()
+assert AUTH_TRAILER_SIZE == COUNTER_SIZE + TAG_SIZE
+C_CONSTANTS["AUTH_TRAILER_SIZE"] = AUTH_TRAILER_SIZE
+C_CONSTANTS["AUTH_FRAME_OVERHEAD"] = HEADER_SIZE + AUTH_TRAILER_SIZE + CRC_SIZE
 
 # ---------------------------------------------------------------------------------------------
 # Layer share (the content of a weight shard, not a frame payload)
@@ -424,12 +468,52 @@ Probe = Struct(
     "pad" / GreedyBytes * "padding, echoed back unchanged",
 )
 
+AuthChallenge = Struct(
+    "nonce_c" / Bytes(NONCE_SIZE) * "coordinator nonce, fresh per handshake",
+    "session" / Int16ul * "the session number the coordinator chose (random)",
+    "device_id" / Int8ul * "the device id the coordinator gives this peer",
+)
+
+AuthResponse = Struct(
+    "nonce_p" / Bytes(NONCE_SIZE) * "peer nonce, fresh per handshake",
+    "proof_p" / Bytes(PROOF_SIZE)
+    * 'HMAC(K, "tpfed-peer" || nonce_c || nonce_p || device_id || session LE)',
+)
+
+AuthConfirm = Struct(
+    "proof_c" / Bytes(PROOF_SIZE)
+    * 'HMAC(K, "tpfed-coord" || nonce_c || nonce_p || device_id || session LE)',
+)
+
+Auth = Struct(
+    "step" / Int8ul * "AuthStep",
+    "body"
+    / Switch(
+        this.step,
+        {
+            AuthStep.CHALLENGE: AuthChallenge,
+            AuthStep.RESPONSE: AuthResponse,
+            AuthStep.CONFIRM: AuthConfirm,
+        },
+        default=Error,
+    )
+    * "CHALLENGE: tpfed_auth_challenge_t; RESPONSE: tpfed_auth_response_t; CONFIRM: tpfed_auth_confirm_t",
+    Terminated,
+)
+
+Provision = Struct(
+    "key" / Bytes(KEY_SIZE) * "the federation key K",
+    Terminated,
+)
+
 # The payload layout of every message type. PROBE_REPLY shares PROBE's layout.
 PAYLOADS: dict[MsgType, Struct] = {
     MsgType.HELLO: Hello,
     MsgType.ASSIGN: Assign,
     MsgType.WEIGHTS: Weights,
     MsgType.READY: Ready,
+    MsgType.AUTH: Auth,
+    MsgType.PROVISION: Provision,
     MsgType.ACTIVATION: Activation,
     MsgType.PARTIAL: Partial,
     MsgType.HEARTBEAT: Heartbeat,
@@ -445,4 +529,8 @@ PAYLOADS: dict[MsgType, Struct] = {
 C_EXTRA_STRUCTS: dict[str, Struct] = {
     "fragment_header": FragmentHeader,
     "share_header": LayerShareHeader,
+    "auth_trailer": AuthTrailer,
+    "auth_challenge": AuthChallenge,
+    "auth_response": AuthResponse,
+    "auth_confirm": AuthConfirm,
 }

@@ -6,7 +6,12 @@ Manifest entries (``entries`` list), by ``kind``:
 
 - ``frame``: a valid frame. ``type`` (MsgType name), ``header`` (src, dst, seq, session, flags,
   version), ``payload`` (decoded fields; bytes as {"$bytes": hex}), ``reencode`` (false when
-  re-encoding would not give the same bytes, e.g. another minor version).
+  re-encoding would not give the same bytes, e.g. another minor version). Frames with the AUTH
+  flag also have ``auth``: ``counter`` and ``tag`` (the trailer), ``key`` (the session key Ks
+  it was sealed with, hex) and ``valid`` (false: the tag was tampered with after sealing; the
+  frame still decodes, but must not verify).
+- ``auth_vectors``: one handshake: ``key`` (K), ``nonce_c``, ``nonce_p``, ``device_id``,
+  ``session`` and what follows from them: ``proof_p``, ``proof_c``, ``session_key`` (hex).
 - ``invalid``: bytes that must be refused. ``error`` (Python class name), ``status`` (C status
   name), optional ``max_payload``.
 - ``fragments``: the datagrams ``DatagramFramer(mtu, first_id)`` sends for the frame in
@@ -28,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared_protocol import codec, schema  # noqa: E402
+from shared_protocol import auth, codec, schema  # noqa: E402
 from shared_protocol.framing import DatagramFramer, StreamFramer  # noqa: E402
 from shared_protocol.golden_data import to_json  # noqa: E402
 from shared_protocol.schema import (  # noqa: E402
@@ -80,6 +85,30 @@ class Builder:
                        "session": frame.session, "flags": frame.flags, "version": frame.version},
             "payload": to_json(decoded.payload),
             "reencode": reencode,
+        })
+        return data
+
+    def sealed(self, name: str, frame: codec.Frame, ks: bytes, counter: int,
+               tamper: bool = False) -> bytes:
+        """frame sealed with session key ks and counter (a tag bit flipped if tamper)."""
+        data = bytearray(auth.seal(ks, codec.encode_frame(frame), counter))
+        if tamper:
+            data[-5] ^= 0x01  # last tag byte; the CRC is made right again
+            data[-4:] = zlib.crc32(data[:-4]).to_bytes(4, "little")
+        data = bytes(data)
+        decoded = codec.decode_frame(data)
+        assert (auth.verify(ks, data) == counter) if not tamper else decoded.counter == counter
+        assert codec.encode_frame(decoded) == data
+        self.files[f"{name}.bin"] = data
+        self.entries.append({
+            "file": f"{name}.bin",
+            "kind": "frame",
+            "type": decoded.type.name,
+            "header": {"src": frame.src, "dst": frame.dst, "seq": frame.seq,
+                       "session": frame.session, "flags": decoded.flags, "version": frame.version},
+            "payload": to_json(decoded.payload),
+            "reencode": True,
+            "auth": {"counter": counter, "tag": decoded.tag.hex(), "key": ks.hex(), "valid": not tamper},
         })
         return data
 
@@ -196,6 +225,39 @@ def build() -> Builder:
                                  src=3, dst=0))
     b.frame("version_minor_1_15", F(MsgType.BYE, dict(reason=0), version=0x1F), reencode=False)
 
+    # --- authentication: handshake, provisioning, sealed frames ---------------------------------
+    key = hashlib.sha256(b"tpfed golden federation key").digest()
+    nonce_c, nonce_p, device_id, session = pattern(16, 11), pattern(16, 12), 3, 0x5EED
+    hs = (nonce_c, nonce_p, device_id, session)
+    proof_p, proof_c = auth.peer_proof(key, *hs), auth.coordinator_proof(key, *hs)
+    ks = auth.session_key(key, *hs)
+    b.entries.append({"kind": "auth_vectors", "key": key.hex(), "nonce_c": nonce_c.hex(),
+                      "nonce_p": nonce_p.hex(), "device_id": device_id, "session": session,
+                      "proof_p": proof_p.hex(), "proof_c": proof_c.hex(), "session_key": ks.hex()})
+    b.frame("auth_challenge", F(MsgType.AUTH, auth.challenge(nonce_c, session, device_id),
+                                src=0, dst=device_id, seq=1, session=session))
+    b.frame("auth_response", F(MsgType.AUTH, auth.response(nonce_p, proof_p),
+                               src=device_id, dst=0, seq=1, session=session))
+    b.frame("auth_confirm", F(MsgType.AUTH, auth.confirm(proof_c), src=0, dst=device_id, seq=2,
+                              session=session))
+    b.frame("provision", F(MsgType.PROVISION, dict(key=key), dst=BROADCAST, seq=1))
+    b.sealed("sealed_ack_auth", F(MsgType.ACK, dict(acked_seq=2, acked_type=MsgType.AUTH),
+                                  src=device_id, dst=0, seq=1, session=session), ks, 1)
+    b.sealed("sealed_hello", F(MsgType.HELLO, dict(hello, name="musca-b1"), src=device_id, dst=0,
+                               seq=2, session=session), ks, 2)
+    b.sealed("sealed_activation_dim64", F(MsgType.ACTIVATION, dict(layer=2, stage=Stage.ATTENTION,
+                                                                   pos=17, **q8(64)),
+                                          dst=device_id, seq=100, session=session,
+                                          flags=int(Flag.ACK_REQUESTED)), ks, 7)
+    b.sealed("sealed_partial_f32_dim64", F(MsgType.PARTIAL, dict(layer=2, stage=Stage.ATTENTION, pos=17,
+                                                                encoding=PartialEncoding.F32,
+                                                                data=f32_values),
+                                           src=device_id, dst=0, seq=100, session=session), ks, U32)
+    b.sealed("sealed_bye", F(MsgType.BYE, dict(reason=schema.ByeReason.NORMAL), dst=device_id, seq=101,
+                             session=session), ks, 8)
+    b.sealed("sealed_bye_bad_tag", F(MsgType.BYE, dict(reason=schema.ByeReason.NORMAL), dst=device_id,
+                                     seq=101, session=session), ks, 9, tamper=True)
+
     # --- frames that must be refused ----------------------------------------------------------
     good = hello_frame
     b.invalid("bad_magic", b"\xa6" + good[1:], "BadMagic")
@@ -216,6 +278,19 @@ def build() -> Builder:
     b.invalid("ready_trailing_byte", reframe(b"\xa7\x10\x04" + good[3:12], bytes(12) + b"\x00"), "BadPayload")
     b.invalid("partial_unknown_encoding", reframe(b"\xa7\x10\x11" + good[3:12],
                                                   b"\x01\x00\x00\x05\x00\x07\x01\x00" + b"\x00" * 4),
+              "BadPayload")
+    sealed_bye = b.files["sealed_bye.bin"]
+    no_trailer = bytearray(b.files["bye.bin"])
+    no_trailer[3] |= int(Flag.AUTH)  # AUTH set, but no room for the trailer
+    b.invalid("sealed_without_trailer", reframe(bytes(no_trailer), no_trailer[12:-4]), "TruncatedFrame")
+    b.invalid("sealed_cut_in_trailer", sealed_bye[:-10], "TruncatedFrame")
+    b.invalid("sealed_trailing_byte", sealed_bye + b"\x00", "BadLength")
+    cleared = bytearray(sealed_bye)
+    cleared[3] &= ~int(Flag.AUTH) & 0xFF  # the trailer is then read as 20 extra bytes
+    b.invalid("sealed_flag_cleared", reframe(bytes(cleared), bytes(cleared[12:-4])), "BadPayload")
+    b.invalid("auth_unknown_step", reframe(b"\xa7\x10\x05" + good[3:12], b"\x04" + bytes(32)),
+              "BadPayload")
+    b.invalid("auth_challenge_short", reframe(b"\xa7\x10\x05" + good[3:12], b"\x01" + bytes(18)),
               "BadPayload")
     b.invalid("activation_short_qs", reframe(b"\xa7\x10\x10" + good[3:12],
                                              b"\x01\x00\x00\x05\x00\x21\x00" + b"\x00" * 4 + b"\x01" * 32),

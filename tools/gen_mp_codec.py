@@ -2,7 +2,8 @@
 """Generate the MicroPython protocol codec from the construct schema (shared_protocol/schema.py).
 
 Writes shared_protocol/mp_codec.py: a dependency-free module for MicroPython boards (only
-``struct``, plus ``binascii.crc32`` when the port has it). The payload layouts are emitted as
+``struct``, plus ``binascii.crc32`` and ``hashlib.sha256`` when the port has them: frames with
+the AUTH trailer are parsed always, sealed and verified when the port has SHA-256). The payload layouts are emitted as
 data tables walked by a small fixed interpreter, so nothing about the layout is restated by
 hand; ``--check`` exits 1 and names the stale file when the committed file differs.
 
@@ -273,8 +274,12 @@ DOC = '''"""tpfed wire protocol codec for MicroPython boards (ESP32 and friends)
 Dependency-free: only ``struct`` (ustruct formats) and ``binascii.crc32`` when the port has it
 (a table-driven CRC-32 otherwise). Runs unchanged on CPython.
 
-    encode_frame(msg_type, payload, src=0, dst=255, seq=0, session=0, flags=0) -> bytes
+    encode_frame(msg_type, payload, src=0, dst=255, seq=0, session=0, flags=0,
+                 counter=0, tag=None) -> bytes            (counter, tag: the AUTH trailer)
     decode_frame(data, max_payload=MAX_PAYLOAD) -> (header dict, payload dict)
+                 (an AUTH frame's header dict also holds 'counter' and 'tag')
+    seal(ks, frame, counter) -> sealed frame / verify(ks, frame) -> counter   (needs hashlib)
+    auth_derive(key, label, nonce_c, nonce_p, device_id, session) -> 32 bytes  (needs hashlib)
     cobs_encode(data) -> bytes / cobs_decode(segment) -> bytes   (no 0x00 delimiter)
     CobsStream(max_frame).feed(data) -> [frame, ...]               serial byte stream
 
@@ -323,6 +328,10 @@ class BadPayload(ProtocolError):
 
 class CobsError(ProtocolError):
     status = STATUS_BAD_PAYLOAD
+
+
+class BadTag(ProtocolError):
+    status = STATUS_BAD_TAG
 
 
 # --- CRC-32 (zlib's) -------------------------------------------------------------------------
@@ -601,8 +610,10 @@ def encode_payload(msg_type, payload):
 # --- frames ----------------------------------------------------------------------------------
 
 
-def encode_frame(msg_type, payload, src=COORDINATOR, dst=BROADCAST, seq=0, session=0, flags=0):
-    """Message type + payload dict + header fields -> frame bytes (header, payload, CRC)."""
+def encode_frame(msg_type, payload, src=COORDINATOR, dst=BROADCAST, seq=0, session=0, flags=0,
+                 counter=0, tag=None):
+    """Message type + payload dict + header fields -> frame bytes (header, payload, CRC). With
+    FLAG_AUTH in flags, counter and tag (16 bytes) make the trailer (or seal() the frame)."""
     hdr = {'magic': MAGIC, 'version': VERSION, 'type': msg_type, 'flags': flags, 'src': src,
            'dst': dst, 'seq': seq, 'session': session, 'length': 0}
     try:
@@ -612,12 +623,24 @@ def encode_frame(msg_type, payload, src=COORDINATOR, dst=BROADCAST, seq=0, sessi
         raise ProtocolError(str(e)) from None
     if flags & RESERVED_FLAGS:
         raise ProtocolError('flags 0x%02x set reserved bits' % flags)
+    trailer = b''
+    if flags & FLAG_AUTH:
+        if not isinstance(tag, (bytes, bytearray)) or len(tag) != TAG_SIZE:
+            raise ProtocolError('an AUTH frame needs a %d-byte tag (or seal() it)' % TAG_SIZE)
+        if not isinstance(counter, int) or not 0 <= counter <= 0xFFFFFFFF:
+            raise ProtocolError('header.counter=%r out of range' % (counter,))
+        trailer = struct.pack('<I', counter) + bytes(tag)
     body = encode_payload(msg_type, payload)
     hdr['length'] = len(body)
     out = bytearray(struct.pack(HEADER_FORMAT, *[hdr[k] for k in HEADER_NAMES]))
     out.extend(body)
+    out.extend(trailer)
     out.extend(struct.pack('<I', crc32(out)))
     return bytes(out)
+
+
+def trailer_size(flags):
+    return AUTH_TRAILER_SIZE if flags & FLAG_AUTH else 0
 
 
 def _version_error(theirs):
@@ -645,7 +668,7 @@ def decode_header(data, max_payload=MAX_PAYLOAD):
     if h['length'] > max_payload:
         raise OversizeFrame('payload of %d bytes exceeds the limit of %d'
                             % (h['length'], max_payload))
-    total = HEADER_SIZE + h['length'] + CRC_SIZE
+    total = HEADER_SIZE + h['length'] + trailer_size(h['flags']) + CRC_SIZE
     if n < total:
         raise TruncatedFrame('frame of %d bytes, header says %d' % (n, total))
     if n > total:
@@ -656,6 +679,10 @@ def decode_header(data, max_payload=MAX_PAYLOAD):
         raise BadCrc('bad CRC in %s frame seq %d' % (TYPE_NAMES.get(h['type'], h['type']), h['seq']))
     if h['type'] not in LAYOUTS:
         raise UnknownType('unknown message type 0x%02x' % h['type'])
+    if h['flags'] & FLAG_AUTH:
+        at = HEADER_SIZE + h['length']
+        h['counter'] = struct.unpack_from('<I', data, at)[0]
+        h['tag'] = bytes(data[at + 4:at + AUTH_TRAILER_SIZE])
     return h
 
 
@@ -672,9 +699,81 @@ def frame_intact(data):
     if n < HEADER_SIZE + CRC_SIZE:
         return False
     end = n - CRC_SIZE
-    if struct.unpack_from(HEADER_FORMAT, data, 0)[-1] != end - HEADER_SIZE:
+    if struct.unpack_from(HEADER_FORMAT, data, 0)[-1] + trailer_size(data[3]) != end - HEADER_SIZE:
         return False
     return crc32(memoryview(data)[:end]) == struct.unpack_from('<I', data, end)[0]
+
+
+# --- authentication (shared_protocol/auth.py; needs hashlib.sha256) -------------------------
+
+try:
+    from hashlib import sha256 as _sha256
+except ImportError:
+    _sha256 = None
+
+AUTH_LABELS = (b'tpfed-peer', b'tpfed-coord', b'tpfed-session')
+
+
+def hmac_sha256(key, msg):
+    """HMAC-SHA256 (RFC 2104) on hashlib.sha256."""
+    if _sha256 is None:
+        raise ProtocolError('this port has no hashlib.sha256: cannot authenticate frames')
+    key = bytes(key)
+    if len(key) > 64:
+        key = _sha256(key).digest()
+    key = key + bytes(64 - len(key))
+    inner = _sha256(bytes([b ^ 0x36 for b in key]))
+    inner.update(bytes(msg))
+    outer = _sha256(bytes([b ^ 0x5C for b in key]))
+    outer.update(inner.digest())
+    return outer.digest()
+
+
+def auth_derive(key, label, nonce_c, nonce_p, device_id, session):
+    """HMAC(key, label || nonce_c || nonce_p || device_id u8 || session u16 LE); label is one
+    of AUTH_LABELS (peer proof, coordinator proof, session key)."""
+    return hmac_sha256(key, bytes(label) + bytes(nonce_c) + bytes(nonce_p)
+                       + struct.pack('<BH', device_id, session))
+
+
+def _sealed_lengths(frame):
+    if len(frame) < HEADER_SIZE + CRC_SIZE:
+        raise BadTag('not a frame')
+    plen = struct.unpack_from(HEADER_FORMAT, frame, 0)[-1]
+    if len(frame) != HEADER_SIZE + plen + trailer_size(frame[3]) + CRC_SIZE:
+        raise BadTag('frame size does not match its header')
+    return plen
+
+
+def seal(ks, frame, counter):
+    """An unauthenticated frame -> sealed with session key ks and counter (AUTH set, trailer,
+    CRC)."""
+    plen = _sealed_lengths(frame)
+    if frame[3] & FLAG_AUTH:
+        raise ProtocolError('frame is sealed already')
+    end = HEADER_SIZE + plen
+    out = bytearray(frame[:end])
+    out[3] |= FLAG_AUTH
+    out.extend(struct.pack('<I', counter))
+    out.extend(hmac_sha256(ks, out)[:TAG_SIZE])
+    out.extend(struct.pack('<I', crc32(out)))
+    return bytes(out)
+
+
+def verify(ks, frame):
+    """The counter of a sealed frame whose tag verifies under ks; BadTag otherwise."""
+    plen = _sealed_lengths(frame)
+    if not frame[3] & FLAG_AUTH:
+        raise BadTag('frame is not authenticated')
+    at = HEADER_SIZE + plen
+    want = hmac_sha256(ks, bytes(frame[:at + 4]))[:TAG_SIZE]
+    got = bytes(frame[at + 4:at + AUTH_TRAILER_SIZE])
+    diff = 0
+    for i in range(TAG_SIZE):
+        diff |= want[i] ^ got[i]
+    if diff:
+        raise BadTag('frame tag does not verify')
+    return struct.unpack_from('<I', frame, at)[0]
 
 
 # --- COBS (serial framing: each frame travels as cobs(frame) + b'\x00') ----------------------

@@ -25,6 +25,16 @@ class PeerTimeout(PeerError):
     """A peer did not answer within its deadline (as opposed to answering with an error)."""
 
 
+class PeerLost(PeerError):
+    """A peer is gone mid-run: silent past its deadline, its link closed, or it lost its share
+    (reset or restarted). ``peer`` is the coordinator's record of it."""
+
+    def __init__(self, message: str, peer: object, waited_s: float = 0.0) -> None:
+        super().__init__(message)
+        self.peer = peer
+        self.waited_s = waited_s  # how long it was waited for before being declared lost
+
+
 class PeerRefused(PeerError):
     """A peer answered with an ERROR frame; ``code`` is its protocol error code."""
 

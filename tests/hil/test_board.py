@@ -8,12 +8,16 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tpfed.protocol.codec import Frame
+from tpfed.protocol import auth
+from tpfed.protocol.codec import Frame, encode_frame
+from tpfed.protocol.framing import StreamFramer
 from tpfed.protocol.schema import (
+    AUTH_TRAILER_SIZE,
     COORDINATOR,
     CRC_SIZE,
     HEADER_SIZE,
@@ -252,6 +256,7 @@ def _with_seq_len(model, seq_len):
 
     class View:
         config = replace(model.config, seq_len=seq_len)
+        params = getattr(model, "params", None)
         attention_unit = staticmethod(model.attention_unit)
         mlp_unit = staticmethod(model.mlp_unit)
 
@@ -347,13 +352,14 @@ def _geometry_assign(dim, session=1, device_id=1):
 
 
 def test_assign_whose_frames_do_not_fit_the_board_is_refused(board):
-    """A PARTIAL is 8 + 4*dim bytes of payload: the widest model whose frames still fit is taken,
-    one value wider is refused up front rather than never answered."""
+    """A PARTIAL is 8 + 4*dim bytes of payload (and every frame has the AUTH trailer): the widest
+    model whose frames still fit is taken, one value wider is refused up front rather than never
+    answered."""
     max_frame = board.hello(device_id=1).payload["max_frame"]
-    overhead = HEADER_SIZE + CRC_SIZE
+    overhead = HEADER_SIZE + AUTH_TRAILER_SIZE + CRC_SIZE
     widest = (max_frame - overhead - 8) // 4
     assert board.request(_geometry_assign(widest)).type == MsgType.ACK
-    reply = board.request(_geometry_assign(widest + 1, session=2))
+    reply = board.request(_geometry_assign(widest + 1))
     assert reply.type == MsgType.ERROR and reply.payload["code"] == ErrorCode.UNSUPPORTED
     need = overhead + 8 + 4 * (widest + 1)
     assert reply.payload["text"] == \
@@ -361,31 +367,36 @@ def test_assign_whose_frames_do_not_fit_the_board_is_refused(board):
 
 
 def test_bye_of_another_session_leaves_the_board_serving(board, q8_model):
-    """BYE ends only the session it names: one of another session is ignored, the board keeps
-    its share and answers; a BYE of its own session then ends it."""
+    """BYE ends only the session it names: one of another session (sealed with the right key)
+    is dropped, the board keeps its share and answers; a BYE of its own session then ends the
+    session, and nothing more is answered in it."""
     from tpfed.protocol.schema import Stage
 
     entries = {0: ((1,), ((0, 32),))}
     x = np.random.default_rng(11).standard_normal(q8_model.config.dim).astype(np.float32)
     got, want = _partials(board, q8_model, entries, [(0, Stage.MLP, 0, x)])
-    board.send(Frame(MsgType.BYE, {"reason": int(ByeReason.NORMAL)}, dst=1, session=2))
+    board.send_sealed_as(Frame(MsgType.BYE, {"reason": int(ByeReason.NORMAL)}, dst=1), session=2)
     assert board.drain(quiet=0.5) == []
     got2, _ = _activation(board, q8_model, Stage.MLP, x)
     assert got2.type == MsgType.PARTIAL, got2.payload
     assert _ulps(np.asarray(got2.payload["data"], np.float32), want[0]) == 0
     assert _ulps(got[0], want[0]) == 0
     board.send(Frame(MsgType.BYE, {"reason": int(ByeReason.NORMAL)}, dst=1, session=1))
-    after, _ = _activation(board, q8_model, Stage.MLP, x)
-    assert after.type == MsgType.ERROR and after.payload["code"] == ErrorCode.BAD_STATE
+    with pytest.raises(TimeoutError):
+        _activation(board, q8_model, Stage.MLP, x, timeout=1.0)
+    # A new handshake (the old session is over, so no BUSY) serves again, from scratch.
+    board.handshake(device_id=1, session=3)
+    reply, _ = _activation(board, q8_model, Stage.MLP, x, session=3)
+    assert reply.type == MsgType.ERROR and reply.payload["code"] == ErrorCode.BAD_STATE
 
 
-def _activation(board, model, stage, xf, layer=0, pos=0, session=1):
+def _activation(board, model, stage, xf, layer=0, pos=0, session=1, timeout=5.0):
     from tpfed.compute.kernels import quantize_q8_0
 
     x = quantize_q8_0(xf)
     payload = {"layer": layer, "stage": int(stage), "pos": pos, "n": len(xf),
                "scales": x.d.tolist(), "qs": x.qs.tolist()}
-    return board.request(Frame(MsgType.ACTIVATION, payload, dst=1, session=session)), x
+    return board.request(Frame(MsgType.ACTIVATION, payload, dst=1, session=session), timeout), x
 
 
 def test_garbage_on_the_uart_never_crashes_the_board(board):
@@ -415,3 +426,81 @@ def test_garbage_on_the_uart_never_crashes_the_board(board):
         assert board.board.alive(), board.board.output()
     hb = board.request(Frame(MsgType.HEARTBEAT, {"uptime_ms": 0, "load_pct": 0}, dst=1))
     assert hb.payload["uptime_ms"] > 0 and before.payload == after.payload
+
+
+# ----------------------------------------------------------------------------- authentication
+
+
+COORDINATOR_HELLO = {  # what tests/hil/conftest.py's links send
+    "device_class": 0, "name": "coordinator", "ram_kb": 0, "psram_kb": 0, "flash_kb": 0,
+    "cpu_mhz": 0, "cores": 0, "features": 0, "int8_macs": 0, "battery_pct": 255,
+    "temperature_dc": -32768, "transports": 0, "max_frame": 0xFFFF, "arena_kb": 0,
+}
+
+
+def _unsealed(frame: Frame) -> bytes:
+    return b"\x00" + StreamFramer.encode(encode_frame(frame))
+
+
+def test_unkeyed_board_answers_nothing_until_provisioned(board):
+    """A board built without a key drops everything (a handshake included) until PROVISION;
+    then it takes no other key, and the handshake with its key works."""
+    if board.board is None:
+        pytest.skip("a real board may have been flashed with a key")
+    from tpfed.runtime.emulator import EmulatorError, provision
+
+    hs = auth.CoordinatorHandshake(board.key, 1, session_id=1)
+    for _ in range(3):  # the first bytes may be lost before the UART FIFO is on
+        board.send(Frame(MsgType.AUTH, hs.challenge(), dst=1, session=1))
+        assert board.drain(quiet=0.7) == []
+    board.provision()
+    with pytest.raises(EmulatorError, match="did not take its key"):
+        provision(board.ser, auth.new_key(), attempts=1, timeout=0.7)
+    assert board.hello(device_id=1).type == MsgType.HELLO
+
+
+def _raw_reply(board, timeout: float = 5.0) -> bytes:
+    deadline = time.monotonic() + timeout
+    while not board.pending:
+        assert time.monotonic() < deadline, "no frame from the board"
+        board.pending += board.framer.feed(board.ser.read(max(1, board.ser.in_waiting)))
+    return board.pending.pop(0)
+
+
+def test_board_drops_unauthenticated_replayed_and_wrongly_keyed_frames(board):
+    """Unsealed frames, replays of sealed ones and a handshake with another key get no answer
+    at all; a second coordinator with the key gets BUSY in one line."""
+    from tpfed.protocol.codec import decode_frame
+
+    board.hello(device_id=1)
+    heartbeat = {"uptime_ms": 0, "load_pct": 0}
+    board.send_raw(_unsealed(Frame(MsgType.HELLO, dict(COORDINATOR_HELLO), dst=1, session=1)))
+    board.send_raw(_unsealed(Frame(MsgType.HEARTBEAT, heartbeat, dst=1, session=1)))
+    assert board.drain(quiet=0.7) == []
+    # A sealed HEARTBEAT is answered; the very same bytes again are not.
+    sealed = board.session.seal(encode_frame(Frame(MsgType.HEARTBEAT, heartbeat, dst=1, seq=77, session=1)))
+    board.send_raw(b"\x00" + StreamFramer.encode(sealed))
+    assert board.recv().type == MsgType.HEARTBEAT
+    board.send_raw(b"\x00" + StreamFramer.encode(sealed))
+    assert board.drain(quiet=0.7) == []
+    # Another key: its RESPONSE does not verify for that key, and a CONFIRM gets no answer.
+    other = auth.CoordinatorHandshake(auth.new_key(), 1, session_id=9)
+    resp = board.request(Frame(MsgType.AUTH, other.challenge(), dst=1, session=9))
+    assert resp.type == MsgType.AUTH
+    with pytest.raises(auth.AuthError):
+        other.on_response(resp.payload)
+    board.send(Frame(MsgType.AUTH, auth.confirm(bytes(32)), dst=1, session=9))
+    assert board.drain(quiet=0.7) == []
+    # A second coordinator with the key while this session is live: ERROR BUSY, sealed with its
+    # own new session key; the first session still answers.
+    second = auth.CoordinatorHandshake(board.key, 1, session_id=10)
+    resp = board.request(Frame(MsgType.AUTH, second.challenge(), dst=1, session=10))
+    board.send(Frame(MsgType.AUTH, second.on_response(resp.payload), dst=1, session=10))
+    raw = _raw_reply(board)
+    second.session.open(raw)
+    busy = decode_frame(raw)
+    assert busy.type == MsgType.ERROR and busy.payload["code"] == ErrorCode.BUSY
+    assert busy.payload["text"] == "peer busy with another session"
+    assert board.request(Frame(MsgType.HEARTBEAT, heartbeat, dst=1)).type == MsgType.HEARTBEAT
+    if board.board is not None:
+        assert board.board.alive(), board.board.output()

@@ -74,7 +74,7 @@ def test_unreachable_peer_is_one_clear_line():
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("tpfed: error:") and f"127.0.0.1:{port}" in lines[0]
-    assert "did not answer HELLO" in lines[0]
+    assert "did not answer the key handshake" in lines[0]
     assert r.stdout == ""
 
 

@@ -47,7 +47,8 @@ async def _measured_run(n: int, model) -> tuple[RunResult, CpuWindow]:
     local = LocalPeers(n)
     async with local as uris:
         window = CpuWindow(pids=[p.pid for p in local.procs]).start()
-        result = await run(RunOptions(peers=",".join(uris), steps=STEPS, strategy="round-robin"),
+        result = await run(RunOptions(peers=",".join(uris), steps=STEPS, strategy="round-robin",
+                                      key_file=local.key_file),
                            model=model)
         window.stop()
     return result, window

@@ -83,11 +83,16 @@ def check_frame(golden_dir, e):
         raise AssertionError(d)
     if mp_codec.crc32_soft(data[:-4]) != int.from_bytes(data[-4:], 'little'):
         raise AssertionError('crc32_soft disagrees with the frame CRC')
+    a = e.get('auth')
+    if a and (h['counter'] != a['counter'] or h['tag'] != binascii.unhexlify(a['tag'])):
+        raise AssertionError('AUTH trailer differs from the manifest')
     if e['reencode']:
         out = mp_codec.encode_frame(h['type'], payload, h['src'], h['dst'], h['seq'],
-                                    h['session'], h['flags'])
+                                    h['session'], h['flags'], h.get('counter', 0), h.get('tag'))
         if out != data:
             raise AssertionError('re-encoded frame differs')
+    if a and mp_codec._sha256 is not None:
+        check_sealed(data, a)
     if mp_codec.cobs_decode(mp_codec.cobs_encode(data)) != data:
         raise AssertionError('COBS round trip differs')
     n = len(data)
@@ -101,6 +106,38 @@ def check_frame(golden_dir, e):
     expect_error(with_crc(b'\xa6' + data[1:-4]), 'BadMagic')
     expect_error(with_crc(data[:1] + bytes([0x20 | (data[1] & 15)]) + data[2:-4]),
                  'VersionMismatch')
+
+
+def check_sealed(data, a):
+    """The tag verifies with the manifest's session key (unless it was tampered with), and
+    sealing the unsealed frame again gives the same bytes."""
+    ks = binascii.unhexlify(a['key'])
+    try:
+        counter = mp_codec.verify(ks, data)
+    except mp_codec.BadTag:
+        if a['valid']:
+            raise AssertionError('tag does not verify') from None
+        return
+    if not a['valid'] or counter != a['counter']:
+        raise AssertionError('tampered tag verifies, or counter %r' % counter)
+    plen = len(data) - mp_codec.HEADER_SIZE - mp_codec.AUTH_TRAILER_SIZE - mp_codec.CRC_SIZE
+    bare = bytearray(data[:mp_codec.HEADER_SIZE + plen])
+    bare[3] &= ~mp_codec.FLAG_AUTH & 0xFF
+    bare = bytes(bare) + mp_codec.crc32(bytes(bare)).to_bytes(4, 'little')
+    if mp_codec.seal(ks, bare, counter) != data:
+        raise AssertionError('sealed again differs')
+
+
+def check_vectors(golden_dir, e):
+    if mp_codec._sha256 is None:
+        return
+    u = binascii.unhexlify
+    args = (u(e['nonce_c']), u(e['nonce_p']), e['device_id'], e['session'])
+    names = ('proof_p', 'proof_c', 'session_key')
+    for i in range(3):  # (no zip(strict=) in MicroPython)
+        want = names[i]
+        if mp_codec.auth_derive(u(e['key']), mp_codec.AUTH_LABELS[i], *args) != u(e[want]):
+            raise AssertionError('%s differs' % want)
 
 
 def check_invalid(golden_dir, e):
@@ -134,7 +171,8 @@ def check_stream(golden_dir, e):
         mp_codec.decode_frame(frame)
 
 
-CHECKS = {'frame': check_frame, 'invalid': check_invalid, 'cobs_stream': check_stream}
+CHECKS = {'frame': check_frame, 'invalid': check_invalid, 'cobs_stream': check_stream,
+          'auth_vectors': check_vectors}
 
 
 def main(golden_dir):
@@ -143,6 +181,7 @@ def main(golden_dir):
     impl = sys.implementation
     print('IMPL %s %s' % (impl.name, '.'.join([str(x) for x in impl.version[:3]])))
     print('CRC %s' % ('binascii' if mp_codec.crc32 is not mp_codec.crc32_soft else 'soft'))
+    print('SHA256 %s' % ('hashlib' if mp_codec._sha256 is not None else 'none'))
     passed = failed = 0
     for e in manifest['entries']:
         check = CHECKS.get(e['kind'])
@@ -152,8 +191,8 @@ def main(golden_dir):
             check(golden_dir, e)
         except Exception as x:  # report and go on: one line per entry
             failed += 1
-            print('FAIL %s: %s: %s' % (e['file'], type(x).__name__, x))
+            print('FAIL %s: %s: %s' % (e.get('file', e['kind']), type(x).__name__, x))
         else:
             passed += 1
-            print('PASS %s' % e['file'])
+            print('PASS %s' % e.get('file', e['kind']))
     print('SUMMARY pass=%d fail=%d' % (passed, failed))

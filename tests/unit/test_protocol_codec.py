@@ -45,10 +45,13 @@ def test_golden_frame_decodes_to_manifest(entry: dict) -> None:
     assert (f.src, f.dst, f.seq, f.session, f.flags, f.version) == (
         h["src"], h["dst"], h["seq"], h["session"], h["flags"], h["version"])
     assert f.payload == from_json(entry["payload"])
+    a = entry.get("auth", {})
+    assert (f.counter, f.tag) == ((a["counter"], bytes.fromhex(a["tag"])) if a else (0, None))
     if entry["reencode"]:
         assert encode_frame(f) == data
         # From the manifest alone too (count fields are recomputed on encoding).
-        again = Frame(MsgType[entry["type"]], from_json(entry["payload"]), **h)
+        trailer = {"counter": a["counter"], "tag": bytes.fromhex(a["tag"])} if a else {}
+        again = Frame(MsgType[entry["type"]], from_json(entry["payload"]), **h, **trailer)
         assert encode_frame(again) == data
 
 

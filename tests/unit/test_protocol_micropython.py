@@ -42,7 +42,8 @@ def mp_package_dir() -> Path:
 
 
 def header_kwargs(h: dict) -> dict:
-    return {k: h[k] for k in ("src", "dst", "seq", "session", "flags")}
+    """encode_frame's keyword arguments from a decoded header (the AUTH trailer included)."""
+    return {k: h[k] for k in ("src", "dst", "seq", "session", "flags", "counter", "tag") if k in h}
 
 
 def with_crc(body: bytes) -> bytes:
@@ -64,10 +65,11 @@ def test_generated_codec_is_current() -> None:
     assert CODEC.read_text() == gen_mp_codec.generate(), "run: python tools/gen_mp_codec.py"
 
 
-def test_codec_imports_nothing_but_struct_and_binascii() -> None:
+def test_codec_imports_nothing_but_struct_binascii_and_hashlib() -> None:
     lines = [ln.strip() for ln in CODEC.read_text().splitlines()]
     imports = sorted({ln for ln in lines if ln.startswith(("import ", "from "))})
-    assert imports == ["from binascii import crc32 as _hw_crc32", "import struct"]
+    assert imports == ["from binascii import crc32 as _hw_crc32", "from hashlib import sha256 as _sha256",
+                       "import struct"]
 
 
 # --- CPython: golden frames ----------------------------------------------------------------
@@ -297,7 +299,10 @@ def check_report(out: str) -> None:
     fails = [ln for ln in lines if ln.startswith("FAIL")]
     assert not fails, "\n".join(fails)
     passed = {ln.split(" ", 1)[1] for ln in lines if ln.startswith("PASS ")}
-    want = {e["file"] for e in entries() if e["kind"] in ("frame", "invalid", "cobs_stream")}
+    want = {e.get("file", e["kind"]) for e in entries()
+            if e["kind"] in ("frame", "invalid", "cobs_stream", "auth_vectors")}
+    # Sealed frames' tags and the handshake vectors are checked where the port has SHA-256.
+    assert "SHA256 hashlib" in lines, "mp_codec found no hashlib.sha256: tags were not checked"
     assert passed == want
     assert lines[-1] == f"SUMMARY pass={len(want)} fail=0"
 

@@ -89,8 +89,21 @@ def test_golden_frames_roundtrip_through_c(entry: dict) -> None:
     rc = getattr(lib, f"tpfed_{name}_encode")(out + 12, len(data) - 16, m, n)
     assert rc == Status.OK and n[0] == h.length
     flen = ffi.new("size_t *")
-    assert lib.tpfed_frame_finish(out, len(data), h, n[0], flen) == Status.OK
-    assert ffi.buffer(out, flen[0])[:] == data
+    a = entry.get("auth")
+    if a is None:
+        assert lib.tpfed_frame_finish(out, len(data), h, n[0], flen) == Status.OK
+        assert ffi.buffer(out, flen[0])[:] == data
+    else:  # sealed: re-sealed with the manifest's session key and counter
+        ks = ffi.new("tpfed_hmac_key *")
+        key = bytes.fromhex(a["key"])
+        lib.tpfed_hmac_key_init(ks, key, len(key))
+        h.flags &= ~lib.TPFED_FLAG_AUTH  # tpfed_auth_finish sets it
+        assert lib.tpfed_auth_finish(out, len(data), h, n[0], ks, a["counter"], flen) == Status.OK
+        got = ffi.buffer(out, flen[0])[:]
+        if a["valid"]:
+            assert got == data
+        else:  # the golden frame's tag was tampered with: only the tag (and CRC) differ
+            assert got[:-20] == data[:-20] and got[-20:-4] != data[-20:-4]
     # Every smaller output buffer: TPFED_E_NO_SPACE, and nothing written past the capacity.
     step = max(1, h.length // 64)
     for cap in range(0, h.length, step):

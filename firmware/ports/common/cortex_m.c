@@ -49,6 +49,8 @@ void cm_clock_start(void) {
     SYST_CSR = 7u;   // processor clock, interrupt on wrap, enable
 }
 
+uint32_t cm_systick_value(void) { return SYST_CVR; }
+
 uint64_t cm_micros(uint32_t cpu_hz) {
     static uint64_t last;
     cm_irq_disable();

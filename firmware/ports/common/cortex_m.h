@@ -19,6 +19,8 @@ void cm_nvic_set_pending(uint32_t irq);
 void cm_clock_start(void);
 // Microseconds since cm_clock_start for a core clocked at cpu_hz; never goes backwards.
 uint64_t cm_micros(uint32_t cpu_hz);
+// The SysTick counter as it stands (24 bits, counting down at the core clock).
+uint32_t cm_systick_value(void);
 // SYSRESETREQ. QEMU runs the boards with -no-reboot, so this ends the QEMU process.
 void cm_reset(void) __attribute__((noreturn));
 

@@ -1,7 +1,13 @@
 // Firmware entry of the QEMU Cortex-M boards: bring the board up and run the tpfed peer core on
 // its UART through the COBS stream helper, with the whole arena the build gives
 // (TPFED_ARENA_SIZE).
+//
+// Federation key: a build with -DTPFED_KEY_HEX=\"<64 hex digits>\" (tpfed flash --key-file)
+// holds that key (in flash: anyone who can read the flash can read it). Otherwise the board
+// starts without a key and takes one PROVISION frame on its UART (tpfed.runtime.emulator
+// provisions emulated boards that way); until then it drops every frame.
 #include "board.h"
+#include "tpfed_auth.h"
 #include "tpfed_peer.h"
 #include "tpfed_proto.h"
 #include "tpfed_stream.h"
@@ -24,11 +30,22 @@ static tpfed_stream stream;
 static void link_write(void *ctx, const uint8_t *buf, uint32_t n) { (void)ctx; uart_write(buf, n); }
 static uint32_t link_read(void *ctx, uint8_t *buf, uint32_t cap) { (void)ctx; return uart_read(buf, cap); }
 static uint32_t hal_millis(void *ctx) { (void)ctx; return board_millis(); }
+static void hal_random(void *ctx, uint8_t *buf, uint32_t n) { (void)ctx; board_random(buf, n); }
 
-static const tpfed_hal hal = {&stream, tpfed_stream_send_frame, hal_millis};
+static const tpfed_hal hal = {&stream, tpfed_stream_send_frame, hal_millis, hal_random};
+
+#ifdef TPFED_KEY_HEX
+typedef char tpfed_key_hex_must_be_64_hex_digits[sizeof(TPFED_KEY_HEX) == 65 ? 1 : -1];
+static uint8_t build_key[TPFED_KEY_SIZE];
+#endif
 
 int main(void) {
     board_init();
+    const uint8_t *key = NULL;
+#ifdef TPFED_KEY_HEX
+    if (!tpfed_key_from_hex(build_key, TPFED_KEY_HEX)) board_reset();
+    key = build_key;
+#endif
     tpfed_stream_init(&stream, rx_buf, sizeof rx_buf, link_write, link_read, NULL);
     tpfed_peer_config cfg = {
         .hal = &hal,
@@ -39,6 +56,8 @@ int main(void) {
         .max_groups = TPFED_BOARD_MAX_GROUPS,
         .max_ranges = TPFED_BOARD_MAX_RANGES,
         .int8_macs = 0,
+        .key = key,
+        .provision = key == NULL,
     };
     tpfed_peer *peer = tpfed_peer_init(arena, sizeof arena, &cfg);
     if (!peer) board_reset();

@@ -25,6 +25,9 @@ uint32_t uart_available(void);
 // Sleep until an interrupt; returns at once if received bytes are waiting.
 void board_sleep(void);
 
+// Random bytes for handshake nonces (tpfed_hal.random). WEAK: see qemu_board.c.
+void board_random(uint8_t *buf, uint32_t n);
+
 // The device description of this board.
 const tpfed_device_info *board_info(void);
 

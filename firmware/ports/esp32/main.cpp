@@ -1,11 +1,20 @@
 // ESP32-family port (Arduino framework): the tpfed peer core on UART0 (the USB-serial bridge),
 // COBS-framed by the stream helper (tpfed_stream.h).
+// Federation key: built in with -DTPFED_KEY_HEX=\"<64 hex digits>\" (tpfed flash --key-file;
+// it is then in flash, readable by whoever can read the flash), or else taken from the one
+// PROVISION frame the board accepts on its serial line after each boot (kept in RAM only).
+// Nonces come from esp_fill_random (the hardware RNG; true random with the radio on, and
+// seeded by the bootloader's entropy otherwise).
 // The arena is a static internal-RAM array; on boards built with PSRAM (BOARD_HAS_PSRAM and
 // TPFED_PSRAM_ARENA_SIZE) it is one PSRAM block taken once at boot instead.
 #include <Arduino.h>
 #include <esp_system.h>
+#if __has_include(<esp_random.h>)
+#include <esp_random.h>   // esp_fill_random (ESP-IDF 5)
+#endif
 
 extern "C" {
+#include "tpfed_auth.h"
 #include "tpfed_peer.h"
 #include "tpfed_proto.h"
 #include "tpfed_stream.h"
@@ -65,7 +74,17 @@ static void wait_input(uint32_t max_ms) {
     while (!Serial.available() && millis() - start < max_ms) vTaskDelay(1);
 }
 
-static const tpfed_hal hal = {&stream, tpfed_stream_send_frame, hal_millis};
+static void hal_random(void *ctx, uint8_t *buf, uint32_t n) {
+    (void)ctx;
+    esp_fill_random(buf, n);
+}
+
+static const tpfed_hal hal = {&stream, tpfed_stream_send_frame, hal_millis, hal_random};
+
+#ifdef TPFED_KEY_HEX
+static_assert(sizeof(TPFED_KEY_HEX) == 65, "TPFED_KEY_HEX must be 64 hex digits");
+static uint8_t build_key[TPFED_KEY_SIZE];
+#endif
 
 void setup() {
     Serial.setRxBufferSize(4096);
@@ -109,6 +128,12 @@ void setup() {
     cfg.max_groups = 64;
     cfg.max_ranges = 16;
     cfg.int8_macs = 0;   // measured now
+#ifdef TPFED_KEY_HEX
+    if (!tpfed_key_from_hex(build_key, TPFED_KEY_HEX)) esp_restart();
+    cfg.key = build_key;
+#else
+    cfg.provision = 1;
+#endif
     peer = tpfed_peer_init(arena, arena_size, &cfg);
     if (!peer) esp_restart();
 }

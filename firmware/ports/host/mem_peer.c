@@ -2,6 +2,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include "tpfed_mem_peer.h"
 
+#include "tpfed_auth.h"
+
 #include <string.h>
 #include <time.h>
 
@@ -36,6 +38,7 @@ void tpfed_mem_peer_init(tpfed_mem_peer *m, uint8_t *outbox, uint32_t cap) {
     m->hal.ctx = m;
     m->hal.send_frame = tpfed_mem_peer_send_frame;
     m->hal.millis = tpfed_mem_peer_millis;
+    m->hal.random = tpfed_os_random;
     m->buf = outbox;
     m->cap = outbox ? cap : 0;
 }

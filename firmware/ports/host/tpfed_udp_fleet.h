@@ -19,6 +19,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "tpfed_auth.h"
+
 // cffi:begin
 typedef struct tpfed_udp_fleet tpfed_udp_fleet;
 
@@ -30,8 +32,15 @@ tpfed_udp_fleet *tpfed_udp_fleet_init(void *mem, size_t mem_bytes, int fd, int m
 // address is not numeric or the fleet is full.
 int tpfed_udp_fleet_add(tpfed_udp_fleet *f, const char *host, int port);
 
-// Send the same frame to peers[0..n) (fleet indices) with as few system calls as the kernel
-// allows. Returns how many were sent, or -errno of the first failure.
+// Seal what goes to peer i and open what comes from it in session s (tpfed_auth.h; kept by
+// pointer, shared with the caller's other paths so the counters stay one). NULL: in clear.
+void tpfed_udp_fleet_set_auth(tpfed_udp_fleet *f, int i, tpfed_auth_session *s);
+// Datagrams from fleet peers dropped because they did not open in their session.
+uint32_t tpfed_udp_fleet_auth_dropped(const tpfed_udp_fleet *f);
+
+// Send frame to peers[0..n) (fleet indices) with as few system calls as the kernel allows.
+// A frame laid out sealed (AUTH flag, room for the trailer) is stamped for each peer in its
+// own session (its counter, tag, CRC) on the way. Returns how many were sent, or -errno.
 int tpfed_udp_send_all(tpfed_udp_fleet *f, const uint8_t *frame, uint32_t len,
                        const int *peers, int n);
 
@@ -42,16 +51,22 @@ typedef struct {
     uint32_t count;     // records in it
 } tpfed_udp_side;
 
-// Receive until peers[i] has sent its PARTIAL (float32, n == dim) for this session and seq,
-// for every i < n, or timeout_ms passed (see the top of this file for the other exits).
-// Row i of partials (n, dim) gets peer i's values and got[i] the bytes of its frame (left as
-// they are for rows already got). Returns how many of the n are now got, or -errno.
-int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, uint16_t session,
-                     uint16_t seq, uint16_t layer, uint8_t stage, uint16_t pos, int dim,
-                     float *partials, uint32_t *got, int timeout_ms, tpfed_udp_side *side);
+// Receive until every group has one PARTIAL (sealed in its peer's session when the peer has
+// one; anything that does not open is dropped and counted) (float32, n == dim) for this session and seq, or
+// timeout_ms passed (see the top of this file for the other exits). peers[i] belongs to group
+// group_of[i] (0 <= group < n_groups); the members of a group are replicas holding identical
+// shares, so the first partial of any member serves the group. With group_of NULL every peer
+// is its own group (n_groups = n). Row i of partials (n, dim) gets peer i's values and got[i]
+// the bytes of its frame (rows already got are kept). Returns how many groups are now served,
+// or -errno.
+int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *group_of,
+                     int n_groups, uint16_t session, uint16_t seq, uint16_t layer, uint8_t stage,
+                     uint16_t pos, int dim, float *partials, uint32_t *got, int timeout_ms,
+                     tpfed_udp_side *side);
 
-// out (dim) = rows[0] + rows[1] + ... + rows[n-1], added in that order (the plan's order).
-void tpfed_sum_rows_f32(float *out, const float *rows, int n, int dim);
+// out (dim) = rows[which[0]] + rows[which[1]] + ... + rows[which[n-1]], added in that order
+// (the plan's order); which NULL means rows 0..n-1.
+void tpfed_sum_rows_f32(float *out, const float *rows, const int *which, int n, int dim);
 // cffi:end
 
 #endif

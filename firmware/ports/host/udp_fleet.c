@@ -22,9 +22,12 @@ struct tpfed_udp_fleet {
     int max_peers;
     int n_peers;
     uint32_t stale;           // valid PARTIALs of another stage or seq, dropped
+    uint32_t auth_dropped;    // datagrams from peers that did not open in their session
     struct sockaddr_storage *addrs;
     socklen_t *addr_lens;
+    tpfed_auth_session **auth;  // per peer, or NULL
     uint8_t *rx;              // BATCH x DGRAM_MAX
+    uint8_t *tx;              // BATCH x DGRAM_MAX: per-peer sealed copies
 };
 
 static size_t align8(size_t n) { return (n + 7u) & ~(size_t)7u; }
@@ -33,7 +36,8 @@ size_t tpfed_udp_fleet_bytes(int max_peers) {
     if (max_peers < 1) max_peers = 1;
     return align8(sizeof(tpfed_udp_fleet)) +
            align8(sizeof(struct sockaddr_storage) * (size_t)max_peers) +
-           align8(sizeof(socklen_t) * (size_t)max_peers) + (size_t)BATCH * DGRAM_MAX;
+           align8(sizeof(socklen_t) * (size_t)max_peers) +
+           align8(sizeof(tpfed_auth_session *) * (size_t)max_peers) + 2u * (size_t)BATCH * DGRAM_MAX;
 }
 
 tpfed_udp_fleet *tpfed_udp_fleet_init(void *mem, size_t mem_bytes, int fd, int max_peers) {
@@ -46,7 +50,12 @@ tpfed_udp_fleet *tpfed_udp_fleet_init(void *mem, size_t mem_bytes, int fd, int m
     p += align8(sizeof(struct sockaddr_storage) * (size_t)max_peers);
     f->addr_lens = (socklen_t *)p;
     p += align8(sizeof(socklen_t) * (size_t)max_peers);
+    f->auth = (tpfed_auth_session **)p;
+    for (int i = 0; i < max_peers; i++) f->auth[i] = NULL;
+    p += align8(sizeof(tpfed_auth_session *) * (size_t)max_peers);
     f->rx = p;
+    p += (size_t)BATCH * DGRAM_MAX;
+    f->tx = p;
     f->fd = fd;
     f->max_peers = max_peers;
     return f;
@@ -71,6 +80,12 @@ int tpfed_udp_fleet_add(tpfed_udp_fleet *f, const char *host, int port) {
     }
     return f->n_peers++;
 }
+
+void tpfed_udp_fleet_set_auth(tpfed_udp_fleet *f, int i, tpfed_auth_session *s) {
+    if (i >= 0 && i < f->n_peers) f->auth[i] = s;
+}
+
+uint32_t tpfed_udp_fleet_auth_dropped(const tpfed_udp_fleet *f) { return f->auth_dropped; }
 
 // Index of the fleet peer at this address, or -1. An IPv4 peer reached over an IPv6 socket
 // answers from its v4-mapped address; both spellings match.
@@ -97,41 +112,56 @@ static int peer_of(const tpfed_udp_fleet *f, const struct sockaddr_storage *from
 
 int tpfed_udp_send_all(tpfed_udp_fleet *f, const uint8_t *frame, uint32_t len, const int *peers,
                        int n) {
+    if (len > DGRAM_MAX) return -EMSGSIZE;
+    int sealed = len > 3 && (frame[3] & TPFED_FLAG_AUTH);
     int sent = 0;
 #ifdef __linux__
-    struct iovec iov = {(void *)frame, len};
+    struct iovec iov[BATCH];
     struct mmsghdr msgs[BATCH];
+#endif
     while (sent < n) {
         int k = 0;
         for (; k < BATCH && sent + k < n; k++) {
             int i = peers[sent + k];
             if (i < 0 || i >= f->n_peers) return -EINVAL;
+            const uint8_t *data = frame;
+            if (sealed && f->auth[i] != NULL) {   // this peer's copy, under its session
+                uint8_t *copy = f->tx + (size_t)k * DGRAM_MAX;
+                memcpy(copy, frame, len);
+                if (tpfed_auth_session_stamp(f->auth[i], copy, len) != TPFED_OK) return -EINVAL;
+                data = copy;
+            }
+#ifdef __linux__
+            iov[k].iov_base = (void *)data;
+            iov[k].iov_len = len;
             memset(&msgs[k], 0, sizeof msgs[k]);
             msgs[k].msg_hdr.msg_name = &f->addrs[i];
             msgs[k].msg_hdr.msg_namelen = f->addr_lens[i];
-            msgs[k].msg_hdr.msg_iov = &iov;
+            msgs[k].msg_hdr.msg_iov = &iov[k];
             msgs[k].msg_hdr.msg_iovlen = 1;
-        }
-        int r = sendmmsg(f->fd, msgs, (unsigned)k, 0);
-        if (r < 0) {
-            if (errno == EINTR) continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {   // a full send buffer: wait for room
-                struct pollfd pfd = {f->fd, POLLOUT, 0};
-                poll(&pfd, 1, 10);
-                continue;
-            }
-            return -errno;
-        }
-        sent += r;
-    }
 #else
-    for (; sent < n; sent++) {
-        int i = peers[sent];
-        if (i < 0 || i >= f->n_peers) return -EINVAL;
-        if (sendto(f->fd, frame, len, 0, (const struct sockaddr *)&f->addrs[i], f->addr_lens[i]) < 0)
-            return -errno;
-    }
+            if (sendto(f->fd, data, len, 0, (const struct sockaddr *)&f->addrs[i], f->addr_lens[i]) < 0)
+                return -errno;
 #endif
+        }
+#ifdef __linux__
+        int done = 0;
+        while (done < k) {
+            int r = sendmmsg(f->fd, msgs + done, (unsigned)(k - done), 0);
+            if (r < 0) {
+                if (errno == EINTR) continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK) {   // a full send buffer: wait for room
+                    struct pollfd pfd = {f->fd, POLLOUT, 0};
+                    poll(&pfd, 1, 10);
+                    continue;
+                }
+                return -errno;
+            }
+            done += r;
+        }
+#endif
+        sent += k;
+    }
     return sent;
 }
 
@@ -172,11 +202,25 @@ static int take_partial(const uint8_t *d, size_t len, uint16_t session, uint16_t
     return 1;
 }
 
-int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, uint16_t session, uint16_t seq,
-                     uint16_t layer, uint8_t stage, uint16_t pos, int dim, float *partials,
-                     uint32_t *got, int timeout_ms, tpfed_udp_side *side) {
+#define MAX_GROUPS 1024
+
+int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *group_of,
+                     int n_groups, uint16_t session, uint16_t seq, uint16_t layer, uint8_t stage,
+                     uint16_t pos, int dim, float *partials, uint32_t *got, int timeout_ms,
+                     tpfed_udp_side *side) {
+    if (group_of == NULL) n_groups = n;
+    if (n_groups < 0 || n_groups > MAX_GROUPS) return -EINVAL;
+    uint8_t served[MAX_GROUPS];
+    memset(served, 0, (size_t)n_groups);
     int have = 0;
-    for (int i = 0; i < n; i++) have += got[i] != 0;
+    for (int i = 0; i < n; i++) {
+        int g = group_of ? group_of[i] : i;
+        if (g < 0 || g >= n_groups) return -EINVAL;
+        if (got[i] && !served[g]) {
+            served[g] = 1;
+            have++;
+        }
+    }
     int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
     int stop = 0;
     struct sockaddr_storage from[BATCH];
@@ -184,7 +228,7 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, uint16_t sessi
     struct iovec iov[BATCH];
     struct mmsghdr msgs[BATCH];
 #endif
-    while (have < n && !stop) {
+    while (have < n_groups && !stop) {
 #ifdef __linux__
         for (int k = 0; k < BATCH; k++) {
             iov[k].iov_base = f->rx + (size_t)k * DGRAM_MAX;
@@ -223,14 +267,27 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, uint16_t sessi
             size_t len = (size_t)one;
 #endif
             int p = peer_of(f, &from[k]);
+            if (p >= 0 && f->auth[p] != NULL) {   // only frames sealed in its session count
+                tpfed_header_t hh;
+                const uint8_t *pl;
+                if (tpfed_frame_decode(d, len, TPFED_MAX_PAYLOAD, &hh, &pl) != TPFED_OK ||
+                    tpfed_auth_session_open(f->auth[p], d, len) != TPFED_OK) {
+                    if (len < 1 || d[0] != TPFED_FRAG_MAGIC) {   // fragments: the Python path
+                        f->auth_dropped++;
+                        continue;
+                    }
+                }
+            }
             int slot = -1;
             for (int i = 0; p >= 0 && i < n; i++)
                 if (peers[i] == p) slot = i;
-            if (slot >= 0 && got[slot] == 0) {
+            int group = slot < 0 ? -1 : group_of ? group_of[slot] : slot;
+            if (slot >= 0 && got[slot] == 0 && !served[group]) {
                 int t = take_partial(d, len, session, seq, layer, stage, pos, dim,
                                      partials + (size_t)slot * (size_t)dim);
                 if (t == 1) {
                     got[slot] = (uint32_t)len;
+                    served[group] = 1;
                     have++;
                     continue;
                 }
@@ -239,27 +296,29 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, uint16_t sessi
                     continue;
                 }
             } else if (slot >= 0) {
-                // a duplicate of a partial already here, or a late one of an earlier stage
+                // a duplicate of a partial already here, a replica's partial for a group
+                // already served, or a late one of an earlier stage
                 if (take_partial(d, len, session, seq, layer, stage, pos, dim, NULL) != 0) {
                     f->stale++;
                     continue;
                 }
             }
             if (!side_put(side, d, (uint32_t)len, p)) stop = 1;
-            if (slot >= 0) stop = 1;   // that peer needs the Python path (an ERROR, a fragment)
+            if (slot >= 0 && !served[group]) stop = 1;   // the Python path for it (an ERROR, a fragment)
         }
     }
     return have;
 }
 
-void tpfed_sum_rows_f32(float *out, const float *rows, int n, int dim) {
+void tpfed_sum_rows_f32(float *out, const float *rows, const int *which, int n, int dim) {
     if (n <= 0) {
         for (int j = 0; j < dim; j++) out[j] = 0.0f;
         return;
     }
-    for (int j = 0; j < dim; j++) out[j] = rows[j];
+    const float *r0 = rows + (size_t)(which ? which[0] : 0) * (size_t)dim;
+    for (int j = 0; j < dim; j++) out[j] = r0[j];
     for (int i = 1; i < n; i++) {
-        const float *r = rows + (size_t)i * (size_t)dim;
+        const float *r = rows + (size_t)(which ? which[i] : i) * (size_t)dim;
         for (int j = 0; j < dim; j++) out[j] += r[j];
     }
 }

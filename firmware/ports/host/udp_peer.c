@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 #include <time.h>
 
+#include "tpfed_auth.h"
 #include "tpfed_proto.h"
 
 #define RX_BATCH 16           // datagrams per receive call
@@ -171,6 +172,7 @@ tpfed_udp_peer *tpfed_udp_peer_init(void *mem, size_t mem_bytes, int fd, uint32_
     u->hal.ctx = u;
     u->hal.send_frame = hal_send_frame;
     u->hal.millis = hal_millis;
+    u->hal.random = tpfed_os_random;
     tpfed_datagram_tx_init(&u->tx, u->frag_buf, mtu, (uint16_t)(now_ms() * 2654435761u >> 16), emit, u);
     for (int i = 0; i < RX_BATCH; i++) {
         u->rx_iov[i].iov_base = u->rx_bufs + (size_t)i * RX_DGRAM;

@@ -7,11 +7,16 @@
 // Datagram fragmentation against the golden fragment files (byte for byte), reassembly with
 // loss, duplicates, reordering and expiry; the stream helper round trip; the peer core: HELLO,
 // ASSIGN validation and 64-bit sizing (BAD_PAYLOAD / UNSUPPORTED / OUT_OF_MEMORY, the old
-// assignment kept), WEIGHTS out of order with duplicates, READY, ACTIVATION -> PARTIAL.
+// assignment kept), WEIGHTS out of order with duplicates, READY, ACTIVATION -> PARTIAL; frame
+// authentication: HMAC-SHA256 (RFC 4231 vectors), replay window, the handshake (wrong keys,
+// repeats, busy, idle takeover, BYE), sealed frames both ways, drops and provisioning.
+// `test_core DIR --bench` also prints the cost of a frame tag at typical sizes.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
+#include "tpfed_auth.h"
 #include "tpfed_datagram.h"
 #include "tpfed_peer.h"
 #include "tpfed_proto.h"
@@ -183,8 +188,25 @@ static void link_send(void *ctx, const uint8_t *frame, uint32_t n) {
 }
 static uint32_t link_millis(void *ctx) { return ((link_t *)ctx)->now += 7; }
 
+// Deterministic "random" bytes for the peer's nonces (a counter through SHA-256).
+static uint32_t rnd_calls;
+static void test_random(void *ctx, uint8_t *buf, uint32_t n) {
+    (void)ctx;
+    uint8_t d[32], in[4];
+    for (uint32_t i = 0; i < n; i += 32) {
+        rnd_calls++;
+        tpfed_wr_u32(in, rnd_calls);
+        tpfed_sha256(d, in, 4);
+        memcpy(buf + i, d, n - i < 32 ? n - i : 32);
+    }
+}
+
 static link_t lk;
-static const tpfed_hal hal = {&lk, link_send, link_millis};
+static const tpfed_hal hal = {&lk, link_send, link_millis, test_random};
+static const uint8_t fed_key[32] = "tpfed test federation key 32 by";
+// The coordinator's end of the session with the peer under test (NULL: send unsealed frames).
+static tpfed_auth_session coord;
+static tpfed_auth_session *sealing;
 static const tpfed_device_info info = {"hostboard", "host-test", 100000000u, 1u << 20, 0, 0, 0, 1, 1, 0};
 
 static uint8_t txbuf[70000];
@@ -200,8 +222,17 @@ static size_t make(uint8_t type, uint8_t dst, uint16_t session, const uint8_t *p
     h.session = session;
     memcpy(txbuf + TPFED_HEADER_SIZE, payload, n);
     size_t len = 0;
-    CHECK(tpfed_frame_finish(txbuf, sizeof txbuf, &h, n, &len) == TPFED_OK);
+    if (sealing) CHECK(tpfed_auth_session_finish(sealing, txbuf, sizeof txbuf, &h, n, &len) == TPFED_OK);
+    else CHECK(tpfed_frame_finish(txbuf, sizeof txbuf, &h, n, &len) == TPFED_OK);
     return len;
+}
+
+// Frame i the peer sent: decoded, and (when sealing) opened with the coordinator's session.
+static int reply(int i, tpfed_header_t *h, const uint8_t **pl) {
+    if (tpfed_frame_decode(lk.frames[i], lk.lens[i], 0xFFFF, h, pl) != TPFED_OK) return 0;
+    if (sealing && h->type != TPFED_MSG_AUTH)
+        return tpfed_auth_session_open(sealing, lk.frames[i], lk.lens[i]) == TPFED_OK;
+    return 1;
 }
 
 // Send one frame to the peer; returns the number of replies, the last decoded into *h, *pl.
@@ -210,8 +241,45 @@ static int exchange(tpfed_peer *p, uint8_t type, uint16_t session, const uint8_t
     lk.n = 0;
     size_t len = make(type, 1, session, payload, n);
     tpfed_peer_handle_frame(p, txbuf, len);
-    if (lk.n && h) CHECK(tpfed_frame_decode(lk.frames[lk.n - 1], lk.lens[lk.n - 1], 0xFFFF, h, pl) == TPFED_OK);
+    if (lk.n && h) CHECK(reply(lk.n - 1, h, pl));
     return lk.n;
+}
+
+// The handshake as a coordinator would run it (device id 1): CHALLENGE, RESPONSE checked,
+// CONFIRM, the peer's sealed ACK. Fills coord and seals from then on. Returns 1 on success.
+static int handshake(tpfed_peer *p, const uint8_t *key, uint16_t session, uint8_t dev) {
+    uint8_t pl[64], nonce_c[16], want[32];
+    tpfed_hmac_key k;
+    tpfed_hmac_key_init(&k, key, 32);
+    for (int i = 0; i < 16; i++) nonce_c[i] = (uint8_t)(session * 7u + (unsigned)i);
+    sealing = NULL;
+    pl[0] = TPFED_AUTH_CHALLENGE;
+    memcpy(pl + 1, nonce_c, 16);
+    tpfed_wr_u16(pl + 17, session);
+    pl[19] = dev;
+    tpfed_header_t h;
+    const uint8_t *rp;
+    if (exchange(p, TPFED_MSG_AUTH, session, pl, 20, &h, &rp) != 1 || h.type != TPFED_MSG_AUTH) return 0;
+    tpfed_auth_t a;
+    tpfed_auth_response_t r;
+    size_t used;
+    if (tpfed_auth_decode(rp, h.length, &a) != TPFED_OK || a.step != TPFED_AUTH_RESPONSE) return 0;
+    CHECK(tpfed_auth_response_decode(a.body, 48, &r, &used) == TPFED_OK);
+    CHECK(h.src == dev && h.session == session && !(h.flags & TPFED_FLAG_AUTH));
+    tpfed_auth_derive(want, &k, TPFED_AUTH_PEER_PROOF, nonce_c, r.nonce_p, dev, session);
+    if (!tpfed_ct_equal(want, r.proof_p, 32)) return 0;
+    uint8_t nonce_p[16], ks[32];
+    memcpy(nonce_p, r.nonce_p, 16);
+    pl[0] = TPFED_AUTH_CONFIRM;
+    tpfed_auth_derive(pl + 1, &k, TPFED_AUTH_COORD_PROOF, nonce_c, nonce_p, dev, session);
+    tpfed_auth_derive(ks, &k, TPFED_AUTH_SESSION_KEY, nonce_c, nonce_p, dev, session);
+    tpfed_auth_session_init(&coord, ks, session);
+    if (exchange(p, TPFED_MSG_AUTH, session, pl, 33, NULL, NULL) != 1) return 0;
+    sealing = &coord;
+    if (!reply(0, &h, &rp) || h.type != TPFED_MSG_ACK) return 0;
+    tpfed_ack_t ack;
+    CHECK(tpfed_ack_decode(rp, h.length, &ack) == TPFED_OK && ack.acked_type == TPFED_MSG_AUTH);
+    return 1;
 }
 
 static uint16_t error_code(tpfed_header_t *h, const uint8_t *pl) {
@@ -299,8 +367,14 @@ static void test_share_bytes(void) {
 static void test_peer(void) {
     static uint8_t arena[256 * 1024];
     static uint8_t pl[70000], share[70000];
-    tpfed_peer_config cfg = {&hal, &info, 6, TPFED_TRANSPORT_UDP | TPFED_TRANSPORT_SERIAL, 1024, 4, 2, 0};
+    tpfed_peer_config cfg = {&hal, &info, 6, TPFED_TRANSPORT_UDP | TPFED_TRANSPORT_SERIAL, 1024, 4, 2, 0,
+                             fed_key, 0};
     CHECK(tpfed_peer_init(arena, 100, &cfg) == NULL);
+    tpfed_hal no_random = hal;
+    no_random.random = NULL;
+    cfg.hal = &no_random;
+    CHECK(tpfed_peer_init(arena, sizeof arena, &cfg) == NULL);
+    cfg.hal = &hal;
     cfg.max_frame = 100;
     CHECK(tpfed_peer_init(arena, sizeof arena, &cfg) == NULL);
     cfg.max_frame = 1024;
@@ -310,6 +384,8 @@ static void test_peer(void) {
     CHECK(tpfed_peer_state(p) == TPFED_PEER_IDLE && tpfed_peer_device_id(p) == 255);
     tpfed_header_t h;
     const uint8_t *rp;
+    CHECK(handshake(p, fed_key, 1, 1));
+    CHECK(tpfed_peer_session(p) == 1 && tpfed_peer_device_id(p) == 1 && tpfed_peer_in_session(p));
 
     // HELLO
     tpfed_hello_t hello;
@@ -387,10 +463,10 @@ static void test_peer(void) {
                     CHECK(replies == (li == 0 ? 1 : 2));
                     tpfed_header_t a;
                     const uint8_t *ap;
-                    CHECK(tpfed_frame_decode(lk.frames[0], lk.lens[0], 0xFFFF, &a, &ap) == TPFED_OK);
+                    CHECK(reply(0, &a, &ap));
                     CHECK(a.type == TPFED_MSG_ACK);
                     if (li == 1) {
-                        CHECK(tpfed_frame_decode(lk.frames[1], lk.lens[1], 0xFFFF, &a, &ap) == TPFED_OK);
+                        CHECK(reply(1, &a, &ap));
                         CHECK(a.type == TPFED_MSG_READY);
                         tpfed_ready_t r;
                         CHECK(tpfed_ready_decode(ap, a.length, &r) == TPFED_OK);
@@ -423,7 +499,7 @@ static void test_peer(void) {
 
     // An ASSIGN that does not fit: OOM, and the old assignment still answers.
     n = assign_payload(pl, 64, 172, 5, 8, 4, 65535, &kv, 1);
-    CHECK(exchange(p, TPFED_MSG_ASSIGN, 2, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_OUT_OF_MEMORY);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_OUT_OF_MEMORY);
     CHECK(tpfed_peer_state(p) == TPFED_PEER_READY && tpfed_peer_session(p) == 1);
     CHECK(exchange(p, TPFED_MSG_ACTIVATION, 1, pl, n == 0 ? 0 : 0, NULL, NULL) == 0);   // empty: dropped
     CHECK(tpfed_activation_encode(pl, sizeof pl, &act, &n) == TPFED_OK);
@@ -437,11 +513,217 @@ static void test_peer(void) {
     n = weights_payload(pl, 2, last_off, (uint32_t)total, sha, share + last_off, (uint16_t)(total - last_off));
     CHECK(exchange(p, TPFED_MSG_WEIGHTS, 1, pl, n, &h, &rp) == 2 && h.type == TPFED_MSG_READY);
 
-    // BYE of another session ignored; of this one ends it.
+    // Replies of the session are sealed; a replayed ACTIVATION gets nothing.
+    CHECK(tpfed_activation_encode(pl, sizeof pl, &act, &n) == TPFED_OK);
+    CHECK(exchange(p, TPFED_MSG_ACTIVATION, 1, pl, n, &h, &rp) == 1 && (h.flags & TPFED_FLAG_AUTH));
+    uint32_t replayed = tpfed_peer_get_stats(p)->replayed;
+    lk.n = 0;
+    tpfed_peer_handle_frame(p, txbuf, n + TPFED_AUTH_FRAME_OVERHEAD);
+    CHECK(lk.n == 0 && tpfed_peer_get_stats(p)->replayed == replayed + 1);
+
+    // BYE of another session (sealed with the right key, but another session number): dropped;
+    // of this one: ends the session and the assignment; then nothing is answered.
     uint8_t reason = 0;
+    coord.session = 5;
+    uint32_t dropped = tpfed_peer_get_stats(p)->auth_dropped;
     CHECK(exchange(p, TPFED_MSG_BYE, 5, &reason, 1, NULL, NULL) == 0 && tpfed_peer_state(p) == TPFED_PEER_READY);
+    CHECK(tpfed_peer_get_stats(p)->auth_dropped == dropped + 1);
+    coord.session = 1;
     CHECK(exchange(p, TPFED_MSG_BYE, 1, &reason, 1, NULL, NULL) == 0 && tpfed_peer_state(p) == TPFED_PEER_IDLE);
-    CHECK(tpfed_peer_get_stats(p)->activations == 3);
+    CHECK(!tpfed_peer_in_session(p) && tpfed_peer_session(p) == 0);
+    CHECK(exchange(p, TPFED_MSG_HEARTBEAT, 1, pl, 5, NULL, NULL) == 0);
+    CHECK(tpfed_peer_get_stats(p)->activations == 4);
+    sealing = NULL;
+}
+
+// ------------------------------------------------------------------------- authentication
+
+static void hex_to(uint8_t *out, const char *hex) {
+    for (size_t i = 0; hex[2 * i]; i++) {
+        unsigned v;
+        sscanf(hex + 2 * i, "%2x", &v);
+        out[i] = (uint8_t)v;
+    }
+}
+
+static void test_hmac(void) {
+    // RFC 4231 test cases 1, 2 and 6 (a key longer than the block).
+    uint8_t key[131], mac[32], want[32];
+    memset(key, 0x0b, 20);
+    tpfed_hmac_sha256(mac, key, 20, (const uint8_t *)"Hi There", 8);
+    hex_to(want, "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7");
+    CHECK(memcmp(mac, want, 32) == 0);
+    tpfed_hmac_sha256(mac, (const uint8_t *)"Jefe", 4, (const uint8_t *)"what do ya want for nothing?", 28);
+    hex_to(want, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    CHECK(memcmp(mac, want, 32) == 0);
+    memset(key, 0xaa, sizeof key);
+    const char *m6 = "Test Using Larger Than Block-Size Key - Hash Key First";
+    tpfed_hmac_sha256(mac, key, 131, (const uint8_t *)m6, strlen(m6));
+    hex_to(want, "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54");
+    CHECK(memcmp(mac, want, 32) == 0);
+    // incremental == one-shot
+    tpfed_hmac_key k;
+    tpfed_hmac_ctx c;
+    tpfed_hmac_key_init(&k, (const uint8_t *)"Jefe", 4);
+    tpfed_hmac_init(&c, &k);
+    tpfed_hmac_update(&c, (const uint8_t *)"what do ya ", 11);
+    tpfed_hmac_update(&c, (const uint8_t *)"want for nothing?", 17);
+    tpfed_hmac_final(&c, mac);
+    hex_to(want, "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843");
+    CHECK(memcmp(mac, want, 32) == 0);
+    CHECK(tpfed_ct_equal(mac, want, 32) && !tpfed_ct_equal(mac, want + 1, 31));
+}
+
+static void test_replay_window(void) {
+    tpfed_replay_window w;
+    tpfed_replay_init(&w);
+    CHECK(!tpfed_replay_fresh(&w, 0) && tpfed_replay_fresh(&w, 1) && tpfed_replay_fresh(&w, 1000));
+    tpfed_replay_accept(&w, 5);
+    CHECK(!tpfed_replay_fresh(&w, 5) && tpfed_replay_fresh(&w, 4) && tpfed_replay_fresh(&w, 6));
+    tpfed_replay_accept(&w, 4);
+    CHECK(!tpfed_replay_fresh(&w, 4));
+    tpfed_replay_accept(&w, 70);   // 5 and 4 slide out of the window: too old
+    CHECK(!tpfed_replay_fresh(&w, 5) && !tpfed_replay_fresh(&w, 6) && tpfed_replay_fresh(&w, 7));
+    CHECK(tpfed_replay_fresh(&w, 69) && !tpfed_replay_fresh(&w, 70));
+    tpfed_replay_accept(&w, 0xFFFFFFFFu);
+    CHECK(!tpfed_replay_fresh(&w, 0xFFFFFFFFu) && tpfed_replay_fresh(&w, 0xFFFFFFFFu - 63u) &&
+          !tpfed_replay_fresh(&w, 0xFFFFFFFFu - 64u));
+}
+
+static uint32_t ack_type_of_last(void) {
+    tpfed_header_t h;
+    const uint8_t *rp;
+    tpfed_ack_t a;
+    if (!lk.n || tpfed_frame_decode(lk.frames[lk.n - 1], lk.lens[lk.n - 1], 0xFFFF, &h, &rp) != TPFED_OK ||
+        h.type != TPFED_MSG_ACK || tpfed_ack_decode(rp, h.length, &a) != TPFED_OK)
+        return 0;
+    return a.acked_type;
+}
+
+static void test_auth_peer(void) {
+    static uint8_t arena[64 * 1024];
+    static uint8_t pl[256];
+    uint8_t other_key[32];
+    memset(other_key, 0x42, sizeof other_key);
+    tpfed_header_t h;
+    const uint8_t *rp;
+
+    // No key: everything is dropped, the handshake too.
+    tpfed_peer_config cfg = {&hal, &info, 6, TPFED_TRANSPORT_SERIAL, 512, 4, 2, 1000, NULL, 0};
+    tpfed_peer *p = tpfed_peer_init(arena, sizeof arena, &cfg);
+    CHECK(p != NULL && !tpfed_peer_keyed(p));
+    CHECK(!handshake(p, fed_key, 7, 2) && lk.n == 0);
+    sealing = NULL;
+    CHECK(exchange(p, TPFED_MSG_HELLO, 0, pl, 0, NULL, NULL) == 0);
+    memcpy(pl, fed_key, 32);
+    CHECK(exchange(p, TPFED_MSG_PROVISION, 0, pl, 32, NULL, NULL) == 0);   // not provisionable
+    CHECK(tpfed_peer_get_stats(p)->auth_dropped >= 3);
+
+    // Provisionable: the first PROVISION keys it (ACK), the same key again is ACKed again,
+    // another key is dropped.
+    cfg.provision = 1;
+    p = tpfed_peer_init(arena, sizeof arena, &cfg);
+    CHECK(exchange(p, TPFED_MSG_PROVISION, 0, pl, 31, NULL, NULL) == 0);   // malformed
+    CHECK(exchange(p, TPFED_MSG_PROVISION, 0, pl, 32, NULL, NULL) == 1 && ack_type_of_last() == TPFED_MSG_PROVISION);
+    CHECK(tpfed_peer_keyed(p));
+    CHECK(exchange(p, TPFED_MSG_PROVISION, 0, pl, 32, NULL, NULL) == 1 && ack_type_of_last() == TPFED_MSG_PROVISION);
+    memcpy(pl, other_key, 32);
+    CHECK(exchange(p, TPFED_MSG_PROVISION, 0, pl, 32, NULL, NULL) == 0);
+    CHECK(handshake(p, fed_key, 7, 2));
+    CHECK(tpfed_peer_device_id(p) == 2 && tpfed_peer_session(p) == 7);
+
+    // A keyed board (key given at build) drops PROVISION altogether.
+    cfg.provision = 0;
+    cfg.key = fed_key;
+    p = tpfed_peer_init(arena, sizeof arena, &cfg);
+    sealing = NULL;
+    memcpy(pl, fed_key, 32);
+    CHECK(exchange(p, TPFED_MSG_PROVISION, 0, pl, 32, NULL, NULL) == 0);
+
+    // Unsealed frames get nothing; a coordinator with another key gets a RESPONSE it cannot
+    // verify, and its CONFIRM is dropped without an answer.
+    CHECK(exchange(p, TPFED_MSG_HELLO, 0, pl, 0, NULL, NULL) == 0);
+    CHECK(!handshake(p, other_key, 9, 1));
+    CHECK(!tpfed_peer_in_session(p));
+    uint32_t dropped = tpfed_peer_get_stats(p)->auth_dropped;
+    sealing = NULL;
+    pl[0] = TPFED_AUTH_CONFIRM;
+    memset(pl + 1, 0x11, 32);
+    CHECK(exchange(p, TPFED_MSG_AUTH, 9, pl, 33, NULL, NULL) == 0);
+    CHECK(tpfed_peer_get_stats(p)->auth_dropped == dropped + 1 && !tpfed_peer_in_session(p));
+
+    // The right key: a session. A repeated CHALLENGE gets the same RESPONSE; a repeated CONFIRM
+    // is ACKed again (sealed).
+    CHECK(handshake(p, fed_key, 11, 1));
+    CHECK(exchange(p, TPFED_MSG_HEARTBEAT, 11, pl, 5, &h, &rp) == 1 && h.type == TPFED_MSG_HEARTBEAT);
+    // A frame whose tag was tampered with: dropped.
+    size_t n = make(TPFED_MSG_HEARTBEAT, 1, 11, pl, 5);
+    txbuf[n - 5] ^= 1;
+    tpfed_frame_put_crc(txbuf, n);
+    lk.n = 0;
+    dropped = tpfed_peer_get_stats(p)->auth_dropped;
+    tpfed_peer_handle_frame(p, txbuf, n);
+    CHECK(lk.n == 0 && tpfed_peer_get_stats(p)->auth_dropped == dropped + 1);
+    // Addressed to another device id: dropped (it is sealed, but not for us).
+    lk.n = 0;
+    n = make(TPFED_MSG_HEARTBEAT, 9, 11, pl, 5);
+    tpfed_peer_handle_frame(p, txbuf, n);
+    CHECK(lk.n == 0);
+
+    // A second coordinator with the key, while the session is live: RESPONSE, then BUSY sealed
+    // with its own session key (reply() opened it with that key); the first session goes on.
+    tpfed_auth_session first = coord;
+    CHECK(!handshake(p, fed_key, 12, 1));
+    CHECK(lk.n == 1);
+    tpfed_header_t eh;
+    const uint8_t *ep;
+    CHECK(tpfed_frame_decode(lk.frames[0], lk.lens[0], 0xFFFF, &eh, &ep) == TPFED_OK);
+    CHECK(eh.type == TPFED_MSG_ERROR && eh.session == 12 && (eh.flags & TPFED_FLAG_AUTH));
+    CHECK(coord.rx.highest == 1 && coord.session == 12);
+    tpfed_error_t e;
+    CHECK(tpfed_error_decode(ep, eh.length, &e) == TPFED_OK && e.code == TPFED_ERR_BUSY);
+    CHECK(e.text_len == 30 && memcmp(e.text, "peer busy with another session", 30) == 0);
+    CHECK(tpfed_peer_session(p) == 11 && tpfed_peer_get_stats(p)->busy == 1);
+    coord = first;
+    sealing = &coord;
+    CHECK(exchange(p, TPFED_MSG_HEARTBEAT, 11, pl, 5, &h, &rp) == 1 && h.type == TPFED_MSG_HEARTBEAT);
+
+    // Silent for longer than TPFED_SESSION_IDLE_MS: a new handshake replaces the session.
+    lk.now += TPFED_SESSION_IDLE_MS + 1u;
+    CHECK(handshake(p, fed_key, 13, 4));
+    CHECK(tpfed_peer_session(p) == 13 && tpfed_peer_device_id(p) == 4);
+    CHECK(exchange(p, TPFED_MSG_HEARTBEAT, 13, pl, 5, NULL, NULL) == 0);   // dst 1 is not us now
+    CHECK(tpfed_peer_get_stats(p)->sessions == 2);
+    sealing = NULL;
+}
+
+// Microseconds per tag of a sealed frame of payload n bytes (tpfed_auth_stamp: HMAC + CRC).
+static void bench_tags(void) {
+    static uint8_t frame[8192];
+    tpfed_hmac_key ks;
+    tpfed_hmac_key_init(&ks, fed_key, 32);
+    const size_t sizes[] = {95, 270, 1024, 4104};
+    for (int i = 0; i < 4; i++) {
+        tpfed_header_t h;
+        memset(&h, 0, sizeof h);
+        h.type = TPFED_MSG_PARTIAL;
+        h.flags = TPFED_FLAG_AUTH;
+        size_t len = 0;
+        CHECK(tpfed_frame_begin(frame, sizeof frame, &h, sizes[i], &len) == TPFED_OK);
+        int reps = 200000;
+        clock_t t0 = clock();
+        for (int r = 1; r <= reps; r++) tpfed_auth_stamp(frame, len, &ks, (uint32_t)r);
+        double us_stamp = (double)(clock() - t0) / CLOCKS_PER_SEC * 1e6 / reps;
+        t0 = clock();
+        uint32_t ctr = 0;
+        for (int r = 1; r <= reps; r++) tpfed_auth_verify(frame, len, &ks, &ctr);
+        double us_verify = (double)(clock() - t0) / CLOCKS_PER_SEC * 1e6 / reps;
+        t0 = clock();
+        for (int r = 1; r <= reps; r++) tpfed_frame_put_crc(frame, len);
+        double us_crc = (double)(clock() - t0) / CLOCKS_PER_SEC * 1e6 / reps;
+        printf("bench: payload %5zu B (frame %5zu B): stamp %.3f us, verify %.3f us (CRC alone %.3f us)\n",
+               sizes[i], len, us_stamp, us_verify, us_crc);
+    }
 }
 
 // ------------------------------------------------------------------------- stream helper
@@ -480,16 +762,18 @@ static void test_stream(const char *dir) {
     static uint8_t rbuf[TPFED_STREAM_BUFFER_SIZE(1024u)];
     tpfed_stream st;
     tpfed_stream_init(&st, rbuf, sizeof rbuf, wire_write, NULL, NULL);
-    tpfed_hal shal = {&st, tpfed_stream_send_frame, link_millis};
-    tpfed_peer_config cfg = {&shal, &info, 6, TPFED_TRANSPORT_SERIAL, 1024, 32, 8, 1000};
+    tpfed_hal shal = {&st, tpfed_stream_send_frame, link_millis, test_random};
+    tpfed_peer_config cfg = {&shal, &info, 6, TPFED_TRANSPORT_SERIAL, 1024, 32, 8, 1000, fed_key, 0};
     tpfed_peer *p = tpfed_peer_init(arena, sizeof arena, &cfg);
     CHECK(p != NULL && tpfed_peer_int8_macs(p) == 1000);
-    tpfed_hello_t hello;
-    memset(&hello, 0, sizeof hello);
-    size_t n = 0;
+    // A CHALLENGE (the one frame an unauthenticated sender gets an answer to) through the stream.
     static uint8_t pl[256];
-    CHECK(tpfed_hello_encode(pl, sizeof pl, &hello, &n) == TPFED_OK);
-    size_t len = make(TPFED_MSG_HELLO, 3, 0, pl, n);
+    size_t n = 20;
+    memset(pl, 0x5A, n);
+    pl[0] = TPFED_AUTH_CHALLENGE;
+    pl[19] = 3;
+    sealing = NULL;
+    size_t len = make(TPFED_MSG_AUTH, 3, 0, pl, n);
     m = tpfed_cobs_encode(enc, sizeof enc, txbuf, len);
     enc[m++] = 0;
     wire_len = 0;
@@ -500,7 +784,7 @@ static void test_stream(const char *dir) {
     tpfed_header_t h;
     const uint8_t *rp;
     CHECK(dl > 0 && tpfed_frame_decode(enc, (size_t)dl, 0xFFFF, &h, &rp) == TPFED_OK);
-    CHECK(h.type == TPFED_MSG_HELLO && h.src == 3);
+    CHECK(h.type == TPFED_MSG_AUTH && h.src == 3 && rp[0] == TPFED_AUTH_RESPONSE);
     free(frame);
 }
 
@@ -515,6 +799,10 @@ int main(int argc, char **argv) {
     test_share_bytes();
     test_stream(dir);
     test_peer();
+    test_hmac();
+    test_replay_window();
+    test_auth_peer();
+    if (argc > 2 && strcmp(argv[2], "--bench") == 0) bench_tags();
     free(manifest);
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);

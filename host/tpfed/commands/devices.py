@@ -17,6 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline", type=float, default=3.0, metavar="SECONDS",
                         help="a peer that does not answer within this is unreachable (3)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    parser.add_argument("--key-file", default=None, metavar="PATH",
+                        help="the federation key the peers hold (as for tpfed run)")
 
 
 def serial_ports() -> list[dict]:
@@ -49,20 +51,25 @@ def device_row(peer) -> dict:
     }
 
 
-async def probe_peers(spec: str, deadline_s: float) -> list[dict]:
+async def probe_peers(spec: str, deadline_s: float, key_file: str | None = None) -> list[dict]:
     """HELLO and PROBE every peer of ``spec`` (starting local peers and emulated boards for the
     time of the call); raises :class:`tpfed.errors.PeerError` naming an unreachable one."""
     import contextlib
 
     from tpfed.runtime.coordinator import PeerLinks
     from tpfed.runtime.peerspec import parse_peers
-    from tpfed.runtime.session import open_links
+    from tpfed.runtime.session import federation_key, open_links
 
     specs = parse_peers(spec)
+    key = federation_key(specs, key_file)
     async with contextlib.AsyncExitStack() as stack:
-        links = await open_links(specs, stack)
-        peers = await PeerLinks(links, deadline_s=deadline_s).connect()
-        return [device_row(p) for p in peers]
+        links = await open_links(specs, stack, key=key)
+        fleet = PeerLinks(links, key=key, deadline_s=deadline_s)
+        try:
+            peers = await fleet.connect()
+            return [device_row(p) for p in peers]
+        finally:
+            await fleet.close()
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     devices: list[dict] = []
     if args.peers is not None:
         try:
-            devices = aio.run(probe_peers(args.peers, args.deadline))
+            devices = aio.run(probe_peers(args.peers, args.deadline, args.key_file))
         except (OSError, ConnectionError) as exc:
             raise PeerError(f"peer connection failed: {exc}") from None
     ports = serial_ports() if args.peers is None else []

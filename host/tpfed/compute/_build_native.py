@@ -36,9 +36,27 @@ def _rel(path: Path) -> str:
         return str(path)
 
 
+_INCLUDE_LINE = re.compile(r'^#include "([^"]+)"', re.M)
+
+
 def public_headers() -> list[Path]:
+    """Headers with a cffi region, each after the headers it includes (cdef needs the types it
+    uses declared first), otherwise in name order."""
     headers = [*sorted(INCLUDE.glob("*.h")), *sorted(HOST_PORT.glob("*.h"))]
-    return [p for p in headers if _REGION.search(p.read_text())]
+    by_name = {h.name: h for h in headers}
+    ordered: list[Path] = []
+
+    def visit(h: Path, seen: frozenset[str] = frozenset()) -> None:
+        if h in ordered or h.name in seen:
+            return
+        for dep in _INCLUDE_LINE.findall(h.read_text()):
+            if dep in by_name:
+                visit(by_name[dep], seen | {h.name})
+        ordered.append(h)
+
+    for h in headers:
+        visit(h)
+    return [p for p in ordered if _REGION.search(p.read_text())]
 
 
 def cdef_text() -> str:

@@ -188,15 +188,24 @@ def model_config_from_hf(cfg: Any, name: str = "model", strict: bool = False) ->
 
 
 def load_model_config(path: str | Path) -> ModelConfig:
-    """A model's geometry from a llama2.c ``.bin`` checkpoint or a Hugging Face config.json.
-
-    A directory is searched for ``config.json``. Raises :class:`ModelError` on anything else.
+    """A model's geometry from a llama2.c ``.bin`` checkpoint, a GGUF file (its header only), a
+    Hugging Face config.json, or a folder holding one of them (as ``tpfed run --model`` takes). Raises :class:`ModelError` on anything else.
     """
     path = Path(path)
-    if path.is_dir():
-        path = path / "config.json"
+    if path.is_dir() or (path.is_file() and path.suffix != ".json"):
+        from tpfed.model.formats import detect_format
+
+        fmt, where = detect_format(path)
+        if fmt == "hf":
+            path = where / "config.json"
+        elif fmt == "gguf":
+            from tpfed.model.gguf_io import _config, _reader
+
+            return _config(_reader(where), where)
+        else:
+            path = where
     if not path.is_file():
-        raise ModelError(f"{path}: no such model file (give a llama2.c .bin or a config.json)")
+        raise ModelError(f"{path}: no such model file (give a llama2.c .bin, a GGUF file or a config.json)")
     if path.suffix == ".json":
         try:
             cfg = json.loads(path.read_text())

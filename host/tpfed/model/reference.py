@@ -67,7 +67,13 @@ def rope_frequencies(head_size: int, theta: float, config: ModelConfig | None = 
     (run.c's, and transformers' ``inv_freq``), rescaled as ``config.rope_scaling`` asks."""
     j = np.arange(0, head_size, 2, dtype=np.float32)
     freq = (np.float32(1.0) / np.power(np.float32(theta), j / np.float32(head_size))).astype(np.float32)
-    if config is None or not config.rope_scaling:
+    return freq if config is None else scale_rope_frequencies(freq, config)
+
+
+def scale_rope_frequencies(freq: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """``freq`` (float32) rescaled as ``config.rope_scaling`` asks (unchanged when it asks
+    nothing)."""
+    if not config.rope_scaling:
         return freq
     factor = np.float32(config.rope_factor)
     if config.rope_scaling == "linear":

@@ -191,7 +191,7 @@ async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
     async with local as uris:
         pid = local.procs[0].pid
         link = await open_udp_link(uris[0], name="calibration")
-        coord = Coordinator(model, [link], seq_len=min(c.seq_len, 64))
+        coord = Coordinator(model, [link], key=local.key, seq_len=min(c.seq_len, 64))
         try:
             (peer,) = await coord.connect()
             coord.make_plan("round-robin")

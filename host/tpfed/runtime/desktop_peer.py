@@ -8,6 +8,7 @@ calls Python handles signals and logs what changed: a new session, layers held, 
 
 from __future__ import annotations
 
+import io
 import signal
 import socket
 import sys
@@ -162,7 +163,7 @@ class UdpPeer:
 
 
 def run_peer(listen_host: str, listen_port: int, name: str, memory_bytes: int | None, mtu: int,
-             verbose: bool = False) -> None:
+             verbose: bool = False, on_listening=None, *, key: bytes, quiet: bool = False) -> None:
     """``tpfed peer``: bind, announce ``listening on udp://HOST:PORT`` on stdout (the line
     :mod:`tpfed.runtime.localpeers` reads), serve until SIGTERM/SIGINT."""
     arena = check_options(memory_bytes, mtu)
@@ -174,14 +175,25 @@ def run_peer(listen_host: str, listen_port: int, name: str, memory_bytes: int | 
 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        peer = UdpPeer(sock, DeviceInfo(board=name, port="host-udp"), arena, mtu)
+        peer = UdpPeer(sock, DeviceInfo(board=name, port="host-udp"), arena, mtu,
+                       PeerConfig(key=key), log=io.StringIO() if quiet else sys.stderr)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"tpfed peer {name} listening on udp://{shown}:{port} "
               f"({peer.core.int8_macs / 1e9:.2f} GMAC/s int8, "
               f"{(arena - arena_overhead()) / 2**20:.0f} MiB offered)",
               flush=True)
-        peer.serve(lambda: bool(stopping))
+        # hook (tpfed peer --bus): called with (host, port, info) once listening; may return a
+        # callable run when the peer stops
+        on_stop = on_listening(host, port, {"name": name, "int8_macs": peer.core.int8_macs,
+                                            "memory_bytes": arena - arena_overhead(),
+                                            "device_class": "desktop", "mtu": mtu}) \
+            if on_listening else None
+        try:
+            peer.serve(lambda: bool(stopping))
+        finally:
+            if on_stop is not None:
+                on_stop()
         if verbose:
             s = peer.stats()
             print(f"tpfed peer {name}: {s['frames_in']} frames in, {s['activations']} activations, "

@@ -17,6 +17,10 @@ the firmware path, memory figures), comes from their board profiles in ``boards/
 (:data:`EMULATED_PROFILES`): ``musca-b1`` (Cortex-M33, 512 KiB SRAM; the default, big enough
 for a quarter of stories260K with its KV cache) and ``lm3s6965evb`` (Cortex-M3, 64 KiB SRAM).
 A profile names its QEMU machine with ``qemu_machine`` (default: the profile's name).
+
+Keys: the firmware built without ``TPFED_KEY_HEX`` starts with no federation key and drops every
+frame until it takes one PROVISION frame on its UART. :func:`provision` (or
+:meth:`EmulatedBoard.provision`) sends it over an open serial link and waits for the board's ACK.
 """
 
 from __future__ import annotations
@@ -330,6 +334,14 @@ class EmulatedBoard:
         with self._log_lock:
             return self._log.decode(errors="replace")
 
+    def provision(self, ser, key: bytes, **kwargs) -> None:
+        """:func:`provision` over ``ser`` (a link from :meth:`open_serial`), with this board's
+        name in the error."""
+        try:
+            provision(ser, key, **kwargs)
+        except EmulatorError as exc:
+            raise EmulatorError(f"{self.spec.name}: {exc}; QEMU said: {self.output().strip()[-300:]}") from None
+
     def open_serial(self, timeout: float = 2.0, connect_timeout: float = 5.0):
         """Connect to the board's UART with pyserial (starts the guest)."""
         import serial
@@ -343,6 +355,37 @@ class EmulatedBoard:
                     raise EmulatorError(f"cannot connect to {self.spec.name} at {self.url}: {exc}; "
                                         f"QEMU said: {self.output().strip()[-300:]}") from exc
                 time.sleep(0.02)
+
+
+def provision(ser, key: bytes, *, attempts: int = 5, timeout: float = 2.0) -> None:
+    """Give a freshly booted board its federation key over an open serial link (pyserial-like:
+    ``write``, ``read``, ``in_waiting``): one PROVISION frame, repeated until the board ACKs it
+    (bytes that reach an emulated board's UART before its FIFO is on are lost; a repeat of the
+    same key is ACKed again). Frames other than that ACK are discarded. Raises EmulatorError if
+    the board never answers (it holds another key, or is not running this firmware)."""
+    from tpfed.protocol.codec import Frame, decode_frame, encode_frame
+    from tpfed.protocol.errors import ProtocolError
+    from tpfed.protocol.framing import StreamFramer
+    from tpfed.protocol.schema import KEY_SIZE, MsgType
+
+    if len(key) != KEY_SIZE:
+        raise EmulatorError(f"a federation key is {KEY_SIZE} bytes, got {len(key)}")
+    framer = StreamFramer()
+    for attempt in range(1, attempts + 1):
+        frame = encode_frame(Frame(MsgType.PROVISION, {"key": bytes(key)}, seq=attempt))
+        ser.write(b"\x00" + StreamFramer.encode(frame))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            chunk = ser.read(max(1, getattr(ser, "in_waiting", 0) or 1))
+            for raw in framer.feed(chunk):
+                try:
+                    f = decode_frame(raw)
+                except ProtocolError:
+                    continue
+                if f.type == MsgType.ACK and f.payload.get("acked_type") == MsgType.PROVISION:
+                    return
+    raise EmulatorError(f"the board did not take its key after {attempts} PROVISION frames "
+                        "(it may hold another key: only an unkeyed build takes PROVISION)")
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
@@ -424,5 +467,6 @@ __all__ = [
     "firmware_path",
     "free_port",
     "machine_of",
+    "provision",
     "qemu_binary",
 ]

@@ -2,7 +2,8 @@
 
 Each peer is a real ``tpfed peer`` process on its own UDP port; the port is read from the
 first line it prints. Processes are stopped on exit, also when startup fails half-way, and on
-Linux the kernel kills them if the starting process itself is killed.
+Linux the kernel kills them if the starting process itself is killed. They hold the federation
+key given (or a fresh one), read from a private temporary file.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ import contextlib
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tpfed.errors import PeerError
+from tpfed.protocol import auth
 from tpfed.runtime.process import die_with_parent
 
 _LISTENING = re.compile(r"listening on (udp://\S+)")
@@ -27,14 +31,22 @@ class LocalPeers:
     count: int
     startup_timeout_s: float = 30.0
     extra_args: tuple[str, ...] = ()
+    key: bytes | None = None
+    """The federation key the peers hold (a fresh random one when not given)."""
     procs: list[asyncio.subprocess.Process] = field(default_factory=list)
     uris: list[str] = field(default_factory=list)
+    key_file: str | None = None
+    """Where the peers read the key from (a private temporary file, removed at stop)."""
 
     async def __aenter__(self) -> list[str]:
+        if self.key is None:
+            self.key = auth.new_key()
+        self._keydir = tempfile.TemporaryDirectory(prefix="tpfed-key-")
+        self.key_file = str(auth.write_key_file(Path(self._keydir.name) / "federation.key", self.key))
         try:
             for i in range(self.count):
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "tpfed", "peer",
+                    sys.executable, "-m", "tpfed", "peer", "--key-file", self.key_file, "--quiet",
                     "--listen", "udp://127.0.0.1:0", "--name", f"local-{i}", *self.extra_args,
                     stdout=asyncio.subprocess.PIPE,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -79,6 +91,10 @@ class LocalPeers:
                     proc.kill()
                 await proc.wait()
         self.procs.clear()
+        keydir = getattr(self, "_keydir", None)
+        if keydir is not None:
+            keydir.cleanup()
+            self._keydir = None
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()

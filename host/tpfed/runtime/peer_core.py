@@ -68,6 +68,8 @@ class PeerConfig:
     max_groups: int = 255
     max_ranges: int = 255
     int8_macs: int = 0  # 0: the core measures its matmul kernel at start-up (about 0.1 s)
+    key: bytes | None = None  # the federation key; without one the core answers nothing
+    provision: bool = False  # while keyless, take one PROVISION frame (boards do; hosts don't)
 
 
 def _clamp32(v: int) -> int:
@@ -97,11 +99,14 @@ class PeerCore:
             "flash_bytes": _clamp32(info.flash_bytes), "link_baud": _clamp32(info.link_baud),
             "cores": max(0, min(info.cores, 255)), "has_fpu": int(info.has_fpu),
             "has_simd": int(info.has_simd)})
+        if config.key is not None and len(config.key) != lib.TPFED_KEY_SIZE:
+            raise TpfedError(f"a federation key is {lib.TPFED_KEY_SIZE} bytes, got {len(config.key)}")
+        key = ffi.new("uint8_t[]", config.key) if config.key is not None else ffi.NULL
         self._cfg = ffi.new("tpfed_peer_config *", {
             "hal": hal, "info": self._info, "device_class": config.device_class,
             "transports": config.transports, "max_frame": config.max_frame,
             "max_groups": config.max_groups, "max_ranges": config.max_ranges,
-            "int8_macs": config.int8_macs})
+            "int8_macs": config.int8_macs, "key": key, "provision": int(config.provision)})
         flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_NORESERVE", 0)
         try:
             self._arena_map = mmap.mmap(-1, arena_bytes, flags=flags)
@@ -109,6 +114,8 @@ class PeerCore:
             raise TpfedError(f"cannot map {arena_bytes} bytes of memory for the peer: {exc}") from None
         self._arena = ffi.from_buffer("uint8_t[]", self._arena_map)
         self.ptr = lib.tpfed_peer_init(self._arena, arena_bytes, self._cfg)
+        if key != ffi.NULL:
+            lib.tpfed_wipe(key, len(config.key))  # the core keeps its own HMAC states of it
         if self.ptr == ffi.NULL:
             raise TpfedError("the peer core refused its configuration")
         self.config = config
@@ -154,7 +161,8 @@ class PeerCore:
     def stats(self) -> dict[str, int]:
         s = lib.tpfed_peer_get_stats(self.ptr)
         return {k: int(getattr(s, k)) for k in ("frames_in", "frames_out", "dropped",
-                                                  "errors_sent", "activations")}
+                                                  "errors_sent", "activations", "auth_dropped",
+                                                  "replayed", "sessions", "busy")}
 
 
 _RECORD = struct.Struct("<I")

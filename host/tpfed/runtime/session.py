@@ -35,6 +35,11 @@ class RunOptions:
     strategy: str = "round-robin"
     deadline_s: float = 5.0
     mtu: int = 1400
+    key_file: str | None = None  # the federation key (see tpfed.runtime.keys)
+    replicas: int = 1  # every unit on this many devices
+    prompt_ids: list[int] | None = None  # the prompt as token ids (instead of text)
+    ignore_eos: bool = False  # generate past the model's EOS
+    weights: str = "q8_0"  # "q8_0" (split across the peers) or "f32" (see run_f32)
 
 
 @dataclass
@@ -66,20 +71,78 @@ class RunResult:
         }
 
 
-def load_model(model: str | None, tokenizer: str | None) -> tuple[Q8Model, Tokenizer]:
-    from tpfed.model.fetch import locate_model
+def load_model(model: str | None, tokenizer: str | None) -> tuple[Q8Model, Tokenizer | None]:
+    """The int8 model and its tokenizer (None when the model comes without one and none is
+    given) from any format :mod:`tpfed.model.formats` reads; without ``model``, stories260K
+    (found or fetched)."""
+    if model is not None:
+        from tpfed.compute.int8_forward import LLAMA_FAMILY, load_hf_q8
+        from tpfed.model.formats import _hf_tokenizer, detect_format, load_tokenizer
+        from tpfed.model.hf import read_hf_config
 
-    files = locate_model(model, tokenizer)
-    q8 = Q8Model.load(files.model)
-    tok = Tokenizer.load(files.tokenizer, vocab_size=q8.config.vocab_size)
-    return q8, tok
+        fmt, where = detect_format(model)
+        if fmt == "hf" and read_hf_config(where)[0].arch in LLAMA_FAMILY:
+            q8 = load_hf_q8(where)  # streamed from the memory-mapped files, no float32 copy
+            tok = load_tokenizer(tokenizer, q8.config) if tokenizer else _hf_tokenizer(where, q8.config)
+            return q8, tok
+    return _q8_of(load_loaded(model, tokenizer))
+
+
+def load_loaded(model: str | None, tokenizer: str | None):
+    """:func:`tpfed.model.formats.load_float_model` of ``model`` (stories260K by default)."""
+    from tpfed.model.formats import load_float_model
+
+    if model is None:
+        from tpfed.model.fetch import locate_model
+
+        files = locate_model(None, tokenizer)
+        model, tokenizer = str(files.model), str(files.tokenizer)
+    return load_float_model(model, tokenizer)
+
+
+def _q8_of(loaded) -> tuple[Q8Model, Tokenizer | None]:
+    return Q8Model.from_weights(loaded.weights), loaded.tokenizer
+
+
+def _needs(p) -> list[str]:
+    return [what for what, needed in (
+        ("q/k/v biases", p.qkv_bias), ("MLP biases", p.mlp_bias), ("a plain GELU MLP", not p.gated),
+        ("GELU", p.act != 0), ("a sliding window", p.window > 0), ("encoder attention", not p.causal),
+        ("learned positions", p.rope == 0), ("a RoPE table", p.rope == 2)) if needed]
+
+
+def stop_ids_for(config) -> tuple[int, ...]:
+    """Where generation stops: the model's EOS, and BOS for llama2.c's models (run.c stops at
+    BOS, the story separator)."""
+    ids = {config.eos_id} if config.eos_id >= 0 else set()
+    if config.arch == "llama" and config.bos_id == BOS:
+        ids.add(BOS)
+    return tuple(sorted(ids))
 
 
 LOOPBACK_MTU = 65000  # loopback carries 64 KiB datagrams: no fragments between local processes
 
 
+def federation_key(specs: Sequence[PeerSpec], key_file: str | None) -> bytes:
+    """The key this coordinator proves to its peers: the one given (``--key-file``,
+    ``$TPFED_KEY_FILE``, the default file), or, when every peer is one this process starts
+    (local processes, emulated boards), a fresh random key for the run."""
+    from tpfed.protocol import auth
+    from tpfed.runtime import keys
+
+    key = keys.find_key(key_file)
+    if key is not None:
+        return key
+    foreign = [s.uri for s in specs if s.kind not in ("local", "emu")]
+    if foreign:
+        raise TpfedError(f"peers {', '.join(foreign)} need the federation key they hold: --key-file "
+                         f"PATH or ${keys.ENV} (a `tpfed peer` on loopback writes one to "
+                         f"{keys.default_key_path()})")
+    return auth.new_key()
+
+
 async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack,
-                     *, mtu: int = 1400) -> list[Link]:
+                     *, mtu: int = 1400, key: bytes | None = None) -> list[Link]:
     """Links to every peer of ``specs``, in order; local peers and emulated boards are started
     here and stopped when ``stack`` closes. UDP peers share one socket per address family (local
     peers one on loopback), so the coordinator can reach a stage's peers with one system call."""
@@ -92,7 +155,7 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
         from tpfed.runtime.localpeers import LocalPeers
 
         local_uris = await stack.enter_async_context(
-            LocalPeers(n_local, extra_args=("--mtu", str(LOOPBACK_MTU))))
+            LocalPeers(n_local, extra_args=("--mtu", str(LOOPBACK_MTU)), key=key))
     if any(s.kind == "emu" for s in specs):
         from tpfed.runtime.emulator import DEFAULT_ENV, EmulatedBoards
 
@@ -125,6 +188,7 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
             link.uri = spec.uri
         elif spec.kind == "emu":
             link = await open_serial_link(emu_urls[i_emu], name=f"emu-{i_emu}")
+            link.provision = True  # booted here without a key: given ours first
             i_emu += 1
         else:
             link = await open_serial_link(spec.uri, name=spec.device or spec.uri)
@@ -172,12 +236,17 @@ async def generate_ids(coord: Coordinator, prompt_tokens: Sequence[int], steps: 
 
 
 async def generate(coord: Coordinator, tokenizer: Tokenizer, prompt: str, steps: int,
-                   sampler: Sampler, on_piece: Callable[[bytes], None] | None = None) -> RunResult:
+                   sampler: Sampler, on_piece: Callable[[bytes], None] | None = None,
+                   stop_ids: Sequence[int] = (BOS,)) -> RunResult:
     """:func:`generate_ids` from text: ``on_piece`` receives each new token's bytes as soon as
     it is known; the result's text is the prompt and its continuation."""
+    if tokenizer is None:
+        raise TpfedError("this model comes without a tokenizer: give --tokenizer, or the prompt as "
+                         "--prompt-ids")
     prompt_tokens = tokenizer.encode(prompt, bos=True)
     on_token = None if on_piece is None else (lambda prev, tok: on_piece(tokenizer.piece(prev, tok)))
-    result = await generate_ids(coord, prompt_tokens, steps, sampler, on_token=on_token)
+    result = await generate_ids(coord, prompt_tokens, steps, sampler, on_token=on_token,
+                                stop_ids=stop_ids)
     result.text = prompt + tokenizer.decode(result.generated_ids, prev_token=prompt_tokens[-1])
     return result
 
@@ -210,33 +279,46 @@ class Fleet:
     Generations on one fleet run one at a time (``generate`` waits for the one before)."""
 
     def __init__(self, opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = None,
-                 on_status: Callable[[str], None] | None = None) -> None:
+                 on_status: Callable[[str], None] | None = None,
+                 on_push: Callable[[str, int], None] | None = None) -> None:
         if opts.steps < 1:
             raise TpfedError(f"--steps must be at least 1, got {opts.steps}")
         self.opts = opts
         self.specs = parse_peers(opts.peers)
         self.say = on_status or (lambda _msg: None)
         self.q8, self.tokenizer = model if model is not None else load_model(opts.model, opts.tokenizer)
+        self.stop_ids = () if opts.ignore_eos else stop_ids_for(self.q8.config)
+        if not self.q8.params.plain_llama:
+            c = self.q8.config
+            raise TpfedError(
+                f"{c.name or c.arch}: peers take llama2.c-style layer shares only so far; this "
+                f"{c.arch} model needs share flags ({', '.join(_needs(self.q8.params))}) that the "
+                "peers' C core does not read yet. In this process: --weights f32, or tpfed "
+                "perplexity --peers none")
         self.seq_len = min(opts.steps, self.q8.config.seq_len)
         self.coord: Coordinator | None = None
         self.plan = None
         self.setup_s = 0.0
         self._stack = contextlib.AsyncExitStack()
         self._lock = asyncio.Lock()
+        # hook for tpfed serve's metrics: (device name, WEIGHTS bytes sent) per chunk pushed
+        self.on_push = on_push
 
     async def start(self) -> Fleet:
         opts, say = self.opts, self.say
         t_setup = time.perf_counter()
         try:
-            links = await open_links(self.specs, self._stack, mtu=opts.mtu)
-            coord = Coordinator(self.q8, links, deadline_s=opts.deadline_s, seq_len=self.seq_len)
+            key = federation_key(self.specs, opts.key_file)
+            links = await open_links(self.specs, self._stack, mtu=opts.mtu, key=key)
+            coord = Coordinator(self.q8, links, key=key, deadline_s=opts.deadline_s,
+                                seq_len=self.seq_len)
             self._stack.push_async_callback(coord.close)
             peers = await coord.connect()
             say(f"{len(peers)} peers: " + ", ".join(
                 f"{p.name} ({p.hello['int8_macs'] / 1e9:.1f} GMAC/s, {p.latency_s * 1e6:.0f} us)"
                 for p in peers))
-            plan = coord.make_plan(opts.strategy)
-            await coord.push_weights()
+            plan = coord.make_plan(opts.strategy, replicas=opts.replicas)
+            await coord.push_weights(progress=self.on_push)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -284,7 +366,7 @@ class Fleet:
             raise TpfedError("the fleet is not started")
         async with self._lock:
             result = await generate(self.coord, self.tokenizer, prompt, min(steps or self.seq_len, self.seq_len),
-                                    sampler, on_piece)
+                                    sampler, on_piece, stop_ids=self.stop_ids)
         return self._finish(result)
 
     async def generate_ids(self, prompt_ids: Sequence[int], sampler: Sampler, *,
@@ -305,10 +387,73 @@ async def run(opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = Non
               on_piece: Callable[[bytes], None] | None = None,
               on_status: Callable[[str], None] | None = None) -> RunResult:
     """Everything ``tpfed run`` does, as a coroutine: a fleet for one prompt."""
-    fleet = Fleet(opts, model=model, on_status=on_status)
     sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)
+    if opts.weights == "f32":
+        return run_f32(opts, sampler, on_piece=on_piece, on_status=on_status)
+    if opts.weights != "q8_0":
+        raise TpfedError(f"--weights must be q8_0 or f32, got {opts.weights!r}")
+    fleet = Fleet(opts, model=model, on_status=on_status)
     async with fleet:
+        if opts.prompt_ids is not None:
+            tok = fleet.tokenizer
+            on_token = None
+            if on_piece is not None and tok is not None:
+                def on_token(prev: int, t: int) -> None:
+                    on_piece(tok.piece(prev, t))
+            result = await fleet.generate_ids(opts.prompt_ids, sampler, stop_ids=fleet.stop_ids,
+                                              on_token=on_token)
+            if tok is not None:
+                result.text = tok.decode(opts.prompt_ids) + tok.decode(
+                    result.generated_ids, prev_token=opts.prompt_ids[-1])
+            return result
         return await fleet.generate(opts.prompt, sampler, on_piece=on_piece)
+
+
+def run_f32(opts: RunOptions, sampler: Sampler, *, on_piece: Callable[[bytes], None] | None = None,
+            on_status: Callable[[str], None] | None = None) -> RunResult:
+    """``--weights f32``: float32 weights and activations. Split f32 shares are not carried
+    by the peers yet, so this runs the float32 forward (:class:`tpfed.model.reference.
+    FloatTransformer`, checked against transformers) in this process, and says so."""
+    from tpfed.model.reference import FloatTransformer
+
+    loaded = load_loaded(opts.model, opts.tokenizer)
+    c, tok = loaded.config, loaded.tokenizer
+    if not c.causal:
+        raise TpfedError(f"{c.arch} is an encoder: use tpfed embed")
+    if on_status is not None:
+        on_status("--weights f32 runs in this process (f32 shares are not sent to peers yet); "
+                  f"--peers {opts.peers} unused")
+    if opts.prompt_ids is not None:
+        prompt_ids = list(opts.prompt_ids)
+    elif tok is None:
+        raise TpfedError("this model comes without a tokenizer: give --tokenizer, or the prompt as --prompt-ids")
+    else:
+        prompt_ids = tok.encode(opts.prompt, bos=True)
+    stop = () if opts.ignore_eos else stop_ids_for(c)
+    model = FloatTransformer(loaded.weights)
+    steps = min(opts.steps, c.seq_len)
+    out: list[int] = []
+    t0 = time.perf_counter()
+    token, pos = prompt_ids[0], -1
+    for pos in range(steps):
+        logits = model.forward(token, pos)
+        if pos + 1 < len(prompt_ids):
+            token = prompt_ids[pos + 1]
+            continue
+        token = sampler.sample(logits)
+        if token in stop:
+            break
+        out.append(token)
+        if on_piece is not None and tok is not None:
+            on_piece(tok.piece(prompt_ids[-1] if len(out) == 1 else out[-2], token))
+    stats = GenerationStats(tokens=pos + 1, prompt_tokens=len(prompt_ids),
+                            seconds=time.perf_counter() - t0)
+    text = ""
+    if tok is not None:
+        text = (opts.prompt if opts.prompt_ids is None else tok.decode(prompt_ids)) + tok.decode(
+            out, prev_token=prompt_ids[-1])
+    return RunResult(text=text, tokens=prompt_ids + out, stats=stats, prompt_ids=prompt_ids,
+                     generated_ids=out)
 
 
 def run_sync(opts: RunOptions, **kw) -> RunResult:

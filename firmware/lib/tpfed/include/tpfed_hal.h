@@ -16,6 +16,11 @@ typedef struct tpfed_hal {
     void (*send_frame)(void *ctx, const uint8_t *frame, uint32_t n);
     // Milliseconds since boot; wraps at 2^32.
     uint32_t (*millis)(void *ctx);
+    // Fill buf[0..n) with random bytes for handshake nonces. Required (tpfed_peer_init refuses a
+    // HAL without it). ESP32: esp_fill_random; QEMU boards: a weak timing-based source
+    // (ports/common/qemu_board.c says how weak); hosts: tpfed_os_random (tpfed_auth.h) or
+    // os.urandom through a callback.
+    void (*random)(void *ctx, uint8_t *buf, uint32_t n);
 } tpfed_hal;
 
 typedef struct tpfed_device_info {

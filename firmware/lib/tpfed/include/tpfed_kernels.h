@@ -20,6 +20,7 @@
 #ifndef TPFED_KERNELS_H
 #define TPFED_KERNELS_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 // TPFED_Q8_BLOCK, the values per Q8_0 scale: defined once, in shared_protocol/schema.py (Q8_BLOCK),
@@ -72,6 +73,44 @@ void swiglu_f32(float *out, const float *gate, const float *up, int n);
 // 1/sqrt(head_size).
 void attention_f32(float *out, const float *q, const float *k_cache, const float *v_cache,
                    int n_q, int head_size, int pos, int kv_stride, float *scratch);
+
+// The kernels below exist once (plain C, they are their own reference, like rmsnorm_f32); their
+// transcendentals are tpfed_math.h's, so every target computes the same bits.
+
+// LayerNorm, biased variance as torch: mean = sum(x)/n; var = sum((x-mean)^2)/n;
+// o = (x - mean) * (1/sqrtf(var + eps)) * w (+ b when b is not NULL). o may alias x.
+void layernorm_f32(float *o, const float *x, const float *w, const float *b, int n, float eps);
+// In place: GPT-2's gelu_new 0.5 x (1 + tanh_f32(0.797884561 (x + 0.044715 x^3))), and the
+// exact (erf) GELU 0.5 x (1 + erf(x / sqrt 2)), computed as 0.5 x (2 - erfc_f32(z)) for z >= 0
+// and 0.5 x erfc_f32(-z) below (z = x * 0.707106781).
+void gelu_tanh_f32(float *x, int n);
+void gelu_f32(float *x, int n);
+// Activation codes (a share's MLP activation; see the host's compute/share.py).
+#define TPFED_ACT_SILU 0
+#define TPFED_ACT_GELU_TANH 1
+#define TPFED_ACT_GELU 2
+// In place: silu_f32, gelu_tanh_f32 or gelu_f32 as act says (anything else: silu).
+void act_f32(float *x, int n, int act);
+// RoPE frequencies freq[j/2] = theta_base^(-j/head_size) for j = 0, 2, ..., computed exactly
+// as rope_f32 computes them, so rope_table_f32 with this table gives rope_f32's bits.
+void rope_freqs_f32(float *freq, int head_size, float theta_base);
+// RoPE from a frequency table (head_size/2 entries; scaled RoPE is a different table): pair
+// (x[i], x[i+1]), j = i % head_size, rotated by (float)pos * freq[j/2]. n % head_size == 0.
+void rope_table_f32(float *x, int n, int head_size, int pos, const float *freq);
+// attention_f32 over cache rows first..last (inclusive) instead of 0..pos; scratch holds
+// last-first+1 floats. attention_span_f32(.., 0, pos, ..) gives attention_f32's bits.
+void attention_span_f32(float *out, const float *q, const float *k_cache, const float *v_cache,
+                        int n_q, int head_size, int first, int last, int kv_stride, float *scratch);
+// x[i] += b[i]
+void add_f32(float *x, const float *b, int n);
+
+// Q8_0 of n 16-bit floats (bf16 != 0: bfloat16, else IEEE binary16), converted exactly to
+// float32 first: the bits of quantize_q8_0 of the converted vector (n a multiple of 32 for
+// rows of a matrix). For loading checkpoints without a float32 copy.
+void quantize_16_q8_0_ref(int8_t *qs, uint16_t *d, const uint16_t *x, int n, int bf16);
+void quantize_16_q8_0(int8_t *qs, uint16_t *d, const uint16_t *x, int n, int bf16);
+// 1 if none of the n 16-bit floats is infinite or NaN.
+int all_finite_16(const uint16_t *x, size_t n, int bf16);
 
 // Name of the variant matmul_q8_0_f32 runs ("ref", "avx2", "neon", ...), for benchmarks.
 const char *tpfed_kernels_variant(void);

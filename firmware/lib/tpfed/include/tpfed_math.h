@@ -36,6 +36,13 @@ float sin_f32(float x);
 float cos_f32(float x);
 // *s = sin_f32(x), *c = cos_f32(x), with one argument reduction
 void sincos_f32(float x, float *s, float *c);
+// tanh (odd, +-1 beyond 9.0078125; relative error a few ULP: for GELU and its references) and
+// erfc / erf (absolute error below 4e-7; relative error of erfc below 5e-7 for 0 <= x < 1 and
+// 5e-6 beyond, where the float32 rounding of x*x dominates), made
+// of exp_f32 and the four basic operations: the same bits on every target.
+float tanh_f32(float x);
+float erfc_f32(float x);
+float erf_f32(float x);
 
 // Element-wise over arrays (out may alias x); the same bits as the scalar functions.
 void exp_f32_n(float *out, const float *x, int n);

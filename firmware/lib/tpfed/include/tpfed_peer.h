@@ -6,7 +6,24 @@
 // every frame it receives (header + payload + CRC; the bytes must not lie in the arena).
 // Replies go out through hal->send_frame before handle_frame returns.
 //
-// States: a fresh peer answers HELLO with its capabilities (including the int8 MAC/s it
+// Authentication (shared_protocol/auth.py, tpfed_auth.h): a peer holds the federation key K
+// (cfg->key; or, with cfg->provision, the key of the one PROVISION frame it takes while it has
+// none, answered with an unauthenticated ACK; a repeat of the same key is ACKed again, any other
+// PROVISION dropped). Without a key it drops every frame. With one, it answers an AUTH CHALLENGE
+// (any dst) with a RESPONSE (a fresh nonce from hal->random and its proof; a repeated CHALLENGE
+// gets the same RESPONSE), and a CONFIRM whose proof verifies establishes the session: Ks, the
+// session number and the device id of the CHALLENGE, answered with an ACK (acked_type AUTH)
+// sealed with Ks. A CONFIRM of the current session is ACKed again. While a session is live
+// (an authenticated frame within TPFED_SESSION_IDLE_MS) a new handshake gets its RESPONSE, but
+// its valid CONFIRM is answered with ERROR BUSY "peer busy with another session" (sealed with
+// the new Ks) and the current session goes on; an idle session is replaced (its assignment
+// dropped). BYE ends the session. Every other frame must be sealed with Ks, of the session,
+// with a fresh counter (replay window of 64): anything else is dropped without a reply and
+// counted (auth_dropped, replayed). Every frame the peer sends in a session is sealed; the
+// handshake frames (RESPONSE) and the PROVISION ACK are not. Payloads are limited to
+// max_frame - TPFED_AUTH_FRAME_OVERHEAD bytes both ways.
+//
+// States: an authenticated peer answers HELLO with its capabilities (including the int8 MAC/s it
 // measured at start-up, or the figure the config gives); ASSIGN gives it a session, its device
 // id and its share of each layer (KV groups and MLP column ranges). An ASSIGN is validated
 // whole (groups strictly ascending and below n_kv_heads, ranges 32-aligned, ascending,
@@ -25,8 +42,9 @@
 // READY follows once every assigned layer is complete. The last chunk of a share already held
 // (same sha256) is ACKed again (and READY repeated), so a sender whose ACK was lost can go on.
 // ACTIVATION is then answered with PARTIAL (float32), computed by the compute units
-// (tpfed_units.h). HEARTBEAT and PROBE are served in any state, BYE only from the current
-// session; malformed frames are dropped and counted.
+// (tpfed_units.h). HEARTBEAT and PROBE are served in any state of a session; malformed frames
+// are dropped and counted. The device id is the handshake's (HELLO and ASSIGN do not change
+// it); frames addressed to another device id (not broadcast) are dropped.
 //
 // Memory: all in the arena, nothing else: the peer's own state first (opaque), the transmit
 // frame buffer, then per ASSIGN the layer table, each layer's group/range tables, share,
@@ -38,6 +56,11 @@
 #include <stdint.h>
 
 #include "tpfed_hal.h"
+
+// A session with no authenticated frame for this long may be replaced by a new handshake.
+#ifndef TPFED_SESSION_IDLE_MS
+#define TPFED_SESSION_IDLE_MS 30000u
+#endif
 
 // cffi:begin
 // WEIGHTS chunks start on multiples of this many bytes of the share (lengths too, but for
@@ -62,6 +85,9 @@ typedef struct {
     uint16_t max_groups;            // KV groups per layer entry taken (at most 255 count)
     uint16_t max_ranges;            // MLP ranges per layer entry taken (at most 255 count)
     uint64_t int8_macs;             // 0 = measure at init with the matmul kernel (about 0.1 s)
+    const uint8_t *key;             // federation key K (TPFED_KEY_SIZE bytes), or NULL: none
+                                    // (read at init only; the peer keeps its HMAC states)
+    uint8_t provision;              // 1: while it has no key, take one PROVISION frame (boards)
 } tpfed_peer_config;
 
 typedef struct tpfed_peer tpfed_peer;   // opaque; lives at the start of the arena
@@ -72,21 +98,28 @@ typedef struct {
     uint32_t dropped;       // malformed or not for us
     uint32_t errors_sent;
     uint32_t activations;
+    uint32_t auth_dropped;  // unauthenticated, badly tagged, other session, no key, bad CONFIRM
+    uint32_t replayed;      // counter seen before or older than the replay window
+    uint32_t sessions;      // handshakes completed (sessions established)
+    uint32_t busy;          // handshakes refused with ERROR BUSY
 } tpfed_peer_stats;
 
 // Bytes of arena a peer with this max_frame needs before any assignment (state, transmit
 // buffer, worst-case alignment). 0 if max_frame is out of range.
 size_t tpfed_peer_arena_min(uint32_t max_frame);
 // Set up a peer at the (8-aligned) start of arena. Returns NULL if the config is incomplete or
-// out of range, or the arena is smaller than tpfed_peer_arena_min(cfg->max_frame).
+// out of range (hal->random missing included), or the arena is smaller than
+// tpfed_peer_arena_min(cfg->max_frame).
 tpfed_peer *tpfed_peer_init(uint8_t *arena, size_t arena_size, const tpfed_peer_config *cfg);
 // Handle one received frame (header + payload + CRC); replies go out through hal->send_frame.
 void tpfed_peer_handle_frame(tpfed_peer *p, const uint8_t *frame, size_t len);
 
 const tpfed_peer_stats *tpfed_peer_get_stats(const tpfed_peer *p);
 int tpfed_peer_state(const tpfed_peer *p);            // TPFED_PEER_IDLE / ASSIGNED / READY
-uint16_t tpfed_peer_session(const tpfed_peer *p);
-uint8_t tpfed_peer_device_id(const tpfed_peer *p);    // 255 until a HELLO or ASSIGN names it
+uint16_t tpfed_peer_session(const tpfed_peer *p);    // the established session, 0 if none
+uint8_t tpfed_peer_device_id(const tpfed_peer *p);    // 255 until a handshake names it
+int tpfed_peer_keyed(const tpfed_peer *p);            // 1 once it holds a federation key
+int tpfed_peer_in_session(const tpfed_peer *p);       // 1 while a session is established
 uint64_t tpfed_peer_int8_macs(const tpfed_peer *p);
 size_t tpfed_peer_arena_size(const tpfed_peer *p);    // usable bytes (after alignment)
 size_t tpfed_peer_arena_used(const tpfed_peer *p);    // fixed part + current assignment

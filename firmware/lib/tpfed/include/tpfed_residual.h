@@ -19,6 +19,21 @@ void residual_rmsnorm_q8_0_ref(float *x, const float *partial, const float *w, i
                                float *xb, int8_t *qs, uint16_t *d);
 void residual_rmsnorm_q8_0(float *x, const float *partial, const float *w, int n, float eps,
                            float *xb, int8_t *qs, uint16_t *d);
+
+// The same step for every architecture. x += partial + bias (per element, partial[i] + bias[i]
+// first; bias may be NULL: then exactly residual_rmsnorm_q8_0's add; nothing when partial is
+// NULL). Then xb = norm(x): rmsnorm_f32(w), or layernorm_f32(w, b) when kind has
+// TPFED_NORM_LAYER; with w NULL, xb = x (no norm). With TPFED_NORM_POST the normalised value
+// also replaces the residual (post-norm: BERT). qs, d = Q8_0 of xb. With kind 0, bias NULL
+// and w given, the bits are residual_rmsnorm_q8_0's.
+#define TPFED_NORM_LAYER 1
+#define TPFED_NORM_POST 2
+void residual_norm_q8_0_ref(float *x, const float *partial, const float *bias, const float *w,
+                            const float *b, int n, float eps, int kind, float *xb, int8_t *qs,
+                            uint16_t *d);
+void residual_norm_q8_0(float *x, const float *partial, const float *bias, const float *w,
+                        const float *b, int n, float eps, int kind, float *xb, int8_t *qs,
+                        uint16_t *d);
 // cffi:end
 
 #endif

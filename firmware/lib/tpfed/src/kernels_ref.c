@@ -250,3 +250,155 @@ void attention_f32(float *out, const float *q, const float *k_cache, const float
         }
     }
 }
+
+void layernorm_f32(float *o, const float *x, const float *w, const float *b, int n, float eps)
+{
+    float mean = 0.0f;
+    for (int j = 0; j < n; j++) {
+        mean += x[j];
+    }
+    mean /= (float)n;
+    float var = 0.0f;
+    for (int j = 0; j < n; j++) {
+        float d = x[j] - mean;
+        var += d * d;
+    }
+    var /= (float)n;
+    float inv = 1.0f / sqrtf(var + eps);
+    for (int j = 0; j < n; j++) {
+        float v = (x[j] - mean) * inv * w[j];
+        o[j] = b != 0 ? v + b[j] : v;
+    }
+}
+
+void gelu_tanh_f32(float *x, int n)
+{
+    const float c = 0.797884561f; // sqrt(2/pi)
+    for (int i = 0; i < n; i++) {
+        float v = x[i];
+        float u = c * (v + 0.044715f * v * v * v);
+        x[i] = 0.5f * v * (1.0f + tanh_f32(u));
+    }
+}
+
+void gelu_f32(float *x, int n)
+{
+    const float r = 0.707106781f; // 1/sqrt(2)
+    for (int i = 0; i < n; i++) {
+        float v = x[i];
+        float z = v * r;
+        // 1 + erf(z) = 2 - erfc(z) = erfc(-z): the form without cancellation for z < 0
+        float s = z >= 0.0f ? 2.0f - erfc_f32(z) : erfc_f32(-z);
+        x[i] = 0.5f * v * s;
+    }
+}
+
+void act_f32(float *x, int n, int act)
+{
+    if (act == TPFED_ACT_GELU_TANH) {
+        gelu_tanh_f32(x, n);
+    } else if (act == TPFED_ACT_GELU) {
+        gelu_f32(x, n);
+    } else {
+        silu_f32(x, n);
+    }
+}
+
+void rope_freqs_f32(float *freq, int head_size, float theta_base)
+{
+    float log_theta = log_f32(theta_base);
+    for (int j = 0; j + 1 < head_size; j += 2) {
+        freq[j / 2] = j == 0 ? 1.0f : exp_f32(-((float)j / (float)head_size) * log_theta);
+    }
+}
+
+void rope_table_f32(float *x, int n, int head_size, int pos, const float *freq)
+{
+    for (int i = 0; i + 1 < n; i += 2) {
+        int j = i % head_size;
+        float val = (float)pos * freq[j / 2];
+        float fcr, fci;
+        sincos_f32(val, &fci, &fcr);
+        float v0 = x[i];
+        float v1 = x[i + 1];
+        x[i] = v0 * fcr - v1 * fci;
+        x[i + 1] = v0 * fci + v1 * fcr;
+    }
+}
+
+void attention_span_f32(float *out, const float *q, const float *k_cache, const float *v_cache,
+                        int n_q, int head_size, int first, int last, int kv_stride, float *scratch)
+{
+    float scale = sqrtf((float)head_size);
+    int len = last - first + 1;
+    for (int h = 0; h < n_q; h++) {
+        const float *qh = q + (size_t)h * (size_t)head_size;
+        float *oh = out + (size_t)h * (size_t)head_size;
+        for (int t = 0; t < len; t++) {
+            const float *k = k_cache + (size_t)(first + t) * (size_t)kv_stride;
+            float score = 0.0f;
+            for (int i = 0; i < head_size; i++) {
+                score += qh[i] * k[i];
+            }
+            scratch[t] = score / scale;
+        }
+        softmax_f32(scratch, len);
+        for (int i = 0; i < head_size; i++) {
+            oh[i] = 0.0f;
+        }
+        for (int t = 0; t < len; t++) {
+            const float *v = v_cache + (size_t)(first + t) * (size_t)kv_stride;
+            float a = scratch[t];
+            for (int i = 0; i < head_size; i++) {
+                oh[i] += a * v[i];
+            }
+        }
+    }
+}
+
+void add_f32(float *x, const float *b, int n)
+{
+    for (int i = 0; i < n; i++) {
+        x[i] += b[i];
+    }
+}
+
+static float f16ish_to_f32(uint16_t h, int bf16)
+{
+    return bf16 ? bits_f32((uint32_t)h << 16) : fp16_to_f32(h);
+}
+
+void quantize_16_q8_0_ref(int8_t *qs, uint16_t *d, const uint16_t *x, int n, int bf16)
+{
+    float buf[TPFED_Q8_BLOCK];
+    for (int start = 0; start < n; start += TPFED_Q8_BLOCK) {
+        int len = n - start < TPFED_Q8_BLOCK ? n - start : TPFED_Q8_BLOCK;
+        for (int j = 0; j < len; j++) {
+            buf[j] = f16ish_to_f32(x[start + j], bf16);
+        }
+        quantize_q8_0_ref(qs + start, d + start / TPFED_Q8_BLOCK, buf, len);
+    }
+}
+
+void quantize_16_q8_0(int8_t *qs, uint16_t *d, const uint16_t *x, int n, int bf16)
+{
+    float buf[32 * TPFED_Q8_BLOCK];
+    for (int start = 0; start < n; start += 32 * TPFED_Q8_BLOCK) {
+        int len = n - start < 32 * TPFED_Q8_BLOCK ? n - start : 32 * TPFED_Q8_BLOCK;
+        for (int j = 0; j < len; j++) {
+            buf[j] = f16ish_to_f32(x[start + j], bf16);
+        }
+        quantize_q8_0(qs + start, d + start / TPFED_Q8_BLOCK, buf, len);
+    }
+}
+
+int all_finite_16(const uint16_t *x, size_t n, int bf16)
+{
+    uint16_t mask = bf16 ? 0x7f80u : 0x7c00u;
+    for (size_t i = 0; i < n; i++) {
+        if ((x[i] & mask) == mask) {
+            return 0;
+        }
+    }
+    return 1;
+}

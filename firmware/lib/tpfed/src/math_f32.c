@@ -348,3 +348,59 @@ void sincos_f32_n(float *s, float *c, const float *x, int n)
         sincos_f32(x[i], &s[i], &c[i]);
     }
 }
+
+// tanh: odd; |x| < 2^-12 gives x; |x| < 0.25 an odd Taylor polynomial (to x^11, truncation
+// below 1e-10 relative); up to 9.01 (1 - e) / (1 + e) with e = exp_f32(-2|x|); beyond, +-1.
+float tanh_f32(float x)
+{
+    uint32_t ux = f32_bits(x);
+    uint32_t ax = ux & 0x7fffffffu;
+    if (ax > 0x7f800000u) {
+        return bits_f32(ux | QUIET_BIT);
+    }
+    uint32_t sign = ux & 0x80000000u;
+    if (ax < 0x39800000u) { // |x| < 2^-12 (subnormals included): tanh(x) rounds to x
+        return x;
+    }
+    float a = bits_f32(ax);
+    float r;
+    if (ax < 0x3e800000u) { // |x| < 0.25
+        float z = a * a;
+        float p = -0.333333333f + z * (0.133333333f + z * (-0.0539682540f +
+                  z * (0.0218694885f + z * -0.00886323553f)));
+        r = a + a * (z * p);
+    } else if (ax < 0x41102000u) { // |x| < 9.0078125
+        float e = exp_f32(-2.0f * a);
+        r = (1.0f - e) / (1.0f + e);
+    } else {
+        r = 1.0f;
+    }
+    return bits_f32(f32_bits(r) | sign);
+}
+
+// erfc for x >= 0: Numerical Recipes' erfcc (Chebyshev fit, fractional error < 1.2e-7 before
+// rounding), t = 1 / (1 + x/2), erfc = t * exp(-x^2 + P(t)); x < 0 as 2 - erfc(-x).
+float erfc_f32(float x)
+{
+    uint32_t ux = f32_bits(x);
+    if ((ux & 0x7fffffffu) > 0x7f800000u) {
+        return bits_f32(ux | QUIET_BIT);
+    }
+    float a = bits_f32(ux & 0x7fffffffu);
+    float r;
+    if (a >= 10.5f) {
+        r = 0.0f; // erfc(10.5) < 2^-160: below every float
+    } else {
+        float t = 1.0f / (1.0f + 0.5f * a);
+        float p = -1.26551223f + t * (1.00002368f + t * (0.37409196f + t * (0.09678418f +
+                  t * (-0.18628806f + t * (0.27886807f + t * (-1.13520398f + t * (1.48851587f +
+                  t * (-0.82215223f + t * 0.17087277f))))))));
+        r = t * exp_f32(-a * a + p);
+    }
+    return (ux & 0x80000000u) ? 2.0f - r : r;
+}
+
+float erf_f32(float x)
+{
+    return 1.0f - erfc_f32(x);
+}

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "tpfed_auth.h"
 #include "tpfed_kernels.h"
 #include "tpfed_proto.h"
 #include "tpfed_sha256.h"
@@ -60,6 +61,18 @@ struct tpfed_peer {
     void *work;                 // scratch of attention_units_forward / mlp_units_forward
     size_t work_bytes;
     tpfed_peer_stats stats;
+    // Authentication (see tpfed_peer.h).
+    tpfed_hmac_key fed;         // the federation key K, as HMAC states
+    uint8_t keyed;              // fed holds a key
+    uint8_t provisionable;      // takes a PROVISION while !keyed
+    uint8_t provisioned;        // the key came from PROVISION (a repeat of it is ACKed again)
+    uint8_t hs_pending;         // a CHALLENGE was answered; its CONFIRM may come
+    uint8_t hs_nonce_c[TPFED_NONCE_SIZE], hs_nonce_p[TPFED_NONCE_SIZE];
+    uint16_t hs_session;
+    uint8_t hs_device;
+    uint8_t cur_proof_c[TPFED_PROOF_SIZE];   // the CONFIRM that made the current session
+    tpfed_auth_session sess;    // the established session (sess.established)
+    uint32_t last_rx_ms;        // when the session last took an authenticated frame
 };
 
 // -------------------------------------------------------------------------------- sizes
@@ -135,15 +148,38 @@ static uint8_t my_src(const tpfed_peer *p) {
 }
 
 static uint8_t *payload_buf(tpfed_peer *p) { return p->tx + TPFED_HEADER_SIZE; }
-static size_t payload_cap(const tpfed_peer *p) { return p->max_frame - TPFED_FRAME_OVERHEAD; }
+// Payload room of every frame, both ways: the AUTH trailer always fits.
+static size_t payload_cap(const tpfed_peer *p) { return p->max_frame - TPFED_AUTH_FRAME_OVERHEAD; }
 
-// The payload is already at tx + TPFED_HEADER_SIZE; finish the header and CRC and send.
-static void send_frame(tpfed_peer *p, uint8_t type, uint8_t dst, uint16_t seq, uint16_t session,
-                       size_t payload_len) {
+// The payload is already at tx + TPFED_HEADER_SIZE; seal it with session s (header, counter,
+// tag, CRC) and send.
+static void send_sealed(tpfed_peer *p, tpfed_auth_session *s, uint8_t type, uint8_t src,
+                        uint8_t dst, uint16_t seq, size_t payload_len) {
     tpfed_header_t h;
     memset(&h, 0, sizeof h);
     h.type = type;
-    h.src = my_src(p);
+    h.src = src;
+    h.dst = dst;
+    h.seq = seq;
+    size_t frame_len = 0;
+    if (tpfed_auth_session_finish(s, p->tx, p->max_frame, &h, payload_len, &frame_len) != TPFED_OK)
+        return;
+    p->hal->send_frame(p->hal->ctx, p->tx, (uint32_t)frame_len);
+    p->stats.frames_out++;
+}
+
+// A frame of the current session (sealed with Ks); nothing without a session.
+static void send_frame(tpfed_peer *p, uint8_t type, uint8_t dst, uint16_t seq, size_t payload_len) {
+    if (p->sess.established) send_sealed(p, &p->sess, type, my_src(p), dst, seq, payload_len);
+}
+
+// An unauthenticated frame (handshake RESPONSE, PROVISION's ACK).
+static void send_plain(tpfed_peer *p, uint8_t type, uint8_t src, uint8_t dst, uint16_t seq,
+                       uint16_t session, size_t payload_len) {
+    tpfed_header_t h;
+    memset(&h, 0, sizeof h);
+    h.type = type;
+    h.src = src;
     h.dst = dst;
     h.seq = seq;
     h.session = session;
@@ -167,14 +203,14 @@ static void send_error(tpfed_peer *p, uint8_t dst, uint16_t code, const char *te
     size_t len = 0;
     if (tpfed_error_encode(payload_buf(p), payload_cap(p), &e, &len) != TPFED_OK) return;
     p->stats.errors_sent++;
-    send_frame(p, TPFED_MSG_ERROR, dst, next_seq(p), p->session, len);
+    send_frame(p, TPFED_MSG_ERROR, dst, next_seq(p), len);
 }
 
 static void send_ack(tpfed_peer *p, uint8_t dst, uint16_t acked_seq, uint8_t acked_type) {
     tpfed_ack_t a = {acked_seq, acked_type};
     size_t len = 0;
     if (tpfed_ack_encode(payload_buf(p), payload_cap(p), &a, &len) == TPFED_OK)
-        send_frame(p, TPFED_MSG_ACK, dst, next_seq(p), p->session, len);
+        send_frame(p, TPFED_MSG_ACK, dst, next_seq(p), len);
 }
 
 static const char *type_name(uint8_t t) {
@@ -259,7 +295,8 @@ size_t tpfed_peer_arena_min(uint32_t max_frame) {
 }
 
 tpfed_peer *tpfed_peer_init(uint8_t *arena, size_t arena_size, const tpfed_peer_config *cfg) {
-    if (!arena || !cfg || !cfg->hal || !cfg->hal->send_frame || !cfg->hal->millis || !cfg->info ||
+    if (!arena || !cfg || !cfg->hal || !cfg->hal->send_frame || !cfg->hal->millis ||
+        !cfg->hal->random || !cfg->info ||
         !cfg->info->board || cfg->max_frame < TPFED_PEER_MIN_FRAME ||
         cfg->max_frame > TPFED_PEER_MAX_FRAME_LIMIT)
         return NULL;
@@ -279,6 +316,11 @@ tpfed_peer *tpfed_peer_init(uint8_t *arena, size_t arena_size, const tpfed_peer_
     p->tx = p->arena + align8(sizeof *p);
     p->arena_fixed = p->arena_used = fixed_bytes(cfg->max_frame);
     p->device_id = TPFED_BROADCAST;
+    if (cfg->key) {
+        tpfed_hmac_key_init(&p->fed, cfg->key, TPFED_KEY_SIZE);
+        p->keyed = 1;
+    }
+    p->provisionable = cfg->provision && !cfg->key;
     p->int8_macs = cfg->int8_macs ? cfg->int8_macs : measure_macs(p);
     return p;
 }
@@ -296,6 +338,8 @@ int tpfed_peer_state(const tpfed_peer *p) {
 }
 uint16_t tpfed_peer_session(const tpfed_peer *p) { return p->session; }
 uint8_t tpfed_peer_device_id(const tpfed_peer *p) { return p->device_id; }
+int tpfed_peer_keyed(const tpfed_peer *p) { return p->keyed; }
+int tpfed_peer_in_session(const tpfed_peer *p) { return p->sess.established; }
 uint64_t tpfed_peer_int8_macs(const tpfed_peer *p) { return p->int8_macs; }
 size_t tpfed_peer_arena_size(const tpfed_peer *p) { return p->arena_size; }
 size_t tpfed_peer_arena_used(const tpfed_peer *p) { return p->arena_used; }
@@ -309,7 +353,6 @@ uint32_t tpfed_peer_layers_held(const tpfed_peer *p) {
 // -------------------------------------------------------------------------------- HELLO
 
 static void on_hello(tpfed_peer *p, const tpfed_header_t *h) {
-    if (h->dst != TPFED_BROADCAST) p->device_id = h->dst;
     const tpfed_device_info *in = p->info;
     tpfed_hello_t m;
     memset(&m, 0, sizeof m);
@@ -331,7 +374,7 @@ static void on_hello(tpfed_peer *p, const tpfed_header_t *h) {
     m.arena_kb = clamp32(announced_arena(p) / 1024u);
     size_t len = 0;
     if (tpfed_hello_encode(payload_buf(p), payload_cap(p), &m, &len) == TPFED_OK)
-        send_frame(p, TPFED_MSG_HELLO, h->src, next_seq(p), p->session, len);
+        send_frame(p, TPFED_MSG_HELLO, h->src, next_seq(p), len);
 }
 
 // -------------------------------------------------------------------------------- ASSIGN
@@ -538,7 +581,7 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
     size_t biggest = act_len > part_len ? act_len : part_len;
     if (biggest > payload_cap(p)) {
         snprintf(msg, sizeof msg, "dim %u needs frames of %lu bytes, this board takes %u",
-                 (unsigned)a.dim, (unsigned long)(biggest + TPFED_FRAME_OVERHEAD),
+                 (unsigned)a.dim, (unsigned long)(biggest + TPFED_AUTH_FRAME_OVERHEAD),
                  (unsigned)p->max_frame);
         send_error(p, h->src, TPFED_ERR_UNSUPPORTED, msg);
         return;
@@ -617,8 +660,6 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
     p->arena_used = (size_t)lay_out(p, &g, &a, work, p->arena, &ok);
     p->assigned = 1;
     p->ready = 0;
-    p->device_id = h->dst;
-    p->session = h->session;
     send_ack(p, h->src, h->seq, TPFED_MSG_ASSIGN);
 }
 
@@ -722,6 +763,7 @@ static void build_units(const tpfed_peer *p, tpfed_peer_layer *L) {
         u->wk = q8_at(L->shard, &off, hs, dim);
         u->wv = q8_at(L->shard, &off, hs, dim);
         u->wo = q8_at(L->shard, &off, dim, gq);
+        u->bq = u->bk = u->bv = NULL;
     }
     for (int r = 0; r < L->nr; r++) {
         tpfed_mlp_unit *u = &L->mlp_units[r];
@@ -729,6 +771,7 @@ static void build_units(const tpfed_peer *p, tpfed_peer_layer *L) {
         u->w1 = q8_at(L->shard, &off, n, dim);
         u->w3 = q8_at(L->shard, &off, n, dim);
         u->w2 = q8_at(L->shard, &off, dim, n);
+        u->b1 = u->b3 = NULL;
     }
 }
 
@@ -757,7 +800,7 @@ static void send_ready_if_all(tpfed_peer *p, uint8_t dst) {
     tpfed_ready_t r = {clamp32(total), clamp32(p->arena_used), clamp32(p->arena_size - p->arena_used)};
     size_t len = 0;
     if (tpfed_ready_encode(payload_buf(p), payload_cap(p), &r, &len) == TPFED_OK)
-        send_frame(p, TPFED_MSG_READY, dst, next_seq(p), p->session, len);
+        send_frame(p, TPFED_MSG_READY, dst, next_seq(p), len);
 }
 
 static void on_weights(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) {
@@ -907,7 +950,7 @@ static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t 
         send_error(p, h->src, TPFED_ERR_INTERNAL, "PARTIAL does not fit a frame");
         return;
     }
-    send_frame(p, TPFED_MSG_PARTIAL, h->src, h->seq, p->session, len);
+    send_frame(p, TPFED_MSG_PARTIAL, h->src, h->seq, len);
 }
 
 // -------------------------------------------------------------------------------- the rest
@@ -916,21 +959,17 @@ static void on_heartbeat(tpfed_peer *p, const tpfed_header_t *h) {
     tpfed_heartbeat_t m = {p->hal->millis(p->hal->ctx), 0};
     size_t len = 0;
     if (tpfed_heartbeat_encode(payload_buf(p), payload_cap(p), &m, &len) == TPFED_OK)
-        send_frame(p, TPFED_MSG_HEARTBEAT, h->src, next_seq(p), p->session, len);
+        send_frame(p, TPFED_MSG_HEARTBEAT, h->src, next_seq(p), len);
 }
 
 static void on_probe(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) {
     if (h->length > payload_cap(p)) return;
     memmove(payload_buf(p), pl, h->length);
-    send_frame(p, TPFED_MSG_PROBE_REPLY, h->src, h->seq, h->session, h->length);
+    send_frame(p, TPFED_MSG_PROBE_REPLY, h->src, h->seq, h->length);
 }
 
-// Only the current session may end itself: a BYE of another session is dropped.
-static void on_bye(tpfed_peer *p, const tpfed_header_t *h) {
-    if (h->session != p->session) {
-        p->stats.dropped++;
-        return;
-    }
+// Drop the assignment (BYE, or a new session replacing an idle one).
+static void unassign(tpfed_peer *p) {
     p->assigned = 0;
     p->ready = 0;
     p->n_entries = 0;
@@ -938,16 +977,171 @@ static void on_bye(tpfed_peer *p, const tpfed_header_t *h) {
     p->arena_used = p->arena_fixed;
 }
 
+static void end_session(tpfed_peer *p) {
+    unassign(p);
+    tpfed_wipe(&p->sess, sizeof p->sess);
+    p->session = 0;
+}
+
+// BYE arrives sealed with the session's key (checked before): it ends the session.
+static void on_bye(tpfed_peer *p) {
+    end_session(p);
+}
+
+// -------------------------------------------------------------------------------- keys, handshake
+
+static void on_provision(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) {
+    tpfed_provision_t m;
+    if (tpfed_provision_decode(pl, h->length, &m) != TPFED_OK) {
+        p->stats.dropped++;
+        return;
+    }
+    if (p->keyed) {
+        // Only a board keyed by PROVISION answers a repeat of its own key (a lost ACK).
+        tpfed_hmac_key k;
+        tpfed_hmac_key_init(&k, m.key, TPFED_KEY_SIZE);
+        int same = p->provisioned && tpfed_ct_equal((const uint8_t *)&k, (const uint8_t *)&p->fed, sizeof k);
+        tpfed_wipe(&k, sizeof k);
+        if (!same) {
+            p->stats.auth_dropped++;
+            return;
+        }
+    } else if (!p->provisionable) {
+        p->stats.auth_dropped++;
+        return;
+    } else {
+        tpfed_hmac_key_init(&p->fed, m.key, TPFED_KEY_SIZE);
+        p->keyed = 1;
+        p->provisioned = 1;
+    }
+    tpfed_ack_t a = {h->seq, TPFED_MSG_PROVISION};
+    size_t len = 0;
+    if (tpfed_ack_encode(payload_buf(p), payload_cap(p), &a, &len) == TPFED_OK)
+        send_plain(p, TPFED_MSG_ACK, my_src(p), h->src, h->seq, 0, len);
+}
+
+static void derive(const tpfed_peer *p, uint8_t *out, int what) {
+    tpfed_auth_derive(out, &p->fed, what, p->hs_nonce_c, p->hs_nonce_p, p->hs_device, p->hs_session);
+}
+
+static void on_challenge(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *body) {
+    tpfed_auth_challenge_t c;
+    size_t used;
+    if (tpfed_auth_challenge_decode(body, TPFED_NONCE_SIZE + 3u, &c, &used) != TPFED_OK) return;
+    int repeat = p->hs_pending && c.session == p->hs_session && c.device_id == p->hs_device &&
+                 memcmp(c.nonce_c, p->hs_nonce_c, TPFED_NONCE_SIZE) == 0;
+    if (!repeat) {
+        // A new handshake (it replaces one that never got its CONFIRM).
+        memcpy(p->hs_nonce_c, c.nonce_c, TPFED_NONCE_SIZE);
+        p->hal->random(p->hal->ctx, p->hs_nonce_p, TPFED_NONCE_SIZE);
+        p->hs_session = c.session;
+        p->hs_device = c.device_id;
+        p->hs_pending = 1;
+    }
+    uint8_t proof[TPFED_PROOF_SIZE];
+    derive(p, proof, TPFED_AUTH_PEER_PROOF);
+    tpfed_auth_response_t r = {p->hs_nonce_p, proof};
+    uint8_t *out = payload_buf(p);
+    out[0] = TPFED_AUTH_RESPONSE;
+    size_t len = 0;
+    if (tpfed_auth_response_encode(out + 1, payload_cap(p) - 1u, &r, &len) == TPFED_OK)
+        send_plain(p, TPFED_MSG_AUTH, c.device_id, h->src, h->seq, c.session, len + 1u);
+}
+
+static void send_auth_ack(tpfed_peer *p, tpfed_auth_session *s, uint8_t src, uint8_t dst, uint16_t seq) {
+    tpfed_ack_t a = {seq, TPFED_MSG_AUTH};
+    size_t len = 0;
+    if (tpfed_ack_encode(payload_buf(p), payload_cap(p), &a, &len) == TPFED_OK)
+        send_sealed(p, s, TPFED_MSG_ACK, src, dst, next_seq(p), len);
+}
+
+static void on_confirm(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *body) {
+    const uint8_t *proof_c = body;   // the CONFIRM body is proof_c alone
+    uint8_t want[TPFED_PROOF_SIZE];
+    int valid = 0;
+    if (p->hs_pending) {
+        derive(p, want, TPFED_AUTH_COORD_PROOF);
+        valid = tpfed_ct_equal(proof_c, want, TPFED_PROOF_SIZE);
+    }
+    if (!valid) {
+        // A repeat of the CONFIRM that made the current session (its ACK was lost): ACK again.
+        if (p->sess.established && tpfed_ct_equal(proof_c, p->cur_proof_c, TPFED_PROOF_SIZE)) {
+            send_auth_ack(p, &p->sess, my_src(p), h->src, h->seq);   // (not "activity": a
+        } else {                                                      // replay must not keep it)
+            p->stats.auth_dropped++;   // wrong key, stale, or a forgery: no answer
+        }
+        return;
+    }
+    uint8_t ks[TPFED_KEY_SIZE];
+    derive(p, ks, TPFED_AUTH_SESSION_KEY);
+    p->hs_pending = 0;
+    uint32_t now = p->hal->millis(p->hal->ctx);
+    if (p->sess.established && now - p->last_rx_ms < TPFED_SESSION_IDLE_MS) {
+        // Busy: the newcomer holds the key, so it is told, under its own new session key.
+        tpfed_auth_session other;
+        tpfed_auth_session_init(&other, ks, p->hs_session);
+        static const char text[] = "peer busy with another session";
+        tpfed_error_t e = {TPFED_ERR_BUSY, (const uint8_t *)text, (uint8_t)(sizeof text - 1u)};
+        size_t len = 0;
+        if (tpfed_error_encode(payload_buf(p), payload_cap(p), &e, &len) == TPFED_OK) {
+            p->stats.errors_sent++;
+            send_sealed(p, &other, TPFED_MSG_ERROR, p->hs_device, h->src, next_seq(p), len);
+        }
+        p->stats.busy++;
+        tpfed_wipe(&other, sizeof other);
+        tpfed_wipe(ks, sizeof ks);
+        return;
+    }
+    if (p->sess.established) end_session(p);   // idle: replaced, with its assignment
+    tpfed_auth_session_init(&p->sess, ks, p->hs_session);
+    tpfed_wipe(ks, sizeof ks);
+    memcpy(p->cur_proof_c, proof_c, TPFED_PROOF_SIZE);
+    p->session = p->hs_session;
+    p->device_id = p->hs_device;
+    p->last_rx_ms = now;
+    p->stats.sessions++;
+    send_auth_ack(p, &p->sess, my_src(p), h->src, h->seq);
+}
+
+static void on_auth(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) {
+    tpfed_auth_t m;
+    if (tpfed_auth_decode(pl, h->length, &m) != TPFED_OK) {
+        p->stats.dropped++;
+        return;
+    }
+    if (!p->keyed) {
+        p->stats.auth_dropped++;
+        return;
+    }
+    if (m.step == TPFED_AUTH_CHALLENGE) on_challenge(p, h, m.body);
+    else if (m.step == TPFED_AUTH_CONFIRM) on_confirm(p, h, m.body);
+    else p->stats.auth_dropped++;   // a RESPONSE is for coordinators
+}
+
 void tpfed_peer_handle_frame(tpfed_peer *p, const uint8_t *frame, size_t len) {
     tpfed_header_t h;
     const uint8_t *pl = NULL;
     p->stats.frames_in++;
-    if (tpfed_frame_decode(frame, len, payload_cap(p), &h, &pl) != TPFED_OK ||
-        tpfed_payload_validate(h.type, pl, h.length) != TPFED_OK) {
+    if (tpfed_frame_decode(frame, len, payload_cap(p), &h, &pl) != TPFED_OK) {
         p->stats.dropped++;
         return;
     }
-    if (h.dst != TPFED_BROADCAST && h.dst != p->device_id && h.type != TPFED_MSG_HELLO) {
+    if (h.type == TPFED_MSG_AUTH || h.type == TPFED_MSG_PROVISION) {
+        // The only frames without AUTH: handshake and key provisioning (never sealed).
+        if (h.flags & TPFED_FLAG_AUTH) p->stats.auth_dropped++;
+        else if (h.type == TPFED_MSG_AUTH) on_auth(p, &h, pl);
+        else on_provision(p, &h, pl);
+        return;
+    }
+    int rc = p->keyed ? tpfed_auth_session_open(&p->sess, frame, len) : TPFED_E_BAD_TAG;
+    if (rc != TPFED_OK) {
+        if (rc == TPFED_E_REPLAYED) p->stats.replayed++;
+        else p->stats.auth_dropped++;
+        return;
+    }
+    p->last_rx_ms = p->hal->millis(p->hal->ctx);
+    if (tpfed_payload_validate(h.type, pl, h.length) != TPFED_OK ||
+        (h.dst != TPFED_BROADCAST && h.dst != p->device_id)) {
         p->stats.dropped++;
         return;
     }
@@ -958,7 +1152,7 @@ void tpfed_peer_handle_frame(tpfed_peer *p, const uint8_t *frame, size_t len) {
     case TPFED_MSG_ACTIVATION: on_activation(p, &h, pl); break;
     case TPFED_MSG_HEARTBEAT: on_heartbeat(p, &h); break;
     case TPFED_MSG_PROBE: on_probe(p, &h, pl); break;
-    case TPFED_MSG_BYE: on_bye(p, &h); break;
+    case TPFED_MSG_BYE: on_bye(p); break;
     default: {
         char msg[64];
         snprintf(msg, sizeof msg, "a peer does not take %s frames", type_name(h.type));

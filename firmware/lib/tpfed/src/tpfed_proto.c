@@ -223,6 +223,152 @@ int tpfed_share_header_encode(uint8_t *p, size_t cap, const tpfed_share_header_t
     return TPFED_OK;
 }
 
+int tpfed_auth_trailer_decode(const uint8_t *p, size_t len, tpfed_auth_trailer_t *m, size_t *used) {
+    if (!m || !used || (!p && len)) return TPFED_E_BAD_ARG;
+    tpfed_auth_trailer_t t;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    memset(&t, 0, sizeof t);
+    if (len - off < 4u) return TPFED_E_BAD_PAYLOAD;
+    t.counter = tpfed_rd_u32(p + off);
+    off += 4u;
+    if (len - off < 16u) return TPFED_E_BAD_PAYLOAD;
+    t.tag = p + off;
+    off += 16u;
+    *used = off;
+    *m = t;
+    return TPFED_OK;
+}
+
+int tpfed_auth_trailer_encode(uint8_t *p, size_t cap, const tpfed_auth_trailer_t *m, size_t *out_len) {
+    if (!m || !out_len || (!p && cap)) return TPFED_E_BAD_ARG;
+    tpfed_auth_trailer_t t = *m;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    if (cap - off < 4u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u32(p + off, t.counter);
+    off += 4u;
+    sz = 16u;
+    if (sz && !t.tag) return TPFED_E_BAD_ARG;
+    if (cap - off < sz) return TPFED_E_NO_SPACE;
+    if (sz) memcpy(p + off, t.tag, sz);
+    off += sz;
+    *out_len = off;
+    return TPFED_OK;
+}
+
+int tpfed_auth_challenge_decode(const uint8_t *p, size_t len, tpfed_auth_challenge_t *m, size_t *used) {
+    if (!m || !used || (!p && len)) return TPFED_E_BAD_ARG;
+    tpfed_auth_challenge_t t;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    memset(&t, 0, sizeof t);
+    if (len - off < 16u) return TPFED_E_BAD_PAYLOAD;
+    t.nonce_c = p + off;
+    off += 16u;
+    if (len - off < 2u) return TPFED_E_BAD_PAYLOAD;
+    t.session = tpfed_rd_u16(p + off);
+    off += 2u;
+    if (len - off < 1u) return TPFED_E_BAD_PAYLOAD;
+    t.device_id = tpfed_rd_u8(p + off);
+    off += 1u;
+    *used = off;
+    *m = t;
+    return TPFED_OK;
+}
+
+int tpfed_auth_challenge_encode(uint8_t *p, size_t cap, const tpfed_auth_challenge_t *m, size_t *out_len) {
+    if (!m || !out_len || (!p && cap)) return TPFED_E_BAD_ARG;
+    tpfed_auth_challenge_t t = *m;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    sz = 16u;
+    if (sz && !t.nonce_c) return TPFED_E_BAD_ARG;
+    if (cap - off < sz) return TPFED_E_NO_SPACE;
+    if (sz) memcpy(p + off, t.nonce_c, sz);
+    off += sz;
+    if (cap - off < 2u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u16(p + off, t.session);
+    off += 2u;
+    if (cap - off < 1u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u8(p + off, t.device_id);
+    off += 1u;
+    *out_len = off;
+    return TPFED_OK;
+}
+
+int tpfed_auth_response_decode(const uint8_t *p, size_t len, tpfed_auth_response_t *m, size_t *used) {
+    if (!m || !used || (!p && len)) return TPFED_E_BAD_ARG;
+    tpfed_auth_response_t t;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    memset(&t, 0, sizeof t);
+    if (len - off < 16u) return TPFED_E_BAD_PAYLOAD;
+    t.nonce_p = p + off;
+    off += 16u;
+    if (len - off < 32u) return TPFED_E_BAD_PAYLOAD;
+    t.proof_p = p + off;
+    off += 32u;
+    *used = off;
+    *m = t;
+    return TPFED_OK;
+}
+
+int tpfed_auth_response_encode(uint8_t *p, size_t cap, const tpfed_auth_response_t *m, size_t *out_len) {
+    if (!m || !out_len || (!p && cap)) return TPFED_E_BAD_ARG;
+    tpfed_auth_response_t t = *m;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    sz = 16u;
+    if (sz && !t.nonce_p) return TPFED_E_BAD_ARG;
+    if (cap - off < sz) return TPFED_E_NO_SPACE;
+    if (sz) memcpy(p + off, t.nonce_p, sz);
+    off += sz;
+    sz = 32u;
+    if (sz && !t.proof_p) return TPFED_E_BAD_ARG;
+    if (cap - off < sz) return TPFED_E_NO_SPACE;
+    if (sz) memcpy(p + off, t.proof_p, sz);
+    off += sz;
+    *out_len = off;
+    return TPFED_OK;
+}
+
+int tpfed_auth_confirm_decode(const uint8_t *p, size_t len, tpfed_auth_confirm_t *m, size_t *used) {
+    if (!m || !used || (!p && len)) return TPFED_E_BAD_ARG;
+    tpfed_auth_confirm_t t;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    memset(&t, 0, sizeof t);
+    if (len - off < 32u) return TPFED_E_BAD_PAYLOAD;
+    t.proof_c = p + off;
+    off += 32u;
+    *used = off;
+    *m = t;
+    return TPFED_OK;
+}
+
+int tpfed_auth_confirm_encode(uint8_t *p, size_t cap, const tpfed_auth_confirm_t *m, size_t *out_len) {
+    if (!m || !out_len || (!p && cap)) return TPFED_E_BAD_ARG;
+    tpfed_auth_confirm_t t = *m;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    sz = 32u;
+    if (sz && !t.proof_c) return TPFED_E_BAD_ARG;
+    if (cap - off < sz) return TPFED_E_NO_SPACE;
+    if (sz) memcpy(p + off, t.proof_c, sz);
+    off += sz;
+    *out_len = off;
+    return TPFED_OK;
+}
+
 int tpfed_hello_decode(const uint8_t *p, size_t len, tpfed_hello_t *m) {
     if (!m || (!p && len)) return TPFED_E_BAD_ARG;
     tpfed_hello_t t;
@@ -634,6 +780,83 @@ int tpfed_ready_encode(uint8_t *p, size_t cap, const tpfed_ready_t *m, size_t *o
     return TPFED_OK;
 }
 
+int tpfed_auth_decode(const uint8_t *p, size_t len, tpfed_auth_t *m) {
+    if (!m || (!p && len)) return TPFED_E_BAD_ARG;
+    tpfed_auth_t t;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    memset(&t, 0, sizeof t);
+    if (len - off < 1u) return TPFED_E_BAD_PAYLOAD;
+    t.step = tpfed_rd_u8(p + off);
+    off += 1u;
+    switch (t.step) {
+    case 1u: sz = 19u; break;
+    case 2u: sz = 48u; break;
+    case 3u: sz = 32u; break;
+    default: return TPFED_E_BAD_PAYLOAD;
+    }
+    if (len - off < sz) return TPFED_E_BAD_PAYLOAD;
+    t.body = p + off;
+    off += sz;
+    if (off != len) return TPFED_E_BAD_PAYLOAD;
+    *m = t;
+    return TPFED_OK;
+}
+
+int tpfed_auth_encode(uint8_t *p, size_t cap, const tpfed_auth_t *m, size_t *out_len) {
+    if (!m || !out_len || (!p && cap)) return TPFED_E_BAD_ARG;
+    tpfed_auth_t t = *m;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    if (cap - off < 1u) return TPFED_E_NO_SPACE;
+    tpfed_wr_u8(p + off, t.step);
+    off += 1u;
+    switch (t.step) {
+    case 1u: sz = 19u; break;
+    case 2u: sz = 48u; break;
+    case 3u: sz = 32u; break;
+    default: return TPFED_E_BAD_ARG;
+    }
+    if (sz && !t.body) return TPFED_E_BAD_ARG;
+    if (cap - off < sz) return TPFED_E_NO_SPACE;
+    if (sz) memcpy(p + off, t.body, sz);
+    off += sz;
+    *out_len = off;
+    return TPFED_OK;
+}
+
+int tpfed_provision_decode(const uint8_t *p, size_t len, tpfed_provision_t *m) {
+    if (!m || (!p && len)) return TPFED_E_BAD_ARG;
+    tpfed_provision_t t;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    memset(&t, 0, sizeof t);
+    if (len - off < 32u) return TPFED_E_BAD_PAYLOAD;
+    t.key = p + off;
+    off += 32u;
+    if (off != len) return TPFED_E_BAD_PAYLOAD;
+    *m = t;
+    return TPFED_OK;
+}
+
+int tpfed_provision_encode(uint8_t *p, size_t cap, const tpfed_provision_t *m, size_t *out_len) {
+    if (!m || !out_len || (!p && cap)) return TPFED_E_BAD_ARG;
+    tpfed_provision_t t = *m;
+    size_t off = 0;
+    size_t sz = 0;
+    (void)sz;
+    sz = 32u;
+    if (sz && !t.key) return TPFED_E_BAD_ARG;
+    if (cap - off < sz) return TPFED_E_NO_SPACE;
+    if (sz) memcpy(p + off, t.key, sz);
+    off += sz;
+    *out_len = off;
+    return TPFED_OK;
+}
+
 int tpfed_activation_decode(const uint8_t *p, size_t len, tpfed_activation_t *m) {
     if (!m || (!p && len)) return TPFED_E_BAD_ARG;
     tpfed_activation_t t;
@@ -992,21 +1215,58 @@ int tpfed_probe_encode(uint8_t *p, size_t cap, const tpfed_probe_t *m, size_t *o
     return TPFED_OK;
 }
 
-// CRC-32 (reflected, polynomial 0xEDB88320) with a 16-entry nibble table: small and fast enough.
-static const uint32_t crc_nibble[16] = {
-    0x00000000u, 0x1DB71064u, 0x3B6E20C8u, 0x26D930ACu, 0x76DC4190u, 0x6B6B51F4u,
-    0x4DB26158u, 0x5005713Cu, 0xEDB88320u, 0xF00F9344u, 0xD6D6A3E8u, 0xCB61B38Cu,
-    0x9B64C2B0u, 0x86D3D2D4u, 0xA00AE278u, 0xBDBDF21Cu,
+// CRC-32 (reflected, polynomial 0xEDB88320), a byte at a time with a 256-entry table (1 KiB of
+// flash; every frame is CRCed once per hop, sealed ones too, so it is worth it).
+static const uint32_t crc_table[256] = {
+    0x00000000u, 0x77073096u, 0xEE0E612Cu, 0x990951BAu, 0x076DC419u, 0x706AF48Fu,
+    0xE963A535u, 0x9E6495A3u, 0x0EDB8832u, 0x79DCB8A4u, 0xE0D5E91Eu, 0x97D2D988u,
+    0x09B64C2Bu, 0x7EB17CBDu, 0xE7B82D07u, 0x90BF1D91u, 0x1DB71064u, 0x6AB020F2u,
+    0xF3B97148u, 0x84BE41DEu, 0x1ADAD47Du, 0x6DDDE4EBu, 0xF4D4B551u, 0x83D385C7u,
+    0x136C9856u, 0x646BA8C0u, 0xFD62F97Au, 0x8A65C9ECu, 0x14015C4Fu, 0x63066CD9u,
+    0xFA0F3D63u, 0x8D080DF5u, 0x3B6E20C8u, 0x4C69105Eu, 0xD56041E4u, 0xA2677172u,
+    0x3C03E4D1u, 0x4B04D447u, 0xD20D85FDu, 0xA50AB56Bu, 0x35B5A8FAu, 0x42B2986Cu,
+    0xDBBBC9D6u, 0xACBCF940u, 0x32D86CE3u, 0x45DF5C75u, 0xDCD60DCFu, 0xABD13D59u,
+    0x26D930ACu, 0x51DE003Au, 0xC8D75180u, 0xBFD06116u, 0x21B4F4B5u, 0x56B3C423u,
+    0xCFBA9599u, 0xB8BDA50Fu, 0x2802B89Eu, 0x5F058808u, 0xC60CD9B2u, 0xB10BE924u,
+    0x2F6F7C87u, 0x58684C11u, 0xC1611DABu, 0xB6662D3Du, 0x76DC4190u, 0x01DB7106u,
+    0x98D220BCu, 0xEFD5102Au, 0x71B18589u, 0x06B6B51Fu, 0x9FBFE4A5u, 0xE8B8D433u,
+    0x7807C9A2u, 0x0F00F934u, 0x9609A88Eu, 0xE10E9818u, 0x7F6A0DBBu, 0x086D3D2Du,
+    0x91646C97u, 0xE6635C01u, 0x6B6B51F4u, 0x1C6C6162u, 0x856530D8u, 0xF262004Eu,
+    0x6C0695EDu, 0x1B01A57Bu, 0x8208F4C1u, 0xF50FC457u, 0x65B0D9C6u, 0x12B7E950u,
+    0x8BBEB8EAu, 0xFCB9887Cu, 0x62DD1DDFu, 0x15DA2D49u, 0x8CD37CF3u, 0xFBD44C65u,
+    0x4DB26158u, 0x3AB551CEu, 0xA3BC0074u, 0xD4BB30E2u, 0x4ADFA541u, 0x3DD895D7u,
+    0xA4D1C46Du, 0xD3D6F4FBu, 0x4369E96Au, 0x346ED9FCu, 0xAD678846u, 0xDA60B8D0u,
+    0x44042D73u, 0x33031DE5u, 0xAA0A4C5Fu, 0xDD0D7CC9u, 0x5005713Cu, 0x270241AAu,
+    0xBE0B1010u, 0xC90C2086u, 0x5768B525u, 0x206F85B3u, 0xB966D409u, 0xCE61E49Fu,
+    0x5EDEF90Eu, 0x29D9C998u, 0xB0D09822u, 0xC7D7A8B4u, 0x59B33D17u, 0x2EB40D81u,
+    0xB7BD5C3Bu, 0xC0BA6CADu, 0xEDB88320u, 0x9ABFB3B6u, 0x03B6E20Cu, 0x74B1D29Au,
+    0xEAD54739u, 0x9DD277AFu, 0x04DB2615u, 0x73DC1683u, 0xE3630B12u, 0x94643B84u,
+    0x0D6D6A3Eu, 0x7A6A5AA8u, 0xE40ECF0Bu, 0x9309FF9Du, 0x0A00AE27u, 0x7D079EB1u,
+    0xF00F9344u, 0x8708A3D2u, 0x1E01F268u, 0x6906C2FEu, 0xF762575Du, 0x806567CBu,
+    0x196C3671u, 0x6E6B06E7u, 0xFED41B76u, 0x89D32BE0u, 0x10DA7A5Au, 0x67DD4ACCu,
+    0xF9B9DF6Fu, 0x8EBEEFF9u, 0x17B7BE43u, 0x60B08ED5u, 0xD6D6A3E8u, 0xA1D1937Eu,
+    0x38D8C2C4u, 0x4FDFF252u, 0xD1BB67F1u, 0xA6BC5767u, 0x3FB506DDu, 0x48B2364Bu,
+    0xD80D2BDAu, 0xAF0A1B4Cu, 0x36034AF6u, 0x41047A60u, 0xDF60EFC3u, 0xA867DF55u,
+    0x316E8EEFu, 0x4669BE79u, 0xCB61B38Cu, 0xBC66831Au, 0x256FD2A0u, 0x5268E236u,
+    0xCC0C7795u, 0xBB0B4703u, 0x220216B9u, 0x5505262Fu, 0xC5BA3BBEu, 0xB2BD0B28u,
+    0x2BB45A92u, 0x5CB36A04u, 0xC2D7FFA7u, 0xB5D0CF31u, 0x2CD99E8Bu, 0x5BDEAE1Du,
+    0x9B64C2B0u, 0xEC63F226u, 0x756AA39Cu, 0x026D930Au, 0x9C0906A9u, 0xEB0E363Fu,
+    0x72076785u, 0x05005713u, 0x95BF4A82u, 0xE2B87A14u, 0x7BB12BAEu, 0x0CB61B38u,
+    0x92D28E9Bu, 0xE5D5BE0Du, 0x7CDCEFB7u, 0x0BDBDF21u, 0x86D3D2D4u, 0xF1D4E242u,
+    0x68DDB3F8u, 0x1FDA836Eu, 0x81BE16CDu, 0xF6B9265Bu, 0x6FB077E1u, 0x18B74777u,
+    0x88085AE6u, 0xFF0F6A70u, 0x66063BCAu, 0x11010B5Cu, 0x8F659EFFu, 0xF862AE69u,
+    0x616BFFD3u, 0x166CCF45u, 0xA00AE278u, 0xD70DD2EEu, 0x4E048354u, 0x3903B3C2u,
+    0xA7672661u, 0xD06016F7u, 0x4969474Du, 0x3E6E77DBu, 0xAED16A4Au, 0xD9D65ADCu,
+    0x40DF0B66u, 0x37D83BF0u, 0xA9BCAE53u, 0xDEBB9EC5u, 0x47B2CF7Fu, 0x30B5FFE9u,
+    0xBDBDF21Cu, 0xCABAC28Au, 0x53B39330u, 0x24B4A3A6u, 0xBAD03605u, 0xCDD70693u,
+    0x54DE5729u, 0x23D967BFu, 0xB3667A2Eu, 0xC4614AB8u, 0x5D681B02u, 0x2A6F2B94u,
+    0xB40BBE37u, 0xC30C8EA1u, 0x5A05DF1Bu, 0x2D02EF8Du,
 };
 
 uint32_t tpfed_crc32(uint32_t crc, const uint8_t *p, size_t n) {
     size_t i;
     crc = ~crc;
-    for (i = 0; i < n; i++) {
-        crc ^= p[i];
-        crc = (crc >> 4) ^ crc_nibble[crc & 15u];
-        crc = (crc >> 4) ^ crc_nibble[crc & 15u];
-    }
+    for (i = 0; i < n; i++) crc = crc_table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
     return ~crc;
 }
 
@@ -1049,6 +1309,8 @@ static int type_known(uint8_t type) {
     case TPFED_MSG_ASSIGN:
     case TPFED_MSG_WEIGHTS:
     case TPFED_MSG_READY:
+    case TPFED_MSG_AUTH:
+    case TPFED_MSG_PROVISION:
     case TPFED_MSG_ACTIVATION:
     case TPFED_MSG_PARTIAL:
     case TPFED_MSG_HEARTBEAT:
@@ -1076,6 +1338,7 @@ int tpfed_frame_decode(const uint8_t *buf, size_t len, size_t max_payload,
     if ((t.version >> 4) != TPFED_VERSION_MAJOR) return TPFED_E_VERSION;
     if (t.length > max_payload) return TPFED_E_OVERSIZE;
     total = (size_t)TPFED_HEADER_SIZE + t.length + TPFED_CRC_SIZE;
+    if (t.flags & TPFED_FLAG_AUTH) total += TPFED_AUTH_TRAILER_SIZE;
     if (len < total) return TPFED_E_TRUNCATED;
     if (len > total) return TPFED_E_BAD_LENGTH;
     if (tpfed_crc32(0, buf, total - TPFED_CRC_SIZE) != tpfed_rd_u32(buf + total - TPFED_CRC_SIZE))
@@ -1083,6 +1346,17 @@ int tpfed_frame_decode(const uint8_t *buf, size_t len, size_t max_payload,
     if (!type_known(t.type)) return TPFED_E_UNKNOWN_TYPE;
     *h = t;
     *payload = buf + TPFED_HEADER_SIZE;
+    return TPFED_OK;
+}
+
+int tpfed_frame_trailer(const uint8_t *buf, const tpfed_header_t *h, uint32_t *counter,
+                        const uint8_t **tag) {
+    const uint8_t *t;
+    if (!buf || !h || !counter || !tag) return TPFED_E_BAD_ARG;
+    if (!(h->flags & TPFED_FLAG_AUTH)) return TPFED_E_BAD_TAG;
+    t = buf + TPFED_HEADER_SIZE + h->length;
+    *counter = tpfed_rd_u32(t);
+    *tag = t + 4;
     return TPFED_OK;
 }
 
@@ -1103,6 +1377,14 @@ int tpfed_payload_validate(uint8_t type, const uint8_t *p, size_t len) {
     case TPFED_MSG_READY: {
         tpfed_ready_t m;
         return tpfed_ready_decode(p, len, &m);
+    }
+    case TPFED_MSG_AUTH: {
+        tpfed_auth_t m;
+        return tpfed_auth_decode(p, len, &m);
+    }
+    case TPFED_MSG_PROVISION: {
+        tpfed_provision_t m;
+        return tpfed_provision_decode(p, len, &m);
     }
     case TPFED_MSG_ACTIVATION: {
         tpfed_activation_t m;
@@ -1153,19 +1435,32 @@ int tpfed_frame_validate(const uint8_t *buf, size_t len, size_t max_payload) {
     return tpfed_payload_validate(h.type, payload, h.length);
 }
 
-int tpfed_frame_finish(uint8_t *buf, size_t cap, tpfed_header_t *h, size_t payload_len,
-                       size_t *frame_len) {
+int tpfed_frame_begin(uint8_t *buf, size_t cap, tpfed_header_t *h, size_t payload_len,
+                      size_t *frame_len) {
     size_t used, end;
     if (!buf || !h || !frame_len) return TPFED_E_BAD_ARG;
     if (payload_len > TPFED_MAX_PAYLOAD) return TPFED_E_BAD_ARG;
     end = (size_t)TPFED_HEADER_SIZE + payload_len;
+    if (h->flags & TPFED_FLAG_AUTH) end += TPFED_AUTH_TRAILER_SIZE;
     if (cap < end || cap - end < TPFED_CRC_SIZE) return TPFED_E_NO_SPACE;
     h->magic = TPFED_MAGIC;
     h->version = TPFED_VERSION;
     h->length = (uint16_t)payload_len;
     if (tpfed_header_encode(buf, TPFED_HEADER_SIZE, h, &used) != TPFED_OK) return TPFED_E_NO_SPACE;
-    tpfed_wr_u32(buf + end, tpfed_crc32(0, buf, end));
     *frame_len = end + TPFED_CRC_SIZE;
+    return TPFED_OK;
+}
+
+void tpfed_frame_put_crc(uint8_t *buf, size_t frame_len) {
+    size_t end = frame_len - TPFED_CRC_SIZE;
+    tpfed_wr_u32(buf + end, tpfed_crc32(0, buf, end));
+}
+
+int tpfed_frame_finish(uint8_t *buf, size_t cap, tpfed_header_t *h, size_t payload_len,
+                       size_t *frame_len) {
+    int rc = tpfed_frame_begin(buf, cap, h, payload_len, frame_len);
+    if (rc != TPFED_OK) return rc;
+    tpfed_frame_put_crc(buf, *frame_len);
     return TPFED_OK;
 }
 
@@ -1182,6 +1477,8 @@ const char *tpfed_status_str(int status) {
     case TPFED_E_BAD_PAYLOAD: return "bad payload";
     case TPFED_E_NO_SPACE: return "no space";
     case TPFED_E_BAD_ARG: return "bad arg";
+    case TPFED_E_BAD_TAG: return "bad tag";
+    case TPFED_E_REPLAYED: return "replayed";
     default: return "unknown status";
     }
 }
