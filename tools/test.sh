@@ -12,6 +12,12 @@ command -v arm-none-eabi-gcc >/dev/null || need_apt+=(gcc-arm-none-eabi)
 [ -e /usr/lib/arm-none-eabi/newlib/libc.a ] || need_apt+=(libnewlib-arm-none-eabi)
 command -v qemu-system-arm >/dev/null || need_apt+=(qemu-system-arm)
 command -v npm >/dev/null || need_apt+=(nodejs npm)  # MicroPython's WebAssembly build runs on node
+# the C core's 32-bit test build and the fuzzers (libFuzzer + ASan/UBSan, 64 and 32 bits)
+dpkg -s g++-multilib >/dev/null 2>&1 || need_apt+=(g++-multilib)   # brings gcc-multilib
+command -v clang >/dev/null || need_apt+=(clang)
+dpkg -s libclang-rt-14-dev >/dev/null 2>&1 || need_apt+=(libclang-rt-14-dev)
+command -v mosquitto >/dev/null || need_apt+=(mosquitto)   # the MQTT fleet bus tests
+command -v chromium >/dev/null || need_apt+=(chromium)     # the dashboard test (headless)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -q
@@ -32,4 +38,6 @@ if ! grep -qs "\"version\": \"$MP_VERSION\"" "$MP_NPM/node_modules/$MP_PKG/packa
   npm install --prefix "$MP_NPM" --no-audit --no-fund --loglevel=error "$MP_PKG@$MP_VERSION"
 fi
 ruff check .
+# the fuzzers, briefly (each harness 64- and 32-bit; longer runs: tools/fuzz.sh --runs 1000000)
+bash tools/fuzz.sh "${TPFED_FUZZ_SECONDS:-5}"
 python -m pytest "$@"
