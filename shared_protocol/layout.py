@@ -8,11 +8,11 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from construct import Array, FormatField, Rebuild, Renamed, Struct, Switch
+from construct import Array, Default, FormatField, Rebuild, Renamed, Struct, Switch
 
 
 def unwrap(con: Any) -> tuple[Any, str | None, str]:
-    """Strip Renamed / Rebuild wrappers: (inner construct, field name, documentation)."""
+    """Strip Renamed / Rebuild / Default wrappers: (inner construct, field name, documentation)."""
     name: str | None = None
     docs = ""
     while True:
@@ -20,7 +20,7 @@ def unwrap(con: Any) -> tuple[Any, str | None, str]:
             name = name or con.name
             docs = docs or (con.docs or "")
             con = con.subcon
-        elif isinstance(con, Rebuild):
+        elif isinstance(con, Rebuild | Default):
             con = con.subcon
         else:
             return con, name, docs

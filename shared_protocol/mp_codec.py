@@ -41,6 +41,9 @@ KEY_SIZE = 32
 NONCE_SIZE = 16
 PROOF_SIZE = 32
 TAG_SIZE = 16
+SHARE_ACT_SHIFT = 8
+SHARE_ACT_MAX = 2
+SHARE_FLAGS_KNOWN = 895
 HEADER_SIZE = 12
 FRAGMENT_HEADER_SIZE = 5
 FRAME_OVERHEAD = 16
@@ -110,6 +113,15 @@ TRANSPORT_WIFI = 8
 
 STAGE_ATTENTION = 0
 STAGE_MLP = 1
+STAGE_KV = 2
+
+SHARE_QKV_BIAS = 1
+SHARE_PLAIN_MLP = 2
+SHARE_MLP_BIAS = 4
+SHARE_NONCAUSAL = 8
+SHARE_ROPE_TABLE = 16
+SHARE_NO_ROPE = 32
+SHARE_WINDOW = 64
 
 ENC_F32 = 0
 ENC_F16 = 1
@@ -162,7 +174,7 @@ HEADER_NAMES = ('magic', 'version', 'type', 'flags', 'src', 'dst', 'seq', 'sessi
 # --- payload layouts (one node tree per message type) ---
 
 _HELLO = ('S', ((None, ('r', '<B', 1, ('device_class',), (None,))), ('name', ('t',)), (None, ('r', '<IIIHBBQBhBHI', 34, ('ram_kb', 'psram_kb', 'flash_kb', 'cpu_mhz', 'cores', 'features', 'int8_macs', 'battery_pct', 'temperature_dc', 'transports', 'max_frame', 'arena_kb'), (None, None, None, None, None, None, None, None, None, None, None, None)))), True)
-_ASSIGN = ('S', ((None, ('r', '<HIHHHHffH', 24, ('dim', 'hidden_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'seq_len', 'norm_eps', 'rope_theta', 'n_entries'), (None, None, None, None, None, None, None, None, ((None, None, ('entries',)),)))), ('entries', ('A', lambda c: c['n_entries'], ('S', ((None, ('r', '<HB', 3, ('layer', 'n_kv_groups'), (None, ((None, None, ('kv_groups',)),)))), ('kv_groups', ('a', lambda c: c['n_kv_groups'], 'H', 2)), (None, ('r', '<B', 1, ('n_mlp_ranges',), (((None, None, ('mlp_ranges',)),),))), ('mlp_ranges', ('A', lambda c: c['n_mlp_ranges'], ('S', ((None, ('r', '<II', 8, ('start', 'end'), (None, None))),), False)))), False)))), True)
+_ASSIGN = ('S', ((None, ('r', '<HIHHHHffHH', 26, ('dim', 'hidden_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'seq_len', 'norm_eps', 'rope_theta', 'flags', 'n_entries'), (None, None, None, None, None, None, None, None, None, ((None, None, ('entries',)),)))), ('entries', ('A', lambda c: c['n_entries'], ('S', ((None, ('r', '<HB', 3, ('layer', 'n_kv_groups'), (None, ((None, None, ('kv_groups',)),)))), ('kv_groups', ('a', lambda c: c['n_kv_groups'], 'H', 2)), (None, ('r', '<B', 1, ('n_mlp_ranges',), (((None, None, ('mlp_ranges',)),),))), ('mlp_ranges', ('A', lambda c: c['n_mlp_ranges'], ('S', ((None, ('r', '<II', 8, ('start', 'end'), (None, None))),), False)))), False)))), True)
 _WEIGHTS = ('S', ((None, ('r', '<HII', 10, ('shard_id', 'offset', 'total'), (None, None, None))), ('sha256', ('b', 32)), ('data', ('g',))), False)
 _READY = ('S', ((None, ('r', '<III', 12, ('shard_bytes', 'arena_used', 'arena_free'), (None, None, None))),), True)
 _AUTH = ('S', ((None, ('r', '<B', 1, ('step',), (None,))), ('body', ('w', 'step', {1: ('S', (('nonce_c', ('b', 16)), (None, ('r', '<HB', 3, ('session', 'device_id'), (None, None)))), False), 2: ('S', (('nonce_p', ('b', 16)), ('proof_p', ('b', 32))), False), 3: ('S', (('proof_c', ('b', 32)),), False)}))), True)

@@ -59,6 +59,7 @@ from construct import (
     Array,
     Bytes,
     Const,
+    Default,
     Error,
     Float32l,
     GreedyBytes,
@@ -190,6 +191,30 @@ class TransportKind(IntFlag):
 class Stage(IntEnum):
     ATTENTION = 0
     MLP = 1
+    KV = 2  # encoders: append the row's k/v to the attention KV cache only; PARTIAL with n = 0
+
+
+class ShareFlag(IntFlag):
+    """Bits of a layer share's ``flags`` (LayerShareHeader) and of ASSIGN's: what the units need
+    beyond llama2.c's (the sections they add are in host/tpfed/compute/share.py). Bits
+    SHARE_ACT_SHIFT.. hold the MLP activation (TPFED_ACT_* of tpfed_kernels.h: 0 SiLU, 1 GELU
+    tanh, 2 GELU erf). Flags 0 is llama2.c's units."""
+
+    QKV_BIAS = 1  # bq, bk, bv sections per group
+    PLAIN_MLP = 2  # no w3 per range (a 2-matrix MLP)
+    MLP_BIAS = 4  # b1 (and b3 when gated) sections per range
+    NONCAUSAL = 8  # encoder attention over every row appended (Stage.KV)
+    ROPE_TABLE = 16  # a head_size/2 float32 frequency table after the tables
+    NO_ROPE = 32  # learned positions: no rotation
+    WINDOW = 64  # a u32 sliding window after the tables
+
+
+SHARE_ACT_SHIFT = 8
+SHARE_ACT_MAX = 2  # the highest TPFED_ACT_* value
+SHARE_FLAGS_KNOWN = sum(int(f) for f in ShareFlag) | (3 << SHARE_ACT_SHIFT)
+C_CONSTANTS["SHARE_ACT_SHIFT"] = SHARE_ACT_SHIFT
+C_CONSTANTS["SHARE_ACT_MAX"] = SHARE_ACT_MAX
+C_CONSTANTS["SHARE_FLAGS_KNOWN"] = SHARE_FLAGS_KNOWN
 
 
 class PartialEncoding(IntEnum):
@@ -259,6 +284,7 @@ C_ENUMS: list[tuple[str, type[IntEnum] | type[IntFlag], str]] = [
     ("feature", Feature, "TPFED_FEAT_"),
     ("transport_kind", TransportKind, "TPFED_TRANSPORT_"),
     ("stage", Stage, "TPFED_STAGE_"),
+    ("share_flag", ShareFlag, "TPFED_SHARE_"),
     ("partial_encoding", PartialEncoding, "TPFED_ENC_"),
     ("error_code", ErrorCode, "TPFED_ERR_"),
     ("bye_reason", ByeReason, "TPFED_BYE_"),
@@ -318,7 +344,7 @@ LayerShareHeader = Struct(
     "n_groups" / Int16ul * "KV groups in this share",
     "n_ranges" / Int16ul * "MLP column ranges in this share",
     "n_kv_heads" / Int16ul * "of the model (group indices are below it)",
-    "reserved" / Int16ul * "sent as 0",
+    "flags" / Int16ul * "ShareFlag bits (host/tpfed/compute/share.py); 0 = llama2.c's units",
     "total" / Int64ul * "share size in bytes, header included",
 )
 SHARE_HEADER_SIZE = LayerShareHeader.sizeof()
@@ -383,6 +409,8 @@ Assign = Struct(
     "seq_len" / Int16ul,
     "norm_eps" / Float32l,
     "rope_theta" / Float32l,
+    "flags" / Default(Int16ul, 0)
+    * "ShareFlag bits of every layer share of the model (0 = llama2.c's units); sizes the shares",
     "n_entries" / Rebuild(Int16ul, len_(this.entries)) * "number of layer entries",
     "entries" / Array(this.n_entries, LayerEntry) * "the peer's share, one entry per layer",
     Terminated,

@@ -158,14 +158,14 @@ def build() -> Builder:
 
     # --- ASSIGN ------------------------------------------------------------------------------
     geometry = dict(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4, seq_len=512,
-                    norm_eps=1e-5, rope_theta=10000.0)
+                    norm_eps=1e-5, rope_theta=10000.0, flags=0)
     b.frame("assign_stories260k", F(MsgType.ASSIGN, dict(geometry, entries=[
         dict(layer=layer, kv_groups=[0, 2], mlp_ranges=[dict(start=0, end=86)]) for layer in range(5)
     ]), dst=3, seq=2, session=1, flags=int(Flag.ACK_REQUESTED)))
     b.frame("assign_no_entries", F(MsgType.ASSIGN, dict(geometry, entries=[]), dst=4, seq=3, session=1))
     b.frame("assign_extremes", F(MsgType.ASSIGN, dict(
         dim=U16, hidden_dim=U32, n_layers=U16, n_heads=U16, n_kv_heads=U16, seq_len=U16,
-        norm_eps=1e-6, rope_theta=1e6, entries=[
+        norm_eps=1e-6, rope_theta=1e6, flags=U16, entries=[
             dict(layer=U16, kv_groups=list(range(U16 - 254, U16 + 1)),
                  mlp_ranges=[dict(start=i * 1000, end=U32 - i) for i in range(255)]),
             dict(layer=0, kv_groups=[], mlp_ranges=[]),

@@ -626,10 +626,23 @@ static const uint32_t crc_table[256] = {
     0xB40BBE37u, 0xC30C8EA1u, 0x5A05DF1Bu, 0x2D02EF8Du,
 };
 
+//@crc-slices
 uint32_t tpfed_crc32(uint32_t crc, const uint8_t *p, size_t n) {
-    size_t i;
+    size_t i = 0;
     crc = ~crc;
-    for (i = 0; i < n; i++) crc = crc_table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
+#if defined(TPFED_HOST)
+    for (; i + 8 <= n; i += 8) {
+        uint32_t lo = crc ^ ((uint32_t)p[i] | (uint32_t)p[i + 1] << 8 | (uint32_t)p[i + 2] << 16 |
+                             (uint32_t)p[i + 3] << 24);
+        uint32_t hi = (uint32_t)p[i + 4] | (uint32_t)p[i + 5] << 8 | (uint32_t)p[i + 6] << 16 |
+                      (uint32_t)p[i + 7] << 24;
+        crc = crc_slices[7][lo & 0xFFu] ^ crc_slices[6][(lo >> 8) & 0xFFu] ^
+              crc_slices[5][(lo >> 16) & 0xFFu] ^ crc_slices[4][lo >> 24] ^
+              crc_slices[3][hi & 0xFFu] ^ crc_slices[2][(hi >> 8) & 0xFFu] ^
+              crc_slices[1][(hi >> 16) & 0xFFu] ^ crc_slices[0][hi >> 24];
+    }
+#endif
+    for (; i < n; i++) crc = crc_table[(crc ^ p[i]) & 0xFFu] ^ (crc >> 8);
     return ~crc;
 }
 
@@ -761,6 +774,32 @@ const char *tpfed_status_str(int status) {
     }
 }
 """
+
+
+def _crc_slices_c() -> str:
+    """Slicing-by-8 tables for the host build (8 KiB; boards keep the byte-wise 1 KiB table):
+    eight bytes per step, several times faster on the large frames of weight pushes."""
+    base = []
+    for b in range(256):
+        c = b
+        for _ in range(8):
+            c = (c >> 1) ^ (0xEDB88320 if c & 1 else 0)
+        base.append(c)
+    slices = [base]
+    for _ in range(7):
+        prev = slices[-1]
+        slices.append([(v >> 8) ^ base[v & 0xFF] for v in prev])
+    out = ["#if defined(TPFED_HOST)", "static const uint32_t crc_slices[8][256] = {"]
+    for t in slices:
+        out.append("    {")
+        for i in range(0, 256, 6):
+            out.append("        " + " ".join(f"0x{v:08X}u," for v in t[i:i + 6]))
+        out.append("    },")
+    out += ["};", "#endif", ""]
+    return "\n".join(out) + "\n"
+
+
+FRAME_C = FRAME_C.replace("//@crc-slices\n", _crc_slices_c())
 
 
 def gen_source(model: Model, by_type: dict[int, str]) -> str:

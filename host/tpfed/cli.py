@@ -37,10 +37,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return _reader_gone()
     except TpfedError as exc:
         print(f"tpfed: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("tpfed: interrupted", file=sys.stderr)
         return 130
+
+
+def _reader_gone() -> int:
+    """Standard output's reader went away (``tpfed plan --json | head``): stop quietly, as
+    ``cat`` does, with the status of a process ended by SIGPIPE."""
+    import os
+
+    try:  # whatever is still buffered must not fail again at exit
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141

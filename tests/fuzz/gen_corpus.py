@@ -9,15 +9,21 @@ golden frames are added to the frame and COBS seeds. Only the standard library i
 otherwise. The seed formats follow the harnesses' input layouts (see each fuzz_*.c).
 
 The peer seeds play a whole session against a small model geometry (dim 64, 8 heads, 4 KV
-heads, hidden 172, 2 layers, seq_len 16): HELLO, ASSIGN, WEIGHTS chunks of valid layer shares
-(the layout of host/tpfed/compute/share.py, SHA-256 included), READY, then ACTIVATIONs of both
-stages, HEARTBEAT, PROBE, BYE, and some variations (chunks out of order and repeated, a bad
-hash, re-ASSIGN, a too-small frame limit).
+heads, hidden 172, 2 layers, seq_len 16): the AUTH handshake (CHALLENGE, RESPONSE, CONFIRM, with
+the peer nonces fuzz_peer.c's deterministic random hands out and its federation key FUZZ_KEY),
+then every frame sealed with the session key (counter and tag, as shared_protocol/auth.py does):
+HELLO, ASSIGN, WEIGHTS chunks of valid layer shares (the layout of host/tpfed/compute/share.py,
+SHA-256 included), READY, then ACTIVATIONs of both stages, HEARTBEAT, PROBE, BYE, and some
+variations (chunks out of order and repeated, a bad hash, re-ASSIGN, a too-small frame limit).
+Others exercise the authentication: unsealed and replayed frames, another session, a second
+coordinator (BUSY), a wrong key, a new handshake after BYE, PROVISION of a keyless peer, a peer
+without a key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import random
 import struct
 import sys
@@ -27,19 +33,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 MAGIC, FRAG_MAGIC, VERSION = 0xA7, 0xA8, 0x10
-HELLO, ASSIGN, WEIGHTS, READY = 1, 2, 3, 4
+HELLO, ASSIGN, WEIGHTS, READY, AUTH, PROVISION = 1, 2, 3, 4, 5, 6
 ACTIVATION, PARTIAL = 16, 17
 HEARTBEAT, ACK, NACK, ERROR, BYE = 32, 33, 34, 35, 36
 PROBE, PROBE_REPLY = 48, 49
 TYPES = [HELLO, ASSIGN, WEIGHTS, READY, ACTIVATION, PARTIAL, HEARTBEAT, ACK, NACK, ERROR, BYE,
          PROBE, PROBE_REPLY]   # the order of fuzz_frame.c's payload selector
 GRANULE = 64
+FLAG_AUTH = 4
+AUTH_OVERHEAD = 36          # header 12 + counter 4 + tag 16 + CRC 4
+FUZZ_KEY = bytes(range(0x30, 0x50))  # fuzz_peer.c FUZZ_KEY
+NONCE_C = bytes(range(0xC0, 0xD0))   # the seeds' coordinator nonce (any 16 bytes)
+CHALLENGE, RESPONSE, CONFIRM = 1, 2, 3
 
 try:  # the repo's codec, to cross-check what is built here
     sys.path.insert(0, str(ROOT))
+    from shared_protocol import auth as _auth  # noqa: E402
     from shared_protocol import codec as _codec  # noqa: E402
     from shared_protocol import golden_data as _golden  # noqa: E402
 except Exception:  # construct missing, or the package moved: hand-built bytes only
+    _auth = None
     _codec = None
     _golden = None
 
@@ -53,6 +66,37 @@ def frame(msg_type: int, payload: bytes, *, src: int = 0, dst: int = 1, seq: int
     if check and _codec is not None:
         _codec.decode_frame(out)   # raises if the hand-built frame is not what the codec says
     return out
+
+
+# --------------------------------------------------------------------------- authentication
+# (shared_protocol/auth.py, with the standard library only; cross-checked with it if importable)
+
+def _binding(nonce_c: bytes, nonce_p: bytes, device_id: int, session: int) -> bytes:
+    return nonce_c + nonce_p + struct.pack("<BH", device_id, session)
+
+
+def derive(key: bytes, label: bytes, nonce_c: bytes, nonce_p: bytes, device_id: int,
+           session: int) -> bytes:
+    return hmac.new(key, label + _binding(nonce_c, nonce_p, device_id, session), hashlib.sha256).digest()
+
+
+def seal(ks: bytes, unsealed: bytes, counter: int) -> bytes:
+    """A frame without AUTH -> sealed: AUTH flag, counter and tag before a new CRC."""
+    body = bytearray(unsealed[:-4])
+    body[3] |= FLAG_AUTH
+    body += struct.pack("<I", counter)
+    body += hmac.new(ks, bytes(body), hashlib.sha256).digest()[:16]
+    out = bytes(body) + struct.pack("<I", zlib.crc32(body))
+    if _auth is not None:
+        assert out == _auth.seal(ks, unsealed, counter)
+        assert _auth.verify(ks, out) == counter
+        _codec.decode_frame(out)
+    return out
+
+
+def peer_nonce(index: int) -> bytes:
+    """The peer nonce of the index-th handshake fuzz_peer.c's random serves (byte i: i)."""
+    return bytes((16 * index + i) & 0xFF for i in range(16))
 
 
 # --------------------------------------------------------------------------- payloads
@@ -77,9 +121,9 @@ class Geometry:
         self.group_size = n_heads // n_kv
 
 
-def assign(g: Geometry, entries: list[bytes]) -> bytes:
-    return (struct.pack("<HIHHHHffH", g.dim, g.hidden, g.n_layers, g.n_heads, g.n_kv, g.seq_len,
-                        1e-5, 10000.0, len(entries)) + b"".join(entries))
+def assign(g: Geometry, entries: list[bytes], flags: int = 0) -> bytes:
+    return (struct.pack("<HIHHHHffHH", g.dim, g.hidden, g.n_layers, g.n_heads, g.n_kv, g.seq_len,
+                        1e-5, 10000.0, flags, len(entries)) + b"".join(entries))
 
 
 def weights(shard_id: int, offset: int, total: int, sha: bytes, data: bytes) -> bytes:
@@ -131,27 +175,73 @@ def peer_config(max_frame_idx: int = 0, big: bool = False, fixup: bool = True, s
             | (0x80 if tight else 0))
 
 
+KEYED, NO_KEY, PROVISIONABLE = 0, 1, 3   # fuzz_peer.c's byte 1
+
+
 def records(frames: list[bytes]) -> bytes:
     return b"".join(struct.pack("<H", len(f)) + f for f in frames)
 
 
 class Session:
+    """A coordinator's frames to one fuzzed peer: handshakes, then frames sealed in the
+    current session (``send``), unsealed (``send_plain``) or replayed (``replay``)."""
+
     def __init__(self, max_frame: int, session: int = 7, dst: int = 1):
         self.frames: list[bytes] = []
         self.seq = 0
         self.session = session
         self.dst = dst
         self.max_frame = max_frame
+        self.handshakes = 0       # new CHALLENGEs the peer answered (each took 16 random bytes)
+        self.ks: bytes | None = None
+        self.counter = 0
+
+    def _next_seq(self) -> int:
+        self.seq += 1
+        return self.seq & 0xFFFF
+
+    def handshake(self, session: int | None = None, device_id: int | None = None,
+                  key: bytes = FUZZ_KEY, adopt: bool = True, confirm: bool = True) -> None:
+        """CHALLENGE and CONFIRM (the RESPONSE is the peer's). adopt: the session is now this
+        one (false: a second coordinator, answered BUSY)."""
+        session = self.session if session is None else session
+        device_id = self.dst if device_id is None else device_id
+        nonce_p = peer_nonce(self.handshakes)
+        self.handshakes += 1
+        self.frames.append(frame(AUTH, bytes([CHALLENGE]) + NONCE_C + struct.pack("<HB", session, device_id),
+                                 seq=self._next_seq(), session=session, dst=device_id))
+        if not confirm:
+            return
+        proof_c = derive(key, b"tpfed-coord", NONCE_C, nonce_p, device_id, session)
+        self.frames.append(frame(AUTH, bytes([CONFIRM]) + proof_c, seq=self._next_seq(),
+                                 session=session, dst=device_id))
+        if _auth is not None:
+            assert proof_c == _auth.coordinator_proof(key, NONCE_C, nonce_p, device_id, session)
+        if adopt:
+            self.session, self.dst = session, device_id
+            self.ks = derive(key, b"tpfed-session", NONCE_C, nonce_p, device_id, session)
+            self.counter = 0
 
     def send(self, msg_type: int, payload: bytes, **kw) -> None:
-        self.seq += 1
         kw.setdefault("dst", self.dst)
         kw.setdefault("session", self.session)
-        self.frames.append(frame(msg_type, payload, seq=self.seq & 0xFFFF, **kw))
+        f = frame(msg_type, payload, seq=self._next_seq(), **kw)
+        if self.ks is not None:
+            self.counter += 1
+            f = seal(self.ks, f, self.counter)
+        self.frames.append(f)
+
+    def send_plain(self, msg_type: int, payload: bytes, **kw) -> None:
+        kw.setdefault("dst", self.dst)
+        kw.setdefault("session", self.session)
+        self.frames.append(frame(msg_type, payload, seq=self._next_seq(), **kw))
+
+    def replay(self, back: int = 1) -> None:
+        self.frames.append(self.frames[-back])
 
     def chunks(self, layer: int, share: bytes, sha: bytes | None = None, order=None, repeat=False):
         sha = sha or hashlib.sha256(share).digest()
-        room = (self.max_frame - 16 - 42) // GRANULE * GRANULE
+        room = (self.max_frame - AUTH_OVERHEAD - 42) // GRANULE * GRANULE
         offs = list(range(0, len(share), room))
         if order == "reverse":
             offs.reverse()
@@ -170,34 +260,42 @@ def peer_seeds() -> dict[str, bytes]:
     act_scales = [0x3C00, 0x3800]   # fp16 1.0, 0.5
     seeds: dict[str, bytes] = {}
 
-    def session(name: str, cfg: int, plan: list[tuple[int, list[int], list[tuple[int, int]]]],
-                order=None, repeat=False, bad_hash=False, reassign=False, tail=True):
-        s = Session(MAX_FRAMES[cfg & 3])
-        s.send(HELLO, hello(), dst=1)
+    def work(s: Session, plan, order=None, repeat=False, bad_hash=False, positions=1) -> None:
         s.send(ASSIGN, assign(g, [layer_entry(*e) for e in plan]))
         for layer, groups, ranges in plan:
             share = layer_share(g, layer, groups, ranges, rng)
             if bad_hash:
                 s.chunks(layer, share, sha=b"\x5a" * 32)
             s.chunks(layer, share, order=order, repeat=repeat)
-        for pos in range(3 if tail else 1):
+        for pos in range(positions):
             for layer, groups, ranges in plan:
                 if groups:
                     s.send(ACTIVATION, activation(layer, 0, pos, act_qs, act_scales))
                 if ranges:
                     s.send(ACTIVATION, activation(layer, 1, pos, act_qs, act_scales))
+
+    def session(name: str, cfg: int, plan: list[tuple[int, list[int], list[tuple[int, int]]]],
+                order=None, repeat=False, bad_hash=False, reassign=False, tail=True,
+                auth_cfg=KEYED, extra=None):
+        s = Session(MAX_FRAMES[cfg & 3])
+        if auth_cfg == PROVISIONABLE:
+            s.send_plain(PROVISION, FUZZ_KEY, session=0)
+        s.handshake()
+        s.send(HELLO, hello(), dst=1)
+        work(s, plan, order=order, repeat=repeat, bad_hash=bad_hash, positions=3 if tail else 1)
         if tail:
             s.send(HEARTBEAT, struct.pack("<IB", 1234, 5))
             s.send(PROBE, struct.pack("<IQ", 99, 123456) + b"pad" * 5)
             if reassign:
                 layer, groups, ranges = plan[0]
-                s.session += 1
                 s.send(ASSIGN, assign(g, [layer_entry(layer, groups[:1], ranges[:1])]))
                 s.chunks(layer, layer_share(g, layer, groups[:1], ranges[:1], rng))
                 s.send(ACTIVATION, activation(layer, 0, 0, act_qs, act_scales))
+            if extra:
+                extra(s)
             s.send(BYE, b"\0")
             s.send(HEARTBEAT, struct.pack("<IB", 1, 0))
-        seeds[name] = bytes([cfg]) + records(s.frames)
+        seeds[name] = bytes([cfg, auth_cfg]) + records(s.frames)
 
     small = [(0, [1], [(0, 32)])]
     mlp_only = [(1, [], [(160, 172)])]
@@ -213,6 +311,69 @@ def peer_seeds() -> dict[str, bytes]:
     session("two_layers_64k", peer_config(3, big=True), two)
     session("two_layers_small_arena", peer_config(0), two)
     session("tight_limits", peer_config(0, big=True, tight=True), two, tail=False)
+    session("provisioned", peer_config(0), small, auth_cfg=PROVISIONABLE)
+
+    # -- authentication
+    def refusals(s: Session) -> None:
+        """Unsealed frames, a replay, another session, a sealed AUTH, a made-up CONFIRM."""
+        s.send_plain(HEARTBEAT, struct.pack("<IB", 1, 0))
+        s.send_plain(ACTIVATION, activation(0, 0, 1, act_qs, act_scales))
+        s.send_plain(BYE, b"\0")
+        s.send(HEARTBEAT, struct.pack("<IB", 2, 0))
+        s.replay()
+        s.send(HEARTBEAT, struct.pack("<IB", 3, 0), session=s.session + 1)
+        s.send(AUTH, bytes([CHALLENGE]) + NONCE_C + struct.pack("<HB", s.session, 1))
+        s.send_plain(AUTH, bytes([CONFIRM]) + bytes(32))
+        s.send(ACTIVATION, activation(0, 0, 1, act_qs, act_scales))
+
+    def second_coordinator(s: Session) -> None:
+        s.handshake(session=s.session + 5, device_id=2, adopt=False)   # BUSY
+        s.send(ACTIVATION, activation(0, 0, 2, act_qs, act_scales))
+
+    def wrong_key(s: Session) -> None:
+        s.handshake(session=s.session + 6, key=bytes(32), adopt=False)  # CONFIRM dropped
+        s.send(HEARTBEAT, struct.pack("<IB", 4, 0))
+
+    def repeats(s: Session) -> None:
+        """A CHALLENGE and a CONFIRM repeated (lost answers): the same RESPONSE, the ACK again."""
+        s.frames += s.frames[:2] if s.frames[0][2] == AUTH else s.frames[1:3]
+        s.send(HEARTBEAT, struct.pack("<IB", 5, 0))
+
+    session("auth_refusals", peer_config(0), small, extra=refusals)
+    session("auth_refusals_nofix", peer_config(0, fixup=False), small, extra=refusals)
+    session("auth_busy", peer_config(0), small, extra=second_coordinator)
+    session("auth_wrong_key", peer_config(0), small, extra=wrong_key)
+    session("auth_repeats", peer_config(0), small, extra=repeats)
+
+    # After BYE a new handshake (session 11) starts from scratch.
+    s = Session(MAX_FRAMES[0])
+    s.handshake()
+    work(s, small)
+    s.send(BYE, b"\0")
+    s.send(ACTIVATION, activation(0, 0, 0, act_qs, act_scales))   # no session: dropped
+    s.handshake(session=11, device_id=3)
+    s.send(ACTIVATION, activation(0, 0, 0, act_qs, act_scales))   # BAD_STATE
+    work(s, mlp_only)
+    seeds["auth_rehandshake"] = bytes([peer_config(0), KEYED]) + records(s.frames)
+
+    # The same session without the handshake and unsealed: all dropped.
+    s = Session(MAX_FRAMES[0])
+    s.send(HELLO, hello(), dst=1)
+    work(s, small)
+    seeds["unsealed"] = bytes([peer_config(0), KEYED]) + records(s.frames)
+    # A peer without a key: a handshake and everything after it go unanswered.
+    s = Session(MAX_FRAMES[0])
+    s.send_plain(PROVISION, FUZZ_KEY, session=0)   # not provisionable
+    s.handshake()
+    s.send(HELLO, hello(), dst=1)
+    work(s, small)
+    seeds["no_key"] = bytes([peer_config(0), NO_KEY]) + records(s.frames)
+    # Garbage after a good handshake.
+    s = Session(MAX_FRAMES[0])
+    s.handshake()
+    s.frames += [bytes(random.Random(i).randrange(256) for _ in range(40 + 13 * i)) for i in range(6)]
+    s.send(HEARTBEAT, struct.pack("<IB", 1, 0))
+    seeds["garbage"] = bytes([peer_config(0), KEYED]) + records(s.frames)
     return seeds
 
 

@@ -7,12 +7,10 @@ to real boards instead. Every run must produce exactly the single-device int8 te
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
 from tpfed.compute.int8_forward import Int8Transformer, Q8Model
-from tpfed.errors import PeerError
 from tpfed.model.sampling import Sampler
 from tpfed.model.tokenizer import Tokenizer
 from tpfed.runtime.session import RunOptions, generate_local, run
@@ -56,30 +54,44 @@ def test_boards_in_the_plan_give_the_single_device_text(model, single_device_tok
     on_boards = [p for p in result.peers if not p["name"].startswith("local")]
     assert on_boards and all(p["kv_groups"] > 0 and p["mlp_columns"] > 0 for p in on_boards)
     s = result.stats
-    assert s.min_wire_bytes_per_token <= s.wire_bytes_per_token <= 1.15 * s.min_wire_bytes_per_token
+    assert s.min_wire_bytes_per_token <= s.wire_bytes_per_token <= 1.3 * s.min_wire_bytes_per_token
 
 
-def test_board_reset_mid_run_is_reported(model, board_ports):
+def test_board_killed_mid_run_gives_the_undisturbed_text(model, single_device_tokens, board_ports,
+                                                         tmp_path):
+    """A QEMU board killed mid-sequence: its units move to the survivors (a board and a local
+    peer), their KV caches are replayed, and the text is exactly the undisturbed one."""
     if board_ports:
-        pytest.skip("resetting a real board needs a person at the bench")
+        pytest.skip("killing a real board needs a person at the bench")
+    from tpfed.protocol import auth
+
     from tpfed.runtime.emulator import EmulatedBoards
+    from tpfed.runtime.localpeers import LocalPeers
+    from tpfed.runtime.session import Fleet
+
+    key = auth.new_key()
+    key_file = str(auth.write_key_file(tmp_path / "key", key))
 
     async def scenario():
         with EmulatedBoards(2) as emu:
-            opts = RunOptions(peers=",".join(b.url for b in emu), prompt=PROMPT, steps=160,
-                              strategy="round-robin", deadline_s=2.0)
-            statuses: list[str] = []
-            task = asyncio.create_task(run(opts, model=model, on_status=statuses.append))
-            while not any("weights pushed" in s for s in statuses):
-                await asyncio.sleep(0.01)
-                assert not task.done(), task.exception()
-            await asyncio.sleep(0.2)
-            emu[1].stop()  # the board goes away mid-sequence (QEMU runs with -no-reboot)
-            t0 = time.monotonic()
-            with pytest.raises(PeerError) as err:
-                await task
-            assert time.monotonic() - t0 < 10
-            return str(err.value), emu[1].url
+            async with LocalPeers(1, key=key) as uris:
+                opts = RunOptions(peers=",".join([b.url for b in emu] + uris), steps=STEPS,
+                                  strategy="round-robin", deadline_s=3.0, key_file=key_file,
+                                  provision=True)
+                async with Fleet(opts, model=model) as fleet:
+                    prompt_ids = fleet.tokenizer.encode(PROMPT, bos=True)
+                    made = [len(prompt_ids)]
 
-    message, url = asyncio.run(scenario())
-    assert url in message
+                    def on_token(prev: int, token: int) -> None:
+                        made[0] += 1
+                        if made[0] == 20:
+                            emu[1].stop()  # QEMU is gone: its serial link closes
+
+                    result = await fleet.generate_ids(prompt_ids, Sampler(0.0), on_token=on_token)
+                    return result, list(fleet.coord.recoveries), emu[1].url
+
+    result, recoveries, url = asyncio.run(scenario())
+    assert result.tokens == single_device_tokens
+    assert len(recoveries) == 1 and recoveries[0]["devices_left"] == 2
+    assert url.split("//")[-1] in recoveries[0]["device"]
+    print("\nrecovery:", recoveries)

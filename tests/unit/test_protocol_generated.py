@@ -79,7 +79,7 @@ def test_c_string_literal_is_exact() -> None:
 
 
 SHARE_FIELDS = ("version", "header_size", "layer", "dim", "hidden_dim", "head_size", "group_size",
-                "n_groups", "n_ranges", "n_kv_heads", "reserved", "total")
+                "n_groups", "n_ranges", "n_kv_heads", "flags", "total")
 
 
 def _share_header_values(draw_int) -> dict:

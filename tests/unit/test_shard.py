@@ -203,7 +203,7 @@ def test_corrupt_shares_are_rejected(q8):
         "dim": _mutate(blob, 12, "<I", 65),
         "groups count": _mutate(blob, 24, "<H", 3),
         "ranges count": _mutate(blob, 26, "<H", 1),
-        "reserved": _mutate(blob, 30, "<H", 1),
+        "flags": _mutate(blob, 30, "<H", 1),
         "total": _mutate(blob, 32, "<Q", len(blob) + 4),
         "group order": _mutate(blob, 40, "<H", 2),
         "group index": _mutate(blob, 42, "<H", 4),
@@ -267,7 +267,7 @@ def test_c_share_header_decoder_agrees_with_shard_py(q8, groups, ranges):
     assert (h.version, h.header_size) == (lib.TPFED_SHARE_VERSION, lib.TPFED_SHARE_HEADER_SIZE)
     assert (h.layer, h.n_groups, h.n_ranges, h.total) == (
         share.layer, len(share.groups), len(share.ranges), len(blob))
-    assert (h.dim, h.hidden_dim, h.head_size, h.group_size, h.n_kv_heads, h.reserved) == (
+    assert (h.dim, h.hidden_dim, h.head_size, h.group_size, h.n_kv_heads, h.flags) == (
         c.dim, c.hidden_dim, c.head_size, c.group_size, c.n_kv_heads, 0)
     # the tables start right after the header on both sides
     assert struct.unpack_from(f"<{len(groups)}H", blob, h.header_size) == share.groups
@@ -283,7 +283,7 @@ def test_corrupted_share_header_is_refused_by_c_and_python(q8):
     expect = {"version": lib.TPFED_SHARE_VERSION, "header_size": lib.TPFED_SHARE_HEADER_SIZE,
               "layer": 1, "dim": c.dim, "hidden_dim": c.hidden_dim, "head_size": c.head_size,
               "group_size": c.group_size, "n_groups": 2, "n_ranges": 1,
-              "n_kv_heads": c.n_kv_heads, "reserved": 0, "total": len(blob)}
+              "n_kv_heads": c.n_kv_heads, "flags": 0, "total": len(blob)}
     rc, h, _ = _c_share_header(blob)
     assert rc == lib.TPFED_OK and {k: getattr(h, k) for k in expect} == expect
     for i in range(4):

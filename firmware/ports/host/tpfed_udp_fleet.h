@@ -20,23 +20,37 @@
 #include <stdint.h>
 
 #include "tpfed_auth.h"
+#include "tpfed_mem_peer.h"
+#include "tpfed_peer.h"
 
 // cffi:begin
 typedef struct tpfed_udp_fleet tpfed_udp_fleet;
 
 // Bytes of caller-owned memory a fleet of at most max_peers needs (8-byte aligned).
 size_t tpfed_udp_fleet_bytes(int max_peers);
-// Lay a fleet over mem for the bound UDP socket fd. Returns NULL if mem_bytes is too small.
+// Lay a fleet over mem for the bound UDP socket fd (-1: in-process peers only). Returns NULL
+// if mem_bytes is too small.
 tpfed_udp_fleet *tpfed_udp_fleet_init(void *mem, size_t mem_bytes, int fd, int max_peers);
 // Add the peer at numeric host (IPv4 or IPv6 text) and port; returns its index, or -1 if the
 // address is not numeric or the fleet is full.
 int tpfed_udp_fleet_add(tpfed_udp_fleet *f, const char *host, int port);
 
+// Add an in-process peer core (the coordinator's own share): send_all hands it the frame
+// (after the datagrams to the others are out, so it computes while they do) and the gather
+// takes its replies from the outbox of mem like datagrams. Returns its index, or -1.
+int tpfed_udp_fleet_add_local(tpfed_udp_fleet *f, tpfed_mem_peer *mem, tpfed_peer *core);
 // Seal what goes to peer i and open what comes from it in session s (tpfed_auth.h; kept by
 // pointer, shared with the caller's other paths so the counters stay one). NULL: in clear.
 void tpfed_udp_fleet_set_auth(tpfed_udp_fleet *f, int i, tpfed_auth_session *s);
 // Datagrams from fleet peers dropped because they did not open in their session.
 uint32_t tpfed_udp_fleet_auth_dropped(const tpfed_udp_fleet *f);
+// How often a datagram to peer i came back as unreachable (ICMP port or host unreachable,
+// read from the socket's error queue: its process is gone). The gather returns early when an
+// awaited peer becomes unreachable.
+uint32_t tpfed_udp_fleet_unreachable(const tpfed_udp_fleet *f, int i);
+// Read the socket's error queue now (also for datagrams sent by other code on this socket);
+// returns how many errors concerned fleet peers.
+int tpfed_udp_fleet_check_errors(tpfed_udp_fleet *f);
 
 // Send frame to peers[0..n) (fleet indices) with as few system calls as the kernel allows.
 // A frame laid out sealed (AUTH flag, room for the trailer) is stamped for each peer in its
@@ -63,6 +77,19 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *gro
                      int n_groups, uint16_t session, uint16_t seq, uint16_t layer, uint8_t stage,
                      uint16_t pos, int dim, float *partials, uint32_t *got, int timeout_ms,
                      tpfed_udp_side *side);
+
+// One whole stage in one call: build the ACTIVATION of (layer, stage, pos) from the Q8_0
+// vector (qs: dim int8, d: ceil(dim/32) fp16 scales) — sealed per peer when the peers have
+// sessions —, send it to peers[0..n), gather the first PARTIAL of every group (as
+// tpfed_udp_gather; chosen[g] = the row taken for group g, -1 if none) and, when every group
+// is served, write their sum in group order to out (dim). Returns the groups served (out is
+// written only when that is n_groups), or -errno. The ACTIVATION's frame is left in frame_out
+// (cap bytes; *frame_len its size) for the caller's slower path to resend.
+int tpfed_udp_stage(tpfed_udp_fleet *f, const int *peers, int n, const int *group_of,
+                    int n_groups, uint16_t session, uint16_t seq, uint16_t layer, uint8_t stage,
+                    uint16_t pos, const int8_t *qs, const uint16_t *d, int dim, float *partials,
+                    uint32_t *got, int *chosen, int timeout_ms, tpfed_udp_side *side, float *out,
+                    uint8_t *frame_out, uint32_t cap, uint32_t *frame_len);
 
 // out (dim) = rows[which[0]] + rows[which[1]] + ... + rows[which[n-1]], added in that order
 // (the plan's order); which NULL means rows 0..n-1.

@@ -12,10 +12,17 @@
 #include <sys/uio.h>
 #include <time.h>
 
+#include "tpfed_mem_peer.h"
 #include "tpfed_proto.h"
 
 #define BATCH 16              // datagrams per receive call
 #define DGRAM_MAX 65536       // the largest UDP payload, rounded up
+
+struct fleet_local {
+    tpfed_mem_peer *mem;      // its HAL (the outbox its replies go to), or NULL: a UDP peer
+    tpfed_peer *core;
+    int pending;              // handed a frame by the last send_all, replies not taken yet
+};
 
 struct tpfed_udp_fleet {
     int fd;
@@ -26,6 +33,8 @@ struct tpfed_udp_fleet {
     struct sockaddr_storage *addrs;
     socklen_t *addr_lens;
     tpfed_auth_session **auth;  // per peer, or NULL
+    uint32_t *unreachable;    // per peer: ICMP errors for datagrams sent to it
+    struct fleet_local *local;  // per peer: an in-process peer core (or none)
     uint8_t *rx;              // BATCH x DGRAM_MAX
     uint8_t *tx;              // BATCH x DGRAM_MAX: per-peer sealed copies
 };
@@ -37,7 +46,9 @@ size_t tpfed_udp_fleet_bytes(int max_peers) {
     return align8(sizeof(tpfed_udp_fleet)) +
            align8(sizeof(struct sockaddr_storage) * (size_t)max_peers) +
            align8(sizeof(socklen_t) * (size_t)max_peers) +
-           align8(sizeof(tpfed_auth_session *) * (size_t)max_peers) + 2u * (size_t)BATCH * DGRAM_MAX;
+           align8(sizeof(tpfed_auth_session *) * (size_t)max_peers) +
+           align8(sizeof(uint32_t) * (size_t)max_peers) +
+           align8(sizeof(struct fleet_local) * (size_t)max_peers) + 2u * (size_t)BATCH * DGRAM_MAX;
 }
 
 tpfed_udp_fleet *tpfed_udp_fleet_init(void *mem, size_t mem_bytes, int fd, int max_peers) {
@@ -53,12 +64,35 @@ tpfed_udp_fleet *tpfed_udp_fleet_init(void *mem, size_t mem_bytes, int fd, int m
     f->auth = (tpfed_auth_session **)p;
     for (int i = 0; i < max_peers; i++) f->auth[i] = NULL;
     p += align8(sizeof(tpfed_auth_session *) * (size_t)max_peers);
+    f->unreachable = (uint32_t *)p;
+    for (int i = 0; i < max_peers; i++) f->unreachable[i] = 0;
+    p += align8(sizeof(uint32_t) * (size_t)max_peers);
+    f->local = (struct fleet_local *)p;
+    memset(f->local, 0, sizeof(struct fleet_local) * (size_t)max_peers);
+    p += align8(sizeof(struct fleet_local) * (size_t)max_peers);
     f->rx = p;
     p += (size_t)BATCH * DGRAM_MAX;
     f->tx = p;
     f->fd = fd;
     f->max_peers = max_peers;
+#ifdef __linux__
+    if (fd < 0) return f;   // in-process peers only
+    // ICMP errors go to the socket's error queue with the address they concern, so a peer
+    // whose process is gone is known at once rather than at its deadline.
+    int on = 1;
+    setsockopt(fd, IPPROTO_IP, IP_RECVERR, &on, sizeof on);
+    setsockopt(fd, IPPROTO_IPV6, IPV6_RECVERR, &on, sizeof on);
+#endif
     return f;
+}
+
+int tpfed_udp_fleet_add_local(tpfed_udp_fleet *f, tpfed_mem_peer *mem, tpfed_peer *core) {
+    if (f->n_peers >= f->max_peers || mem == NULL || core == NULL) return -1;
+    memset(&f->addrs[f->n_peers], 0, sizeof f->addrs[0]);   // matches no sender
+    f->addr_lens[f->n_peers] = 0;
+    f->local[f->n_peers].mem = mem;
+    f->local[f->n_peers].core = core;
+    return f->n_peers++;
 }
 
 int tpfed_udp_fleet_add(tpfed_udp_fleet *f, const char *host, int port) {
@@ -87,6 +121,42 @@ void tpfed_udp_fleet_set_auth(tpfed_udp_fleet *f, int i, tpfed_auth_session *s) 
 
 uint32_t tpfed_udp_fleet_auth_dropped(const tpfed_udp_fleet *f) { return f->auth_dropped; }
 
+uint32_t tpfed_udp_fleet_unreachable(const tpfed_udp_fleet *f, int i) {
+    return i >= 0 && i < f->n_peers ? f->unreachable[i] : 0;
+}
+
+static int peer_of(const tpfed_udp_fleet *f, const struct sockaddr_storage *from);
+
+// Read the socket's error queue: each ICMP error names the address a datagram was sent to.
+// Returns how many of them concern fleet peers.
+static int drain_errors(tpfed_udp_fleet *f) {
+    int found = 0;
+#ifdef __linux__
+    for (;;) {
+        struct sockaddr_storage to;
+        uint8_t data[64], control[512];
+        struct iovec iov = {data, sizeof data};
+        struct msghdr m;
+        memset(&m, 0, sizeof m);
+        m.msg_name = &to;
+        m.msg_namelen = sizeof to;
+        m.msg_iov = &iov;
+        m.msg_iovlen = 1;
+        m.msg_control = control;
+        m.msg_controllen = sizeof control;
+        if (recvmsg(f->fd, &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0) break;
+        int p = peer_of(f, &to);
+        if (p >= 0) {
+            f->unreachable[p]++;
+            found++;
+        }
+    }
+#else
+    (void)f;
+#endif
+    return found;
+}
+
 // Index of the fleet peer at this address, or -1. An IPv4 peer reached over an IPv6 socket
 // answers from its v4-mapped address; both spellings match.
 static int peer_of(const tpfed_udp_fleet *f, const struct sockaddr_storage *from) {
@@ -110,20 +180,23 @@ static int peer_of(const tpfed_udp_fleet *f, const struct sockaddr_storage *from
     return -1;
 }
 
+int tpfed_udp_fleet_check_errors(tpfed_udp_fleet *f) { return drain_errors(f); }
+
 int tpfed_udp_send_all(tpfed_udp_fleet *f, const uint8_t *frame, uint32_t len, const int *peers,
                        int n) {
     if (len > DGRAM_MAX) return -EMSGSIZE;
     int sealed = len > 3 && (frame[3] & TPFED_FLAG_AUTH);
-    int sent = 0;
+    int sent = 0, at = 0;
 #ifdef __linux__
     struct iovec iov[BATCH];
     struct mmsghdr msgs[BATCH];
 #endif
-    while (sent < n) {
+    while (at < n) {
         int k = 0;
-        for (; k < BATCH && sent + k < n; k++) {
-            int i = peers[sent + k];
+        for (; k < BATCH && at < n; at++) {
+            int i = peers[at];
             if (i < 0 || i >= f->n_peers) return -EINVAL;
+            if (f->local[i].mem != NULL) continue;   // in-process: after the others are sent to
             const uint8_t *data = frame;
             if (sealed && f->auth[i] != NULL) {   // this peer's copy, under its session
                 uint8_t *copy = f->tx + (size_t)k * DGRAM_MAX;
@@ -143,6 +216,7 @@ int tpfed_udp_send_all(tpfed_udp_fleet *f, const uint8_t *frame, uint32_t len, c
             if (sendto(f->fd, data, len, 0, (const struct sockaddr *)&f->addrs[i], f->addr_lens[i]) < 0)
                 return -errno;
 #endif
+            k++;
         }
 #ifdef __linux__
         int done = 0;
@@ -161,6 +235,21 @@ int tpfed_udp_send_all(tpfed_udp_fleet *f, const uint8_t *frame, uint32_t len, c
         }
 #endif
         sent += k;
+    }
+    // The in-process peers compute while the others do: their replies wait in their outboxes
+    // for the gather.
+    for (int j = 0; j < n; j++) {
+        int i = peers[j];
+        struct fleet_local *l = &f->local[i];
+        if (l->mem == NULL) continue;
+        uint8_t *copy = f->tx;
+        memcpy(copy, frame, len);
+        if (sealed && f->auth[i] != NULL && tpfed_auth_session_stamp(f->auth[i], copy, len) != TPFED_OK)
+            return -EINVAL;
+        if (!l->pending) tpfed_mem_peer_clear(l->mem);
+        tpfed_peer_handle_frame(l->core, copy, len);
+        l->pending = 1;
+        sent++;
     }
     return sent;
 }
@@ -204,6 +293,83 @@ static int take_partial(const uint8_t *d, size_t len, uint16_t session, uint16_t
 
 #define MAX_GROUPS 1024
 
+// What one gather is waiting for, and what it has so far.
+typedef struct {
+    const int *peers;
+    int n;
+    const int *group_of;
+    uint16_t session, seq, layer, pos;
+    uint8_t stage;
+    int dim;
+    float *partials;
+    uint32_t *got;
+    uint8_t *served;
+    int have;
+    int stop;
+    tpfed_udp_side *side;
+} gather_state;
+
+// One received frame (datagram, or a reply of an in-process peer) from fleet peer p (-1:
+// unknown sender).
+static void take_datagram(tpfed_udp_fleet *f, gather_state *g, const uint8_t *d, size_t len, int p) {
+    if (p >= 0 && f->auth[p] != NULL) {   // only frames sealed in its session count
+        tpfed_header_t hh;
+        const uint8_t *pl;
+        if (tpfed_frame_decode(d, len, TPFED_MAX_PAYLOAD, &hh, &pl) != TPFED_OK ||
+            tpfed_auth_session_open(f->auth[p], d, len) != TPFED_OK) {
+            if (len < 1 || d[0] != TPFED_FRAG_MAGIC) {   // fragments: the Python path
+                f->auth_dropped++;
+                return;
+            }
+        }
+    }
+    int slot = -1;
+    for (int i = 0; p >= 0 && i < g->n; i++)
+        if (g->peers[i] == p) slot = i;
+    int group = slot < 0 ? -1 : g->group_of ? g->group_of[slot] : slot;
+    if (slot >= 0 && g->got[slot] == 0 && !g->served[group]) {
+        int t = take_partial(d, len, g->session, g->seq, g->layer, g->stage, g->pos, g->dim,
+                             g->partials + (size_t)slot * (size_t)g->dim);
+        if (t == 1) {
+            g->got[slot] = (uint32_t)len;
+            g->served[group] = 1;
+            g->have++;
+            return;
+        }
+        if (t == 2) {
+            f->stale++;
+            return;
+        }
+    } else if (slot >= 0) {
+        // a duplicate of a partial already here, a replica's partial for a group already
+        // served, or a late one of an earlier stage
+        if (take_partial(d, len, g->session, g->seq, g->layer, g->stage, g->pos, g->dim, NULL) != 0) {
+            f->stale++;
+            return;
+        }
+    }
+    if (!side_put(g->side, d, (uint32_t)len, p)) g->stop = 1;
+    if (slot >= 0 && !g->served[group]) g->stop = 1;   // the Python path for it (an ERROR, a fragment)
+}
+
+// Replies the in-process peers gave to the last send_all, taken like received datagrams.
+static void take_local(tpfed_udp_fleet *f, gather_state *g) {
+    for (int i = 0; i < g->n; i++) {
+        int p = g->peers[i];
+        tpfed_mem_peer *m = f->local[p].mem;
+        if (m == NULL || !f->local[p].pending) continue;
+        f->local[p].pending = 0;
+        uint32_t at = 0;
+        while (at + 4 <= m->used) {
+            uint32_t len = tpfed_rd_u32(m->buf + at);
+            if (at + 4 + len > m->used) break;
+            take_datagram(f, g, m->buf + at + 4, len, p);
+            at += 4 + len;
+        }
+        tpfed_mem_peer_clear(m);
+    }
+}
+
 int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *group_of,
                      int n_groups, uint16_t session, uint16_t seq, uint16_t layer, uint8_t stage,
                      uint16_t pos, int dim, float *partials, uint32_t *got, int timeout_ms,
@@ -212,23 +378,24 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *gro
     if (n_groups < 0 || n_groups > MAX_GROUPS) return -EINVAL;
     uint8_t served[MAX_GROUPS];
     memset(served, 0, (size_t)n_groups);
-    int have = 0;
+    gather_state g = {peers, n, group_of, session, seq, layer, pos, stage, dim, partials, got,
+                      served, 0, 0, side};
     for (int i = 0; i < n; i++) {
-        int g = group_of ? group_of[i] : i;
-        if (g < 0 || g >= n_groups) return -EINVAL;
-        if (got[i] && !served[g]) {
-            served[g] = 1;
-            have++;
+        int gi = group_of ? group_of[i] : i;
+        if (gi < 0 || gi >= n_groups || peers[i] < 0 || peers[i] >= f->n_peers) return -EINVAL;
+        if (got[i] && !served[gi]) {
+            served[gi] = 1;
+            g.have++;
         }
     }
+    take_local(f, &g);
     int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
-    int stop = 0;
     struct sockaddr_storage from[BATCH];
 #ifdef __linux__
     struct iovec iov[BATCH];
     struct mmsghdr msgs[BATCH];
 #endif
-    while (have < n_groups && !stop) {
+    while (g.have < n_groups && !g.stop && f->fd >= 0) {
 #ifdef __linux__
         for (int k = 0; k < BATCH; k++) {
             iov[k].iov_base = f->rx + (size_t)k * DGRAM_MAX;
@@ -248,7 +415,14 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *gro
         if (r < 0) {
             if (errno == EINTR) continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                if (errno == ECONNREFUSED) continue;   // an ICMP error for an earlier datagram
+                if (errno == ECONNREFUSED || errno == EHOSTUNREACH || errno == ENETUNREACH) {
+                    // an ICMP error for a datagram sent earlier: whose?
+                    if (drain_errors(f)) {
+                        for (int i = 0; i < n; i++)
+                            if (f->unreachable[peers[i]] && !got[i]) g.stop = 1;
+                    }
+                    continue;
+                }
                 return -errno;
             }
             int64_t left = deadline - now_us();
@@ -256,6 +430,10 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *gro
             struct pollfd pfd = {f->fd, POLLIN, 0};
             int ms = (int)((left + 999) / 1000);
             if (poll(&pfd, 1, ms) < 0 && errno != EINTR) return -errno;
+            if ((pfd.revents & POLLERR) && drain_errors(f)) {
+                for (int i = 0; i < n; i++)
+                    if (f->unreachable[peers[i]] && !got[i]) g.stop = 1;
+            }
             continue;
         }
         for (int k = 0; k < r; k++) {
@@ -266,47 +444,52 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *gro
             const uint8_t *d = f->rx;
             size_t len = (size_t)one;
 #endif
-            int p = peer_of(f, &from[k]);
-            if (p >= 0 && f->auth[p] != NULL) {   // only frames sealed in its session count
-                tpfed_header_t hh;
-                const uint8_t *pl;
-                if (tpfed_frame_decode(d, len, TPFED_MAX_PAYLOAD, &hh, &pl) != TPFED_OK ||
-                    tpfed_auth_session_open(f->auth[p], d, len) != TPFED_OK) {
-                    if (len < 1 || d[0] != TPFED_FRAG_MAGIC) {   // fragments: the Python path
-                        f->auth_dropped++;
-                        continue;
-                    }
-                }
-            }
-            int slot = -1;
-            for (int i = 0; p >= 0 && i < n; i++)
-                if (peers[i] == p) slot = i;
-            int group = slot < 0 ? -1 : group_of ? group_of[slot] : slot;
-            if (slot >= 0 && got[slot] == 0 && !served[group]) {
-                int t = take_partial(d, len, session, seq, layer, stage, pos, dim,
-                                     partials + (size_t)slot * (size_t)dim);
-                if (t == 1) {
-                    got[slot] = (uint32_t)len;
-                    served[group] = 1;
-                    have++;
-                    continue;
-                }
-                if (t == 2) {
-                    f->stale++;
-                    continue;
-                }
-            } else if (slot >= 0) {
-                // a duplicate of a partial already here, a replica's partial for a group
-                // already served, or a late one of an earlier stage
-                if (take_partial(d, len, session, seq, layer, stage, pos, dim, NULL) != 0) {
-                    f->stale++;
-                    continue;
-                }
-            }
-            if (!side_put(side, d, (uint32_t)len, p)) stop = 1;
-            if (slot >= 0 && !served[group]) stop = 1;   // the Python path for it (an ERROR, a fragment)
+            take_datagram(f, &g, d, len, peer_of(f, &from[k]));
         }
     }
+    return g.have;
+}
+
+int tpfed_udp_stage(tpfed_udp_fleet *f, const int *peers, int n, const int *group_of,
+                    int n_groups, uint16_t session, uint16_t seq, uint16_t layer, uint8_t stage,
+                    uint16_t pos, const int8_t *qs, const uint16_t *d, int dim, float *partials,
+                    uint32_t *got, int *chosen, int timeout_ms, tpfed_udp_side *side, float *out,
+                    uint8_t *frame_out, uint32_t cap, uint32_t *frame_len) {
+    if (dim <= 0 || dim > 0xFFFF || n <= 0) return -EINVAL;
+    int sealed = 0;
+    for (int i = 0; i < n; i++) sealed |= f->auth[peers[i]] != NULL;
+    uint32_t nb = ((uint32_t)dim + TPFED_Q8_BLOCK - 1u) / TPFED_Q8_BLOCK;
+    uint8_t scales[2 * 2048];
+    if (nb > 2048) return -EINVAL;
+    for (uint32_t b = 0; b < nb; b++) tpfed_wr_u16(scales + 2 * b, d[b]);
+    tpfed_activation_t a = {layer, stage, pos, (uint16_t)dim, scales, qs};
+    tpfed_header_t h;
+    memset(&h, 0, sizeof h);
+    h.type = TPFED_MSG_ACTIVATION;
+    h.flags = sealed ? TPFED_FLAG_AUTH : 0;
+    h.src = 0;
+    h.dst = TPFED_BROADCAST;
+    h.seq = seq;
+    h.session = session;
+    size_t plen = 0, flen = 0;
+    if (tpfed_activation_encode(frame_out + TPFED_HEADER_SIZE, cap - TPFED_HEADER_SIZE, &a, &plen) != TPFED_OK)
+        return -EMSGSIZE;
+    int rc = sealed ? tpfed_frame_begin(frame_out, cap, &h, plen, &flen)
+                    : tpfed_frame_finish(frame_out, cap, &h, plen, &flen);
+    if (rc != TPFED_OK) return -EMSGSIZE;
+    *frame_len = (uint32_t)flen;
+    for (int i = 0; i < n; i++) got[i] = 0;
+    int sent = tpfed_udp_send_all(f, frame_out, (uint32_t)flen, peers, n);
+    if (sent < 0) return sent;
+    int have = tpfed_udp_gather(f, peers, n, group_of, n_groups, session, seq, layer, stage, pos,
+                                dim, partials, got, timeout_ms, side);
+    if (have < 0) return have;
+    for (int g = 0; g < n_groups; g++) chosen[g] = -1;
+    for (int i = 0; i < n; i++) {
+        int g = group_of ? group_of[i] : i;
+        if (got[i] && chosen[g] < 0) chosen[g] = i;
+    }
+    if (have == n_groups) tpfed_sum_rows_f32(out, partials, chosen, n_groups, dim);
     return have;
 }
 

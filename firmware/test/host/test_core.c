@@ -311,7 +311,7 @@ static size_t assign_payload(uint8_t *out, uint16_t dim, uint32_t hidden, uint16
             tpfed_wr_u32(entries + el + 4, es[i].ranges[r][1]);
         }
     }
-    tpfed_assign_t a = {dim, hidden, n_layers, n_heads, n_kv, seq_len, 1e-5f, 10000.0f,
+    tpfed_assign_t a = {dim, hidden, n_layers, n_heads, n_kv, seq_len, 1e-5f, 10000.0f, 0,
                         (uint16_t)ne, entries, (uint16_t)el};
     size_t len = 0;
     CHECK(tpfed_assign_encode(out, 65535, &a, &len) == TPFED_OK);

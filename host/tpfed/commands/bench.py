@@ -51,8 +51,9 @@ def run_kernels(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict()))
         return 0
 
-    from rich.console import Console
     from rich.table import Table
+
+    from tpfed.commands._output import console as out_console  # uncut when piped
 
     mib = 2**20
     table = Table(title=f"int8 gemv, {result.rows} x {result.cols} "
@@ -75,7 +76,7 @@ def run_kernels(args: argparse.Namespace) -> int:
                   f"np.copyto of {result.copy_bytes / mib:.0f} MiB, read + write bytes")
     table.add_row("int8 vs float64 error", f"{result.max_rel_error:.2e}",
                   "max |error| / max |y|")
-    Console().print(table)
+    out_console().print(table)
     return 0
 
 
@@ -120,12 +121,13 @@ def run_e2e(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
 
-    from rich.console import Console
     from rich.table import Table
+
+    from tpfed.commands._output import console as out_console  # uncut when piped
 
     base = result["single_process_tokens_per_s"]
     g = result["geometry"]
-    console = Console()
+    console = out_console()
     console.print(f"{result['model']} (dim {g['dim']}, {g['n_layers']} layers, hidden "
                   f"{g['hidden_dim']}, {g['n_heads']}/{g['n_kv_heads']} heads, vocab "
                   f"{g['vocab_size']}): {result['steps']} positions, greedy, best of {args.repeat}")
@@ -167,8 +169,9 @@ def run_plan(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
 
-    from rich.console import Console
     from rich.table import Table
+
+    from tpfed.commands._output import console as out_console  # uncut when piped
 
     table = Table(title="planner: Llama-2-70B over a 100-device heterogeneous fleet")
     table.add_column("measure")
@@ -177,7 +180,7 @@ def run_plan(args: argparse.Namespace) -> int:
         if isinstance(value, dict | list):
             continue
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    out_console().print(table)
     return 0
 
 

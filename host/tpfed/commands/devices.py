@@ -51,25 +51,55 @@ def device_row(peer) -> dict:
     }
 
 
-async def probe_peers(spec: str, deadline_s: float, key_file: str | None = None) -> list[dict]:
+async def probe_peers(spec: str, deadline_s: float, key_file: str | None = None
+                      ) -> tuple[list[dict], list[dict]]:
     """HELLO and PROBE every peer of ``spec`` (starting local peers and emulated boards for the
-    time of the call); raises :class:`tpfed.errors.PeerError` naming an unreachable one."""
+    time of the call): (rows of the reachable peers, ``{"uri", "error"}`` of the others).
+
+    Each peer is reached on its own session, one after the other (so probes do not time each
+    other), and a peer that cannot be opened or does not answer does not hide the rest. Local
+    peers and emulated boards are started here: failing to start them raises."""
     import contextlib
 
+    from tpfed.errors import TpfedError
     from tpfed.runtime.coordinator import PeerLinks
     from tpfed.runtime.peerspec import parse_peers
     from tpfed.runtime.session import federation_key, open_links
 
     specs = parse_peers(spec)
     key = federation_key(specs, key_file)
+    rows: list[dict] = []
+    unreachable: list[dict] = []
     async with contextlib.AsyncExitStack() as stack:
-        links = await open_links(specs, stack, key=key)
-        fleet = PeerLinks(links, key=key, deadline_s=deadline_s)
-        try:
-            peers = await fleet.connect()
-            return [device_row(p) for p in peers]
-        finally:
-            await fleet.close()
+        ours = [s for s in specs if s.kind in ("local", "emu")]
+        ours_links = iter(await open_links(ours, stack, key=key) if ours else [])
+        targets = []  # (uri, link or the error that kept it from opening), in --peers order
+        for s in specs:
+            if s.kind in ("local", "emu"):
+                targets.append((s.uri, next(ours_links)))
+                continue
+            try:
+                targets.append((s.uri, (await open_links([s], stack, key=key))[0]))
+            except (OSError, ConnectionError, TpfedError) as exc:
+                targets.append((s.uri, exc))
+        for uri, link in targets:
+            if isinstance(link, BaseException):
+                unreachable.append({"uri": uri, "error": str(link)})
+                continue
+            fleet = PeerLinks([link], key=key, deadline_s=deadline_s)
+            try:
+                peers = await fleet.connect()
+                rows.append(device_row(peers[0]))
+            except (OSError, ConnectionError, TpfedError) as exc:
+                unreachable.append({"uri": getattr(link, "uri", "") or uri, "error": str(exc)})
+            finally:
+                await fleet.close()
+    seen: dict[str, int] = {}
+    for i, row in enumerate(rows):  # two peers that announce one name stay apart
+        if row["name"] in seen:
+            row["name"] = f"{row['name']}#{i + 1}"
+        seen[row["name"]] = i
+    return rows, unreachable
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -78,6 +108,7 @@ def _num(value: float | None, fmt: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import json
+    import sys
 
     from tpfed.errors import PeerError, TpfedError
     from tpfed.runtime import aio
@@ -85,25 +116,39 @@ def run(args: argparse.Namespace) -> int:
     if not args.deadline > 0:
         raise TpfedError(f"--deadline must be positive, got {args.deadline}")
     devices: list[dict] = []
+    unreachable: list[dict] = []
     if args.peers is not None:
         try:
-            devices = aio.run(probe_peers(args.peers, args.deadline, args.key_file))
+            devices, unreachable = aio.run(probe_peers(args.peers, args.deadline, args.key_file))
         except (OSError, ConnectionError) as exc:
             raise PeerError(f"peer connection failed: {exc}") from None
+        if unreachable and not devices:  # nothing to show: one line that names them
+            raise PeerError("; ".join(u["error"] for u in unreachable))
     ports = serial_ports() if args.peers is None else []
+    # some peers unreachable: the others are shown, each unreachable one named on stderr, exit 1
+    status = 1 if unreachable else 0
+    for u in unreachable:
+        why = u["error"] if u["uri"] in u["error"] else f"{u['uri']}: {u['error']}"
+        print(f"tpfed: unreachable: {why}", file=sys.stderr)
     if args.json:
         doc: dict = {"devices": devices}
         if args.peers is None:
             doc["serial_ports"] = ports
+        else:
+            doc["unreachable"] = unreachable
         print(json.dumps(doc))
-        return 0
+        return status
 
-    from rich.console import Console
     from rich.table import Table
 
-    con = Console()
+    from tpfed.commands._output import console
+
+    con = console()
     if args.peers is not None:
-        t = Table(title=f"{len(devices)} reachable peer(s)")
+        title = f"{len(devices)} reachable peer(s)"
+        if unreachable:
+            title += f", {len(unreachable)} unreachable: " + ", ".join(u["uri"] for u in unreachable)
+        t = Table(title=title)
         for col in ("name", "uri", "class", "int8 GMAC/s", "arena MiB", "RAM MiB", "latency us",
                     "bandwidth MB/s", "battery", "temperature"):
             t.add_column(col, justify="left" if col in ("name", "uri", "class") else "right")
@@ -114,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
                       _num(d["battery_pct"], "d") + ("%" if d["battery_pct"] is not None else ""),
                       _num(d["temperature_c"], ".1f") + (" C" if d["temperature_c"] is not None else ""))
         con.print(t)
+        return status
     else:
         t = Table(title=f"{len(ports)} serial port(s) (not opened; reach a board with "
                         "--peers serial:///dev/X)")

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 NAME = "embed"
-HELP = "Sentence embedding of TEXT with an encoder model (BERT), int8 (in this process for now)."
+HELP = "Sentence embedding of TEXT with an encoder model (BERT), int8, split across peers."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,7 +18,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a Hugging Face BERT folder (sentence-transformers layout or plain)")
     parser.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (default: the model's own)")
     parser.add_argument("--peers", default="none", metavar="SPEC",
-                        help="peers as for tpfed run; 'none' (default) runs in this process")
+                        help="peers as for tpfed run (local:2, udp://..., emu:1); 'none' (default) "
+                             "runs in this process")
+    parser.add_argument("--key-file", metavar="PATH", help="the federation key (as for tpfed run)")
+    parser.add_argument("--strategy", choices=("round-robin", "capability"), default="round-robin",
+                        help="how units are split: round-robin (default) or by measured capability")
+    parser.add_argument("--deadline", type=float, default=5.0, metavar="SECONDS",
+                        help="a peer silent this long is lost (default 5)")
     parser.add_argument("--weights", choices=("q8_0", "f32"), default="q8_0",
                         help="q8_0 (default) or f32 (the float32 reference, in this process)")
     parser.add_argument("--json", action="store_true", help='print {"embedding": [...], ...}')
@@ -40,11 +46,29 @@ def embed_local(q8, ids, token_types=None) -> np.ndarray:
     return Int8Transformer(q8).forward(list(ids), 0, token_types).copy()
 
 
+def embed_peers(q8, tokenizer, ids, args: argparse.Namespace) -> np.ndarray:
+    """Hidden states (n, dim) of the int8 encoder split across ``args.peers``: the coordinator
+    sends each layer's rows as KV stages first, then as ATTENTION and MLP stages."""
+    from tpfed.runtime.aio import run as run_async
+    from tpfed.runtime.session import Fleet, RunOptions
+
+    opts = RunOptions(peers=args.peers, steps=len(ids), strategy=getattr(args, "strategy", "round-robin"),
+                      deadline_s=getattr(args, "deadline", 5.0), key_file=getattr(args, "key_file", None))
+
+    async def go() -> np.ndarray:
+        say = (lambda msg: print(f"tpfed: {msg}", file=sys.stderr)) if not args.json else None
+        async with Fleet(opts, model=(q8, tokenizer), on_status=say) as fleet:
+            return (await fleet.coord.encode_async(ids)).copy()
+
+    return run_async(go())
+
+
 def run(args: argparse.Namespace) -> int:
+    from tpfed.commands._output import text_argument
     from tpfed.errors import TpfedError
     from tpfed.runtime.session import _q8_of, load_loaded
 
-    text = sys.stdin.read().rstrip("\n") if args.text == "-" else args.text
+    text = text_argument(args.text, "the text", all_newlines=True)
     loaded = load_loaded(args.model, args.tokenizer)
     c = loaded.config
     if c.causal:
@@ -63,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
         if args.peers == "none":
             hidden = embed_local(q8, ids)
         else:
-            raise TpfedError("encoders do not run on peers yet (their shares and the two-pass "
-                             "attention are not in the peers' C core); use --peers none")
+            hidden = embed_peers(q8, loaded.tokenizer, ids, args)
     v = pool(hidden, loaded.pooling, loaded.normalize)
     if args.json:
         print(json.dumps({"embedding": [float(x) for x in v], "dim": int(v.size), "tokens": len(ids),

@@ -24,8 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peers", default="local:2", metavar="SPEC",
                         help="peers as for tpfed run (default local:2); 'none' runs the int8 "
                              "forward in this process")
-    parser.add_argument("--strategy", choices=("round-robin", "capability"), default="round-robin")
-    parser.add_argument("--deadline", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument("--strategy", choices=("round-robin", "capability"), default="round-robin",
+                        help="how units are split: round-robin (default) or by measured capability")
+    parser.add_argument("--deadline", type=float, default=5.0, metavar="SECONDS",
+                        help="a peer silent this long is lost (default 5)")
     parser.add_argument("--max-tokens", type=int, default=0, metavar="N",
                         help="stop after N predicted tokens (0: the whole file)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -11,11 +11,16 @@ HELP = "split a model's KV groups and MLP columns over a fleet of devices"
 def add_model_fleet_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared with ``tpfed simulate``."""
     parser.add_argument("--model", metavar="M",
-                        help="llama2.c .bin checkpoint or Hugging Face config.json (default: the stories260K geometry)")
+                        help="llama2.c .bin checkpoint, Hugging Face config.json or folder, or a shipped "
+                             "config by name: llama-2-7b, llama-2-70b, ... (default: the stories260K "
+                             "geometry)")
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--fleet", metavar="FLEET.yaml", help="fleet description (see boards/fleets/)")
+    group.add_argument("--fleet", metavar="FLEET",
+                       help="a fleet YAML file, or a shipped fleet by name: lab-100, mixed-small, "
+                            "esp32-trio (boards/fleets/)")
     group.add_argument("--devices", type=int, metavar="N", help="N identical desktop peers")
-    parser.add_argument("--strategy", choices=("round-robin", "capability"), default="capability")
+    parser.add_argument("--strategy", choices=("round-robin", "capability"), default="capability",
+                        help="how units are split: by capability and memory (default) or round-robin")
     parser.add_argument("--seq-len", type=int, metavar="N", help="KV cache length to plan for (default: the model's)")
     parser.add_argument("--margin", type=float, default=0.1, help="memory safety margin (default 0.1)")
     parser.add_argument("--replicas", type=int, default=1, metavar="K",
@@ -81,11 +86,9 @@ def summary(plan) -> dict:
 
 def console():
     """A rich console that does not wrap or crop when stdout is not a terminal."""
-    import sys
+    from tpfed.commands._output import console as _console
 
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=240, soft_wrap=False)
+    return _console()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,5 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary(plan)))
     else:
-        console().print(plan.table())
+        from tpfed.commands._output import print_table
+
+        print_table(plan.table())
     return 0

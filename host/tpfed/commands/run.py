@@ -64,9 +64,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the prompt; - reads it from standard input (one trailing newline dropped)")
 
 
+def check_run_arguments(args: argparse.Namespace) -> None:
+    """One ``tpfed: error:`` line (exit 2) for values the run cannot use, before anything
+    starts: a deadline that is not a positive finite number of seconds, a negative seed, fewer
+    than one replica or step."""
+    import math
+
+    from tpfed.errors import TpfedError
+
+    deadline = getattr(args, "deadline", 5.0)
+    if not (math.isfinite(deadline) and deadline > 0):
+        raise TpfedError(f"--deadline must be a positive, finite number of seconds, not {deadline:g}")
+    seed = getattr(args, "seed", None)
+    if seed is not None and seed < 0:
+        raise TpfedError(f"--seed must be 0 or more, not {seed}")
+    if getattr(args, "replicas", 1) < 1:
+        raise TpfedError(f"--replicas must be at least 1, not {args.replicas}")
+    for name in ("temperature", "top_p"):
+        value = getattr(args, name, 0.0)
+        if not math.isfinite(value) or value < 0:
+            raise TpfedError(f"--{name.replace('_', '-')} must be a finite number of 0 or more, "
+                             f"not {value:g}")
+
+
 def execute(args: argparse.Namespace, prompt: str) -> int:
     from tpfed.errors import TpfedError
     from tpfed.runtime.session import RunOptions, run_sync
+
+    check_run_arguments(args)
 
     opts = RunOptions(peers=args.peers, prompt=prompt, model=args.model, tokenizer=args.tokenizer,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -92,12 +117,14 @@ def execute(args: argparse.Namespace, prompt: str) -> int:
         out.write(piece)
         out.flush()
 
-    def on_status(msg: str) -> None:
-        print(f"tpfed: {msg}", file=sys.stderr)
+    from tpfed.commands._progress import SetupProgress
 
+    progress = SetupProgress()  # bars on stderr when it is a terminal; status lines always
     try:
-        result = run_sync(opts, on_piece=on_piece, on_status=on_status)
+        result = run_sync(opts, on_piece=on_piece, on_status=progress.status,
+                          on_phase=progress.phase, on_push=progress.push)
     except TpfedError as exc:
+        progress.close()
         text = prompt + b"".join(pieces).decode("utf-8", errors="replace") if pieces else ""
         if args.json:  # the text generated so far is not lost
             print(json.dumps({"text": text, "error": str(exc)}))
@@ -105,6 +132,8 @@ def execute(args: argparse.Namespace, prompt: str) -> int:
             out.write(b"\n")  # the error line starts on a line of its own
             out.flush()
         raise
+    finally:
+        progress.close()
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -122,10 +151,9 @@ def execute(args: argparse.Namespace, prompt: str) -> int:
 
 def read_prompt(arg: str) -> str:
     """The prompt argument, or standard input for ``-`` (``echo "The cat" | tpfed run -``)."""
-    if arg != "-":
-        return arg
-    text = sys.stdin.read()
-    return text[:-1] if text.endswith("\n") else text
+    from tpfed.commands._output import text_argument
+
+    return text_argument(arg, "the prompt")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ offset   type        field
 24       u16         n_groups: KV groups in this share
 26       u16         n_ranges: MLP column ranges in this share
 28       u16         n_kv_heads of the model (group indices are below it)
-30       u16         flags (:class:`ShareFlag`; ``reserved`` in the schema), 0 for llama2.c's units
+30       u16         flags (:class:`ShareFlag`), 0 for llama2.c's units
 32       u64         total size of the share in bytes, header included
 40       u16[n_g]    group indices, strictly ascending; padded to 4 bytes
 ..       u32[2*n_r]  ranges (start, end), ascending, disjoint
@@ -52,11 +52,13 @@ offset   type        field
 ..       f32         per range b1 (n) and, gated, b3 (n) (flag MLP_BIAS only)
 =======  ==========  ==========================================================================
 
-Flags 0 is exactly the version-1 layout, which the peers' C core (peer.c) reads; it refuses a
-share with any flag set (it checks the field is 0), so a model that needs them is refused
-before any weight is pushed (``tpfed.runtime.session.Fleet``). Flag bits 8-9 hold the MLP
-activation (TPFED_ACT_*). The output projection's and down projection's biases are not in any
-share: the coordinator adds them once.
+Flags 0 is exactly llama2.c's layout. The flag bits (:class:`ShareFlag`) are defined in
+``shared_protocol/schema.py`` with the header, so the C core gets them as ``TPFED_SHARE_*``;
+bits 8-9 hold the MLP activation (TPFED_ACT_*). ASSIGN carries the model's flags too: a peer
+sizes every share from them before any arrives, and refuses a share whose header says
+otherwise. An encoder (flag NONCAUSAL) gets each row's k/v first (``Stage.KV``, an empty
+PARTIAL) and then attends over every row appended. The output projection's and down
+projection's biases are not in any share: the coordinator adds them once.
 
 Each Q8_0 matrix ``(rows, cols)`` is ``rows*cols`` int8 values (row-major) padded to 4 bytes,
 then ``rows * ceil(cols/32)`` uint16 fp16 scales (row-major) padded to 4 bytes. The coordinator
@@ -68,7 +70,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import IntFlag
 
 import numpy as np
 from construct import Const, Struct
@@ -82,7 +83,15 @@ from tpfed.compute.kernels import (
 from tpfed.errors import TpfedError
 from tpfed.model.config import ModelConfig
 from tpfed.protocol.layout import all_fixed, fixed_prefix, joined, unwrap
-from tpfed.protocol.schema import SHARE_HEADER_SIZE, SHARE_MAGIC, SHARE_VERSION, LayerShareHeader
+from tpfed.protocol.schema import (
+    SHARE_ACT_SHIFT,
+    SHARE_FLAGS_KNOWN,
+    SHARE_HEADER_SIZE,
+    SHARE_MAGIC,
+    SHARE_VERSION,
+    LayerShareHeader,
+    ShareFlag,
+)
 
 MAGIC = SHARE_MAGIC
 VERSION = SHARE_VERSION
@@ -104,7 +113,7 @@ def _header_struct() -> tuple[struct.Struct, tuple[str, ...]]:
 HEADER, _HEADER_FIELDS = _header_struct()
 # serialize_layer_share / parse_layer_share pack and unpack the header in this order.
 assert _HEADER_FIELDS == ("magic", "version", "header_size", "layer", "dim", "hidden_dim", "head_size",
-                          "group_size", "n_groups", "n_ranges", "n_kv_heads", "reserved", "total")
+                          "group_size", "n_groups", "n_ranges", "n_kv_heads", "flags", "total")
 assert HEADER.size == SHARE_HEADER_SIZE
 
 Range = tuple[int, int]
@@ -523,21 +532,7 @@ def _q8_nbytes(rows: int, cols: int) -> int:
     return _pad4(rows * cols) + _pad4(2 * rows * n_blocks(cols))
 
 
-class ShareFlag(IntFlag):
-    """Bits of a share header's ``flags`` word (``reserved`` in version-1 readers, which refuse
-    any non-zero value): what the units need beyond llama2.c's. Bits 8-9 hold the MLP
-    activation (TPFED_ACT_*)."""
-
-    QKV_BIAS = 1  # bq, bk, bv sections per group
-    PLAIN_MLP = 2  # no w3 per range (a 2-matrix MLP)
-    MLP_BIAS = 4  # b1 (and b3 when gated) sections per range
-    NONCAUSAL = 8  # encoder attention over the whole sequence
-    ROPE_TABLE = 16  # a head_size/2 float32 frequency table after the tables
-    NO_ROPE = 32  # learned positions: no rotation
-    WINDOW = 64  # a u32 sliding window after the tables
-
-
-ACT_SHIFT = 8
+ACT_SHIFT = SHARE_ACT_SHIFT
 
 
 def share_flags(params: UnitParams) -> int:
@@ -676,7 +671,7 @@ class LayerShare:
 def params_from_flags(config: ModelConfig, flags: int, window: int = 0,
                       rope_freq: np.ndarray | None = None) -> UnitParams:
     act = flags >> ACT_SHIFT
-    if flags & ~0x37F or act not in ACT.values():
+    if flags & ~SHARE_FLAGS_KNOWN or act not in ACT.values():
         raise ShardError(f"layer share flags {flags:#x} unknown")
     if flags & ShareFlag.NO_ROPE and flags & ShareFlag.ROPE_TABLE:
         raise ShardError("layer share flags ask for no RoPE and a RoPE table")

@@ -226,13 +226,47 @@ def parse_fleet(doc: Any, where: str = "fleet") -> list[DeviceSpec]:
     return devices
 
 
+def fleet_names() -> list[str]:
+    """The fleets that ship with tpfed (``boards/fleets/*.yaml``), by name."""
+    from importlib import resources
+
+    folder = resources.files("tpfed.boards") / "fleets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def resolve_fleet(name_or_path: str | Path) -> Path:
+    """A fleet file: ``name_or_path`` if it is a file, else the shipped fleet of that name
+    (``lab-100`` or ``lab-100.yaml``; see :func:`fleet_names`; an unknown name raises
+    :class:`FleetError`). A path that does not exist is returned as it is."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    text = str(name_or_path)
+    if "/" not in text and "\\" not in text:
+        from importlib import resources
+
+        stem = text[:-5] if text.endswith(".yaml") else text
+        shipped = resources.files("tpfed.boards") / "fleets" / f"{stem}.yaml"
+        if shipped.is_file():
+            return Path(str(shipped))
+        raise FleetError(f"{name_or_path}: no such fleet file, and not a shipped fleet "
+                         f"(shipped: {', '.join(fleet_names())})")
+    if text.startswith(("boards/fleets/", "./boards/fleets/")):
+        return resolve_fleet(path.name)  # the README's path, from outside a checkout
+    return path  # load_fleet says it cannot be read
+
+
 def load_fleet(path: str | Path) -> list[DeviceSpec]:
-    """Read a fleet YAML file (raises :class:`FleetError` with one clear line on any problem)."""
-    path = Path(path)
+    """Read a fleet YAML file, or a shipped fleet by name (raises :class:`FleetError` with one
+    clear line on any problem)."""
+    path = resolve_fleet(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise FleetError(f"{path}: cannot read fleet file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise FleetError(f"{path}: not a fleet file (not UTF-8 text: byte 0x{exc.object[exc.start]:02x} "
+                         f"at offset {exc.start})") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import struct
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import numpy as np
 from tpfed.compute._native import ffi, lib
 from tpfed.compute.int8_forward import Int8Transformer, Q8Model, Stage
 from tpfed.compute.kernels import Q8Tensor
-from tpfed.compute.share import DeviceShards, serialize_layer_share
+from tpfed.compute.share import DeviceShards, serialize_layer_share, share_flags
 from tpfed.errors import PeerError, PeerLost, PeerRefused, PeerTimeout, PlanError
 from tpfed.planning.fleet import DeviceSpec
 from tpfed.planning.plan import Plan
@@ -48,6 +49,8 @@ from tpfed.protocol.schema import (
     CRC_SIZE,
     HEADER_SIZE,
     KEY_SIZE,
+    MAGIC,
+    PROTOCOL_VERSION,
     TEMPERATURE_UNKNOWN,
     DeviceClass,
     ErrorCode,
@@ -62,6 +65,14 @@ from tpfed.transport.udp import UdpLink
 from tpfed.transport.udp_fleet import UdpFleet
 
 T = TypeVar("T")
+# replies kept when they come while another is awaited (they answer an earlier or later request)
+_HELD_TYPES = frozenset({MsgType.ACK, MsgType.READY, MsgType.HELLO, MsgType.PROBE_REPLY})
+_HELD_MAX = 64
+_BOARD_CLASSES = frozenset({int(DeviceClass.ESP32), int(DeviceClass.ESP32S3),
+                            int(DeviceClass.ESP32C3), int(DeviceClass.CORTEX_M_EMU)})
+_HEADER = struct.Struct("<BBBBBBHHH")  # the frame header: magic, version, type, flags, src, dst, seq, session, length
+_WEIGHTS_HEAD = struct.Struct("<HII32s")
+_ACK_BODY = struct.Struct("<HB")
 FRAME_OVERHEAD = HEADER_SIZE + AUTH_TRAILER_SIZE + CRC_SIZE  # a sealed frame's bytes beyond its payload
 # payload bytes WEIGHTS and PROBE carry before their data, measured on the schema's own encoding
 WEIGHTS_PREFIX = len(encode_payload(MsgType.WEIGHTS, {"shard_id": 0, "offset": 0, "total": 0,
@@ -109,6 +120,11 @@ class PeerConn:
     name: str = ""
     busy_ms: float = 0.0
     auth: PeerAuth | None = None  # the session's keys and counters, once the handshake is done
+    held: list[tuple[Frame, float]] = field(default_factory=list)
+    """Replies that came while another was awaited (READY before the ACK it follows, a late
+    PROBE_REPLY): kept for the request they answer (:meth:`PeerLinks._expect_timed`)."""
+    unreachable: bool = False  # a datagram to it came back: nothing listens there any more
+    fleet: tuple | None = None  # (UdpFleet, index) when it is reached through one
 
     @property
     def label(self) -> str:
@@ -210,24 +226,42 @@ class PeerLinks:
                 return data
 
     # -- connection ------------------------------------------------------------------------
+    request_tries = 10
+    """A request (HELLO, PROBE, ASSIGN, the handshake) is sent at most this many times, backing
+    off from :meth:`_request_rto`; ``deadline_s`` is the ceiling over all of them."""
+
+    def _request_rto(self, peer: PeerConn) -> float:
+        """The first wait for a control request's answer: a few measured round trips (a loss
+        costs milliseconds), at least 20 ms (jitter, a peer's own work), at most a quarter of
+        the deadline; 50 ms before the link is measured."""
+        base = 8 * peer.latency_s + 0.02 if peer.latency_s > 0 else 0.05
+        return min(base, self.deadline_s / 4)
+
     async def _request(self, peer: PeerConn, frame: Frame, want: MsgType, what: str,
-                       timeout: float | None = None, retry_s: float | None = None) -> Frame:
-        """Send ``frame`` and wait for a ``want`` answer; with ``retry_s`` the frame is sent
-        again at that interval until the deadline (for requests that are safe to repeat)."""
+                       timeout: float | None = None,
+                       match: Callable[[Frame], bool] | None = None) -> Frame:
+        """Send ``frame`` and wait for its ``want`` answer, sending it again (sealed afresh, so
+        the peer takes the repeat) with exponential backoff from :meth:`_request_rto`, at most
+        :attr:`request_tries` times and never past ``timeout`` (the deadline). An ACK answer
+        must name the request's sequence number; other replies are matched by ``match``. The
+        requests sent this way are idempotent on the peer (HELLO, PROBE, ASSIGN before any
+        WEIGHTS)."""
         data = encode_frame(frame)
-        await self._send(peer, data)
-        if retry_s is None:
-            return await self._expect(peer, want, what, timeout)
-        deadline = time.monotonic() + (timeout or self.deadline_s)
-        while True:
+        if want == MsgType.ACK:
+            match = _acks(frame, match)
+        limit = timeout or self.deadline_s
+        deadline = time.monotonic() + limit
+        wait = self._request_rto(peer)
+        for _ in range(self.request_tries):
+            await self._send(peer, data)
             left = deadline - time.monotonic()
             try:
-                return await self._expect(peer, want, what, max(min(retry_s, left), 1e-3))
+                return await self._expect(peer, want, what, max(min(wait, left), 1e-3), match)
             except PeerTimeout:
                 if time.monotonic() >= deadline:
-                    raise PeerTimeout(f"peer {peer.label} did not answer {what} within "
-                                      f"{timeout or self.deadline_s:.1f} s") from None
-            await self._send(peer, data)
+                    break
+            wait = min(2 * wait, limit / 4)
+        raise PeerTimeout(f"peer {peer.label} did not answer {what} within {limit:.1f} s")
 
     async def _expect(self, peer: PeerConn, want: MsgType, what: str,
                       timeout: float | None = None,
@@ -241,6 +275,10 @@ class PeerLinks:
                             match: Callable[[Frame], bool] | None = None) -> tuple[Frame, float]:
         """:meth:`_expect`, with the ``perf_counter`` time the link handed the frame over
         (before it was decoded)."""
+        for k, (held, at) in enumerate(peer.held):  # it may have come while we awaited another
+            if held.type == want and (match is None or match(held)):
+                del peer.held[k]
+                return held, at
         deadline = time.monotonic() + (timeout or self.deadline_s)
         while True:
             left = deadline - time.monotonic()
@@ -263,6 +301,9 @@ class PeerLinks:
                                   f"{name}: {reply.payload['text']}", code)
             if reply.type == want and (match is None or match(reply)):
                 return reply, arrived
+            if reply.type in _HELD_TYPES:  # an answer to another request (or a late repeat)
+                peer.held.append((reply, arrived))
+                del peer.held[:-_HELD_MAX]
 
     async def connect(self) -> list[PeerConn]:
         """HELLO every peer (its device id is given in the HELLO's destination), then measure
@@ -280,7 +321,7 @@ class PeerLinks:
             reply = await self._request(peer, Frame(MsgType.HELLO, me, src=COORDINATOR,
                                                     dst=peer.device_id, seq=self._next_seq(),
                                                     session=self.session),
-                                        MsgType.HELLO, "HELLO", retry_s=0.5)
+                                        MsgType.HELLO, "HELLO")
             peer.hello = dict(reply.payload)
             if not peer.name:
                 peer.name = peer.hello["name"] or f"peer-{peer.device_id}"
@@ -362,8 +403,8 @@ class PeerLinks:
         """Send ``data`` as it is (not sealed) and wait for a ``want`` answer, sending it again
         with backoff until the deadline."""
         deadline = time.monotonic() + self.deadline_s
-        wait = 0.05
-        while True:
+        wait = self._request_rto(peer)
+        for _ in range(self.request_tries):
             try:
                 await peer.link.send(data)
             except LinkClosed as exc:
@@ -373,9 +414,10 @@ class PeerLinks:
                 return await self._expect(peer, want, what, max(min(wait, left), 1e-3), match)
             except PeerTimeout:
                 if time.monotonic() >= deadline:
-                    raise PeerTimeout(f"peer {peer.label} did not answer {what} within "
-                                      f"{self.deadline_s:.1f} s") from None
-                wait = min(2 * wait, 0.5)
+                    break
+            wait = min(2 * wait, self.deadline_s / 4)
+        raise PeerTimeout(f"peer {peer.label} did not answer {what} within "
+                          f"{self.deadline_s:.1f} s")
 
     async def _probe(self, peer: PeerConn, rounds: int = 9) -> None:
         """Latency from small probes (median one-way), bandwidth from a frame near the peer's
@@ -385,16 +427,32 @@ class PeerLinks:
         those)."""
         max_frame = max(peer.hello.get("max_frame", 256), 64)
 
+        deadline = time.monotonic() + self.deadline_s  # for the whole measurement
+
         async def once(pad: int) -> float:
-            nonce = self._next_seq()
-            data = encode_frame(Frame(MsgType.PROBE, {"nonce": nonce, "pad": bytes(pad),
-                                                      "t_send_us": time.monotonic_ns() // 1000},
-                                      dst=peer.device_id, seq=self._next_seq()))
-            await self._send(peer, data)
-            t0 = time.perf_counter()
-            _, t1 = await self._expect_timed(peer, MsgType.PROBE_REPLY, "PROBE",
-                                             match=lambda f: f.payload["nonce"] == nonce)
-            return t1 - t0
+            """One round trip; a probe (or its reply) lost is sent again, afresh, with backoff
+            (bounded tries), and the round trip is timed from the probe that was answered."""
+            sent: dict[int, float] = {}
+            wait = self._request_rto(peer)
+            for _ in range(self.request_tries):
+                nonce = self._next_seq()
+                data = encode_frame(Frame(MsgType.PROBE, {"nonce": nonce, "pad": bytes(pad),
+                                                          "t_send_us": time.monotonic_ns() // 1000},
+                                          dst=peer.device_id, seq=self._next_seq()))
+                await self._send(peer, data)
+                sent[nonce] = time.perf_counter()
+                left = deadline - time.monotonic()
+                try:
+                    reply, t1 = await self._expect_timed(
+                        peer, MsgType.PROBE_REPLY, "PROBE", max(min(wait, left), 1e-3),
+                        match=lambda f: f.payload["nonce"] in sent)
+                    return t1 - sent[reply.payload["nonce"]]
+                except PeerTimeout:
+                    if time.monotonic() >= deadline:
+                        break
+                wait = min(2 * wait, self.deadline_s / 4)
+            raise PeerTimeout(f"peer {peer.label} did not answer PROBE within "
+                              f"{self.deadline_s:.1f} s")
 
         await once(0)  # the first round trip also warms caches on both sides
         small = sorted([await once(0) for _ in range(rounds)])[rounds // 2]
@@ -403,6 +461,17 @@ class PeerLinks:
         peer.latency_s = small / 2
         extra = max(big - small, 1e-6)  # lost in the noise: at most 2 pads per microsecond
         peer.bandwidth_Bps = 2 * big_pad / extra  # the pad travels both ways
+
+
+def _acks(frame: Frame, also: Callable[[Frame], bool] | None) -> Callable[[Frame], bool]:
+    """Matches the ACK of ``frame`` (its sequence number and type), and ``also``."""
+    seq, kind = frame.seq, int(frame.type)
+
+    def match(f: Frame) -> bool:
+        return (f.payload["acked_seq"] == seq and f.payload["acked_type"] == kind
+                and (also is None or also(f)))
+
+    return match
 
 
 def sealable(frame: bytes) -> bytearray:
@@ -424,7 +493,7 @@ class Coordinator(PeerLinks, Int8Transformer):
 
     def __init__(self, model: Q8Model, links: Sequence[Link], *, key: bytes,
                  deadline_s: float = 5.0, seq_len: int | None = None, session: int | None = None,
-                 chunk_bytes: int = 8192) -> None:
+                 chunk_bytes: int | None = None) -> None:
         Int8Transformer.__init__(self, model, DeviceShards(model, {}))
         PeerLinks.__init__(self, links, key=key, deadline_s=deadline_s, session=session)
         self.seq_len = min(seq_len or model.config.seq_len, model.config.seq_len)
@@ -489,25 +558,39 @@ class Coordinator(PeerLinks, Int8Transformer):
         """Stages whose owners are all UDP peers of one socket, and whose ACTIVATION fits that
         socket's MTU, go through :class:`UdpFleet` (one C call to send, one to gather)."""
         by_endpoint: dict[int, list[PeerConn]] = {}
+        local = [p for p in self.peers if hasattr(p.link, "in_process")]
         for p in self.peers:
             if isinstance(p.link, UdpLink):
                 by_endpoint.setdefault(id(p.link.endpoint), []).append(p)
+        if local and not by_endpoint:
+            by_endpoint[0] = []  # the coordinator's own share alone: a fleet without a socket
         fleets = {}
-        for peers in by_endpoint.values():
-            ep = peers[0].link.endpoint
-            if activation_frame_size(self.config.dim) + AUTH_TRAILER_SIZE <= ep.framer.mtu:
-                fleets[id(ep)] = UdpFleet(ep, [p.link for p in peers],
-                                          [p.auth.c if p.auth is not None else None for p in peers])
+        for key, peers in by_endpoint.items():
+            ep = peers[0].link.endpoint if peers else None
+            if ep is None or activation_frame_size(self.config.dim) + AUTH_TRAILER_SIZE <= ep.framer.mtu:
+                members = peers + local  # the in-process peer belongs to every fleet
+                fleet = fleets[key] = UdpFleet(
+                    ep, [p.link for p in members],
+                    [p.auth.c if p.auth is not None else None for p in members])
+                for i, p in enumerate(peers):
+                    p.fleet = (fleet, i)
         self._fast = {}
         widest = 0
+        dim = self.config.dim
+        self._act_len = activation_frame_size(dim) + AUTH_TRAILER_SIZE
+        self._part_len = partial_frame_size(dim) + AUTH_TRAILER_SIZE
+        self._min_stage = min_stage_bytes(dim)
         for key, owners in self._owners.items():
             widest = max(widest, len(owners))
             links = [p.link for p in owners]
-            if not all(isinstance(link, UdpLink) for link in links):
-                continue
-            fleet = fleets.get(id(links[0].endpoint))
+            remote = [link for link in links if isinstance(link, UdpLink)]
+            if len(remote) + sum(hasattr(link, "in_process") for link in links) < len(links):
+                continue  # a serial peer among the owners: the general path
+            fleet = fleets.get(id(remote[0].endpoint) if remote else next(iter(fleets), None))
             if fleet is not None and fleet.covers(links):
-                self._fast[key] = (fleet, fleet.indices(links))
+                group_of = self._group_arrays[key]
+                self._fast[key] = (fleet, fleet.indices(links), group_of, int(group_of[-1]) + 1,
+                                   max(self._rto(p) for p in owners))
         self._rows = np.empty((widest, self.config.dim), np.float32)
         self._got = np.zeros(widest, np.uint32)
         self._chosen = np.full(widest, -1, np.int32)
@@ -534,54 +617,208 @@ class Coordinator(PeerLinks, Int8Transformer):
                    for layer, s in sorted(dev.layers.items())]
         assign = {"dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers,
                   "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "seq_len": self.seq_len,
-                  "norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "entries": entries}
+                  "norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+                  "flags": share_flags(self.model.params), "entries": entries}
+        peer.held.clear()  # READY or ACKs of an earlier push are not answers to this one
         await self._request(peer, Frame(MsgType.ASSIGN, assign, dst=peer.device_id,
                                         seq=self._next_seq(), session=self.session),
                             MsgType.ACK, "ASSIGN")
-        max_chunk = min(self.chunk_bytes, peer.hello["max_frame"] - FRAME_OVERHEAD - WEIGHTS_PREFIX)
-        max_chunk -= max_chunk % WEIGHTS_GRANULE  # chunks start on the peer's granules
-        if max_chunk <= 0:
-            raise PeerError(f"peer {peer.label} takes frames of {peer.hello['max_frame']} bytes, "
-                            "too small for WEIGHTS")
+        max_chunk = self._max_chunk(peer)
         layers = sorted(dev.layers.items())
         pushed = 0
-        for i, (layer, share) in enumerate(layers):
+        for layer, share in layers:
             blob = serialize_layer_share(self.model, layer, share.kv_groups, share.mlp_ranges)
             await self._push_shard(peer, layer, blob, max_chunk, progress)
             pushed += len(blob)
-            if i == len(layers) - 1:
-                await self._expect(peer, MsgType.READY, "READY")
+        await self._await_ready(peer, layers[-1][0], blob, max_chunk)
         self.stats.weight_bytes_pushed += pushed
         self.weight_bytes_pushed += pushed
         return pushed
 
+    push_window_bytes = 1 << 20
+    """The most WEIGHTS bytes in flight to a desktop peer (it asks its kernel for an 8 MiB
+    receive buffer; systems often grant less, and the window then shrinks on the losses)."""
+
+    def _max_chunk(self, peer: PeerConn) -> int:
+        """The WEIGHTS chunk size for ``peer``: what one frame it takes carries and, on a UDP
+        link, what one datagram carries (a chunk fragmented is lost whole with any fragment),
+        on the peer's 64-byte granules; ``chunk_bytes`` caps it when given."""
+        room = peer.hello["max_frame"]
+        mtu = getattr(getattr(getattr(peer.link, "endpoint", None), "framer", None), "mtu", None)
+        if mtu:
+            room = min(room, mtu)
+        if self.chunk_bytes:
+            room = min(room, self.chunk_bytes + FRAME_OVERHEAD + WEIGHTS_PREFIX)
+        max_chunk = room - FRAME_OVERHEAD - WEIGHTS_PREFIX
+        max_chunk -= max_chunk % WEIGHTS_GRANULE  # chunks start on the peer's granules
+        if max_chunk <= 0:
+            raise PeerError(f"peer {peer.label} takes frames of {peer.hello['max_frame']} bytes, "
+                            "too small for WEIGHTS")
+        return max_chunk
+
+    def _push_window(self, peer: PeerConn, max_chunk: int) -> int:
+        """Chunks in flight to ``peer`` at most: a board takes one while it stores the one
+        before (its UART buffer holds about a frame); a desktop peer what its receive buffer
+        holds (:attr:`push_window_bytes`) and, beyond eight chunks, no more than four of the
+        link's measured bandwidth-delay products."""
+        if peer.hello.get("device_class") in _BOARD_CLASSES:
+            return 2
+        bdp = 4 * peer.bandwidth_Bps * 2 * peer.latency_s
+        return max(8, min(self.push_window_bytes, int(bdp)) // max_chunk)
+
+    def _push_rto(self, peer: PeerConn, window: int, max_chunk: int) -> float:
+        """When a chunk's ACK is late enough to send the chunk again: a few round trips plus
+        the time the window ahead of it takes on the measured link, at least 20 ms."""
+        drain = window * max_chunk / max(peer.bandwidth_Bps, 1e6)
+        return min(8 * peer.latency_s + 2 * drain + 0.02, self.deadline_s / 4)
+
+    def _weights_frame(self, peer: PeerConn, layer: int, blob: bytes, digest: bytes, off: int,
+                       n: int, seq: int, flags: int) -> bytes:
+        """One WEIGHTS chunk, sealed for ``peer``: laid out in place (header, payload, room for
+        counter and tag, CRC) and stamped in C, with no intermediate copies of the data."""
+        if peer.auth is None:
+            return encode_frame(Frame(MsgType.WEIGHTS, {"shard_id": layer, "offset": off,
+                                                        "total": len(blob), "sha256": digest,
+                                                        "data": blob[off:off + n]},
+                                      dst=peer.device_id, seq=seq, session=self.session,
+                                      flags=flags))
+        plen = WEIGHTS_PREFIX + n
+        buf = bytearray(HEADER_SIZE + plen + AUTH_TRAILER_SIZE + CRC_SIZE)
+        _HEADER.pack_into(buf, 0, MAGIC, PROTOCOL_VERSION, int(MsgType.WEIGHTS), flags | int(Flag.AUTH),
+                          COORDINATOR, peer.device_id, seq, peer.auth.session, plen)
+        _WEIGHTS_HEAD.pack_into(buf, HEADER_SIZE, layer, off, len(blob), digest)
+        buf[HEADER_SIZE + WEIGHTS_PREFIX:HEADER_SIZE + plen] = memoryview(blob)[off:off + n]
+        if lib.tpfed_auth_session_stamp(peer.auth.c, ffi.from_buffer(buf), len(buf)) != lib.TPFED_OK:
+            raise PeerError(f"cannot seal WEIGHTS for peer {peer.label}")
+        peer.auth.counts.sealed += 1
+        return bytes(buf)
+
     async def _push_shard(self, peer: PeerConn, layer: int, blob: bytes, max_chunk: int,
                           progress: Callable[[str, int], None] | None, attempts: int = 3) -> None:
-        """Stream one layer share in WEIGHTS chunks until the peer acknowledges it. A share
-        damaged on the way (the peer reports a hash mismatch or a missing chunk) or not
-        acknowledged in time is sent again from the start, up to ``attempts`` times."""
+        """Push one layer share in WEIGHTS chunks with a sliding window and selective
+        acknowledgement: every chunk asks for an ACK of its sequence number, a chunk whose ACK
+        is late is sent again alone (backing off, at most :attr:`max_tries` times), and the
+        window halves on such a loss and grows again as ACKs come. Once every chunk is
+        acknowledged the peer holds the share and has verified its sha256 (a mismatch comes
+        back as an ERROR in place of the last ACK). A share the peer refuses as damaged is
+        sent again from the start, up to ``attempts`` times."""
         digest = hashlib.sha256(blob).digest()
         for attempt in range(attempts):
-            for off in range(0, len(blob), max_chunk):
-                last = off + max_chunk >= len(blob)
-                frame = Frame(MsgType.WEIGHTS, {"shard_id": layer, "offset": off,
-                                                "total": len(blob), "sha256": digest,
-                                                "data": blob[off:off + max_chunk]},
-                              dst=peer.device_id, seq=self._next_seq(), session=self.session,
-                              flags=int(Flag.LAST | Flag.ACK_REQUESTED) if last else 0)
-                await self._send(peer, encode_frame(frame))
-                if progress is not None:
-                    progress(peer.name, min(max_chunk, len(blob) - off))
             try:
-                await self._expect(peer, MsgType.ACK, f"the shard of layer {layer}",
-                                   match=lambda f: f.payload["acked_type"] == MsgType.WEIGHTS)
+                await self._push_chunks(peer, layer, blob, digest, max_chunk, progress if attempt == 0 else None)
                 return
-            except (PeerTimeout, PeerRefused) as exc:
-                retryable = isinstance(exc, PeerTimeout) or exc.code in (
-                    ErrorCode.SHARD_HASH_MISMATCH, ErrorCode.BAD_PAYLOAD, ErrorCode.BAD_CRC)
-                if not retryable or attempt == attempts - 1:
+            except PeerRefused as exc:
+                if exc.code not in (ErrorCode.SHARD_HASH_MISMATCH, ErrorCode.BAD_PAYLOAD,
+                                    ErrorCode.BAD_CRC) or attempt == attempts - 1:
                     raise
                 await self._drain(peer)
+
+    async def _push_chunks(self, peer: PeerConn, layer: int, blob: bytes, digest: bytes,
+                           max_chunk: int, progress: Callable[[str, int], None] | None) -> None:
+        total = len(blob)
+        offsets = list(range(0, total, max_chunk)) or [0]
+        n_chunks = len(offsets)
+        max_window = self._push_window(peer, max_chunk)
+        window = max_window
+        grow = 0
+        rto = self._push_rto(peer, max_window, max_chunk)
+        acked = bytearray(n_chunks)
+        tries = [0] * n_chunks
+        due: dict[int, float] = {}  # chunk -> when to send it again, for chunks in flight
+        by_seq: dict[int, int] = {}  # seq -> chunk, for every copy in flight
+        next_new = 0
+        left = n_chunks
+        last_news = time.monotonic()
+        what = f"the shard of layer {layer}"
+
+        async def send(i: int) -> None:
+            off = offsets[i]
+            n = min(max_chunk, total - off)
+            flags = int(Flag.ACK_REQUESTED) | (int(Flag.LAST) if off + n >= total else 0)
+            seq = self._next_seq()
+            by_seq[seq] = i
+            frame = self._weights_frame(peer, layer, blob, digest, off, n, seq, flags)
+            try:
+                await peer.link.send(frame)
+            except LinkClosed as exc:
+                raise PeerLost(f"peer {peer.label} went away: {exc}", peer) from None
+            tries[i] += 1
+            due[i] = time.monotonic() + min(rto * 2 ** (tries[i] - 1), self.deadline_s / 4)
+            if progress is not None and tries[i] == 1:
+                progress(peer.name, n)
+
+        while left:
+            while next_new < n_chunks and len(due) < window:
+                await send(next_new)
+                next_new += 1
+            now = time.monotonic()
+            late = [i for i, t in due.items() if t <= now]
+            if late:
+                for i in late:
+                    if tries[i] >= self.max_tries or now - last_news >= self.deadline_s:
+                        raise PeerTimeout(f"peer {peer.label} did not acknowledge {what} "
+                                          f"(chunk at {offsets[i]} of {total} bytes, {tries[i]} "
+                                          f"tries, nothing for {now - last_news:.1f} s)")
+                    await send(i)
+                window = max(window // 2, min(8, max_window))  # a loss: ease off
+                grow = 0
+                continue
+            wait = min(due.values()) - now if due else rto
+            try:
+                data = await self._recv(peer, max(wait, 0.0))
+            except TimeoutError:
+                continue
+            if len(data) >= HEADER_SIZE + 3 and data[2] == MsgType.ACK:
+                acked_seq, acked_type = _ACK_BODY.unpack_from(data, HEADER_SIZE)
+                i = by_seq.pop(acked_seq, None) if acked_type == MsgType.WEIGHTS else None
+                if i is None or acked[i]:
+                    continue  # an answer to a copy already acknowledged, or to another request
+                acked[i] = 1
+                left -= 1
+                due.pop(i, None)
+                last_news = time.monotonic()
+                grow += 1
+                if grow >= window and window < max_window:
+                    window += 1
+                    grow = 0
+                continue
+            try:
+                reply = decode_frame(data)
+            except ProtocolError:
+                continue
+            if reply.type == MsgType.ERROR:
+                code = reply.payload["code"]
+                name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+                raise PeerRefused(f"peer {peer.label} refused {what}: {name}: "
+                                  f"{reply.payload['text']}", code)
+            if reply.type in _HELD_TYPES:  # READY after the share that completes the set
+                peer.held.append((reply, time.perf_counter()))
+                del peer.held[:-_HELD_MAX]
+
+    async def _await_ready(self, peer: PeerConn, layer: int, blob: bytes, max_chunk: int) -> None:
+        """READY, which follows the ACK of the share that completed the assignment. If it was
+        lost, the last chunk of the last share is sent again (the peer answers a repeat of a
+        share's end with its ACK and READY again), with backoff and bounded tries."""
+        digest = hashlib.sha256(blob).digest()
+        off = ((len(blob) - 1) // max_chunk) * max_chunk if blob else 0
+        wait = self._request_rto(peer)
+        deadline = time.monotonic() + self.deadline_s
+        for _ in range(self.request_tries):
+            left = deadline - time.monotonic()
+            try:
+                await self._expect(peer, MsgType.READY, "READY", max(min(wait, left), 1e-3))
+                return
+            except PeerTimeout:
+                if time.monotonic() >= deadline:
+                    break
+            frame = self._weights_frame(peer, layer, blob, digest, off, len(blob) - off,
+                                        self._next_seq(), int(Flag.ACK_REQUESTED | Flag.LAST))
+            try:
+                await peer.link.send(frame)
+            except LinkClosed as exc:
+                raise PeerLost(f"peer {peer.label} went away: {exc}", peer) from None
+            wait = min(2 * wait, self.deadline_s / 4)
+        raise PeerTimeout(f"peer {peer.label} did not answer READY within {self.deadline_s:.1f} s")
 
     async def _drain(self, peer: PeerConn, quiet_s: float = 0.1) -> None:
         """Drop what the peer still sends about an abandoned attempt (one ERROR per chunk after
@@ -598,28 +835,35 @@ class Coordinator(PeerLinks, Int8Transformer):
         partial of each replica set is taken, and the sets' partials are added in plan order
         (so the sum does not depend on who answered first)."""
         key = (layer, stage)
+        seq = self._next_seq()
+        fast = self._fast.get(key)
+        t_start = time.monotonic()
+        if fast is not None:  # the whole stage in one C call: build, seal, send, gather, sum
+            fleet, idx, group_of, n_groups, rto = fast
+            n = len(idx)
+            rows, got, chosen = self._rows[:n], self._got[:n], self._chosen[:n_groups]
+            have = fleet.stage(idx, group_of, n_groups, self.session, seq, layer, int(stage), pos,
+                               x._pqs, x._pd, self.config.dim, rows, got, chosen, rto, self._sum)
+            if have == n_groups:
+                self.stats.wire_bytes += n * self._act_len + n_groups * self._part_len
+                self.stats.min_wire_bytes += n_groups * self._min_stage
+                return self._sum
+            for i in np.flatnonzero(got[:n] == 0).tolist():
+                if fleet.unreachable(idx[i]):
+                    self._owners[key][i].unreachable = True
         owners = self._owners[key]
         group_of = self._group_arrays[key]
         n_groups = int(group_of[-1]) + 1
-        seq = self._next_seq()
+        n = len(owners)
+        rows, got, chosen = self._rows[:n], self._got[:n], self._chosen[:n_groups]
         frame = encode_activation(layer, int(stage), pos, x.qs, x.d, dst=BROADCAST, seq=seq,
                                   session=self.session)
-        n = len(owners)
-        rows, got = self._rows[:n], self._got[:n]
-        got[:] = 0
-        t_start = time.monotonic()
-        fast = self._fast.get(key)
-        if fast is not None:  # one sendmmsg, one gather in C
-            fleet, idx = fast
-            fleet.send_all(sealable(frame), idx)
-            fleet.gather(idx, group_of, n_groups, self.session, seq, layer, int(stage), pos,
-                         rows, got, max(self._rto(p) for p in owners))
-        else:
+        if fast is None:
+            got[:] = 0
             await self._gather_hooked(owners, group_of, n_groups, frame, layer, stage, pos,
                                       rows, got)
         # Sets with no partial yet (late, lost datagrams, an ERROR) go through the general
         # path, member by member: resends with backoff, errors reported, the deadline applies.
-        chosen = self._chosen[:n_groups]
         chosen[:] = -1
         for i in range(n):
             if got[i] and chosen[group_of[i]] < 0:
@@ -630,8 +874,8 @@ class Coordinator(PeerLinks, Int8Transformer):
         out = self._sum
         lib.tpfed_sum_rows_f32(ffi.from_buffer("float[]", out), ffi.from_buffer("float[]", rows),
                                ffi.from_buffer("int[]", chosen), n_groups, out.shape[0])
-        self.stats.wire_bytes += n * len(frame) + int(got.sum())
-        self.stats.min_wire_bytes += n_groups * min_stage_bytes(self.config.dim)
+        self.stats.wire_bytes += n * (len(frame) + AUTH_TRAILER_SIZE) + int(got.sum())
+        self.stats.min_wire_bytes += n_groups * self._min_stage
         return out
 
     async def _gather_hooked(self, owners: list[PeerConn], group_of: np.ndarray, n_groups: int,
@@ -745,6 +989,9 @@ class Coordinator(PeerLinks, Int8Transformer):
         the answer is late (a datagram may be lost; recomputing is idempotent), and the peer is
         declared lost at the deadline. Returns the partial and the frame's size."""
         t0 = time.monotonic() if t_start is None else t_start
+        if peer.unreachable:
+            raise PeerLost(f"peer {peer.label} went away: its address answers that nothing "
+                           f"listens there", peer, time.monotonic() - t0)
         t_end = t0 + self.deadline_s
         rto = self._rto(peer)
         resend_at = t0 + rto
@@ -760,6 +1007,9 @@ class Coordinator(PeerLinks, Int8Transformer):
                 data = await self._recv(peer, max(min(t_end, resend_at) - now, 0.0))
             except TimeoutError:
                 now = time.monotonic()
+                if peer.fleet is not None and peer.fleet[0].unreachable(peer.fleet[1], check=True):
+                    raise PeerLost(f"peer {peer.label} went away: its address answers that "
+                                   f"nothing listens there", peer, now - t0) from None
                 if now >= resend_at and now < t_end and tries <= self.max_tries:
                     await self._send(peer, frame)
                     tries += 1
@@ -810,6 +1060,39 @@ class Coordinator(PeerLinks, Int8Transformer):
                         break
                     except PeerLost as lost:
                         await self.recover(lost, layer, stage, pos)
+        except StopIteration as done:
+            return done.value
+
+    async def encode_async(self, tokens, token_types=None) -> np.ndarray:
+        """An encoder's (non-causal) hidden states (n, dim) for the sequence ``tokens``:
+        :meth:`Int8Transformer.forward_stages` over the whole sequence, row by row. Per layer,
+        every row's k/v goes first (Stage.KV: every owner of the layer's attention, replicas
+        too, appends it and answers an empty PARTIAL), then each row's ATTENTION (a query over
+        all the rows appended) and MLP are summed as for a decoder. A lost peer ends it."""
+        if self.config.causal:
+            raise PeerError(f"{self.config.arch} is a decoder: use forward_async")
+        n = len(tokens)
+        if not 0 < n <= self.seq_len:
+            raise PeerError(f"{n} tokens; the planned context is 1..{self.seq_len}")
+        await asyncio.sleep(0)
+        stages = self.forward_stages(list(tokens), 0, token_types)
+        partial = None
+        try:
+            while True:
+                layer, stage, xq = stages.send(partial)
+                rows = [Q8Tensor(xq.qs[r], xq.d[r]) for r in range(n)]
+                if stage == Stage.ATTENTION:
+                    owners = self._owners[(layer, stage)]
+                    for r, x in enumerate(rows):
+                        frame = encode_activation(layer, int(Stage.KV), r, x.qs, x.d, dst=BROADCAST,
+                                                  seq=self._next_seq(), session=self.session)
+                        for p in owners:
+                            await self._send(p, frame)
+                        await all_of(self._gather(p, layer, Stage.KV, r, frame) for p in owners)
+                        self.stats.wire_bytes += len(owners) * len(frame)
+                partial = np.empty((n, self.config.dim), np.float32)
+                for r, x in enumerate(rows):
+                    partial[r] = await self.partials_remote(layer, stage, x, r)
         except StopIteration as done:
             return done.value
 

@@ -12,6 +12,13 @@ stopped at interpreter exit, and on Linux each QEMU gets SIGKILL from the kernel
 process that started it dies (``PR_SET_PDEATHSIG``), so a failing or killed test leaves no
 orphan QEMU behind.
 
+Firmware sources: a source checkout builds in ``firmware/`` (into ``firmware/.pio``); an
+installed package carries the same sources as ``tpfed/firmware`` and builds them into a
+writable folder under ``~/.cache/tpfed/firmware-build`` (``$TPFED_FIRMWARE_BUILD`` overrides
+it), so ``pip install .`` alone runs emulated boards. PlatformIO's ``tool-scons`` package is
+prepared from the ``scons`` Python package first (:mod:`tpfed.runtime.pio_offline`): no
+registry is needed.
+
 Which boards can be emulated, and everything about them (QEMU machine, PlatformIO env and so
 the firmware path, memory figures), comes from their board profiles in ``boards/``
 (:data:`EMULATED_PROFILES`): ``musca-b1`` (Cortex-M33, 512 KiB SRAM; the default, big enough
@@ -45,6 +52,8 @@ from tpfed.runtime.process import die_with_parent
 
 REPO = Path(__file__).resolve().parents[3]
 FIRMWARE_DIR = REPO / "firmware"
+"""The firmware of a source checkout (see :func:`firmware_dir` for an installed package)."""
+PACKAGED_FIRMWARE_DIR = Path(__file__).resolve().parents[1] / "firmware"
 
 EMULATED_PROFILES: tuple[str, ...] = ("musca-b1", "lm3s6965evb")
 """Board profiles (``boards/<name>.yaml``) of the boards QEMU emulates."""
@@ -143,34 +152,75 @@ def qemu_binary() -> str:
     return exe
 
 
+def firmware_dir() -> Path:
+    """The PlatformIO project of the firmware: ``firmware/`` of a source checkout, else the
+    copy an installed package carries (``tpfed/firmware``)."""
+    for d in (FIRMWARE_DIR, PACKAGED_FIRMWARE_DIR):
+        if (d / "platformio.ini").is_file():
+            return d
+    raise EmulatorError(f"no firmware sources: neither {FIRMWARE_DIR} (a source checkout) nor "
+                        f"{PACKAGED_FIRMWARE_DIR} (an installed package) holds platformio.ini; "
+                        "reinstall tpfed (pip install .)")
+
+
+def workspace_dir() -> Path | None:
+    """Where PlatformIO builds (its ``.pio`` folder): None for a source checkout (the default,
+    ``firmware/.pio``); for an installed package a writable cache folder of this install."""
+    fw = firmware_dir()
+    if fw == FIRMWARE_DIR:
+        return None
+    import hashlib
+
+    from tpfed import __version__
+
+    root = os.environ.get("TPFED_FIRMWARE_BUILD")
+    if root:
+        base = Path(root).expanduser()
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        base = Path(cache) / "tpfed" / "firmware-build"
+    tag = hashlib.sha256(str(fw).encode()).hexdigest()[:10]
+    return base / f"{__version__}-{tag}"
+
+
 def build_dir(env: str = DEFAULT_ENV) -> Path:
-    return FIRMWARE_DIR / ".pio" / "build" / env
+    ws = workspace_dir()
+    return (ws if ws is not None else firmware_dir() / ".pio") / "build" / env
+
+
+def pio_env() -> dict[str, str]:
+    """The environment to run PlatformIO in: the build goes to :func:`workspace_dir`."""
+    env = dict(os.environ)
+    ws = workspace_dir()
+    if ws is not None:
+        ws.mkdir(parents=True, exist_ok=True)
+        env["PLATFORMIO_WORKSPACE_DIR"] = str(ws)
+    return env
 
 
 def build_firmware(env: str = DEFAULT_ENV, *, quiet: bool = True) -> Path:
-    """Build ``env`` with PlatformIO (``pio run -e env`` in firmware/) and return its ELF.
-
-    Offline setups need the ``tool-scons`` package first: ``python tools/pio_offline.py``."""
+    """Build ``env`` with PlatformIO (``pio run -e env`` in the firmware project) and return its
+    ELF. PlatformIO's ``tool-scons`` is prepared offline first."""
     board_type(env)
-    if not (FIRMWARE_DIR / "platformio.ini").is_file():
-        raise EmulatorError(f"no PlatformIO project in {FIRMWARE_DIR}")
+    fw = firmware_dir()
     if not shutil.which("arm-none-eabi-gcc"):
         raise EmulatorError(
             "arm-none-eabi-gcc is not installed (Debian/Ubuntu: apt-get install "
             "gcc-arm-none-eabi libnewlib-arm-none-eabi)"
         )
-    offline = REPO / "tools" / "pio_offline.py"
-    if offline.is_file():  # a source checkout: make sure PlatformIO has SCons without a registry
-        prep = subprocess.run([sys.executable, str(offline)], capture_output=True, text=True)
-        if prep.returncode != 0:
-            raise EmulatorError(f"preparing PlatformIO offline failed: {prep.stderr.strip()}")
-    cmd = [sys.executable, "-m", "platformio", "run", "-e", env, "-d", str(FIRMWARE_DIR)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    from tpfed.runtime.pio_offline import OfflineSetupError, ensure
+
+    try:  # PlatformIO gets SCons without its registry
+        ensure(fw / "platformio.ini")
+    except (OfflineSetupError, OSError) as exc:
+        raise EmulatorError(f"preparing PlatformIO offline failed: {exc}") from None
+    cmd = [sys.executable, "-m", "platformio", "run", "-e", env, "-d", str(fw)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=pio_env())
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         hint = ""
         if "tool-scons" in tail or "Could not" in tail or "HTTPClient" in tail:
-            hint = " (offline? run `python tools/pio_offline.py` first)"
+            hint = " (offline? run `python -m tpfed.runtime.pio_offline` first)"
         raise EmulatorError(f"building firmware env {env} failed{hint}:\n{tail}")
     elf = build_dir(env) / "firmware.elf"
     if not elf.is_file():
@@ -188,7 +238,7 @@ def firmware_path(env: str = DEFAULT_ENV, *, build: bool | None = None) -> Path:
     if build:
         return build_firmware(env)
     if not elf.is_file():
-        raise EmulatorError(f"no firmware at {elf}; build it with `pio run -e {env}` in {FIRMWARE_DIR}")
+        raise EmulatorError(f"no firmware at {elf}; build it with `pio run -e {env}` in {firmware_dir()}")
     return elf
 
 
@@ -464,6 +514,7 @@ __all__ = [
     "board_type",
     "build_firmware",
     "emulated_board_types",
+    "firmware_dir",
     "firmware_path",
     "free_port",
     "machine_of",

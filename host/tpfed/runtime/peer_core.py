@@ -188,6 +188,11 @@ class MemPeer(PeerCore):
         super().__init__(ffi.addressof(self._mem, "hal"), info, arena_bytes, config)
 
     @property
+    def mem_ptr(self) -> object:
+        """The ``tpfed_mem_peer *`` whose outbox collects this core's replies."""
+        return self._mem
+
+    @property
     def now_ms(self) -> int:
         return int(self._mem.now_ms)
 

@@ -28,7 +28,8 @@ class PeerSpecError(TpfedError):
 
 @dataclass(frozen=True)
 class PeerSpec:
-    """One peer to reach. ``kind`` is ``local``, ``emu``, ``udp``, ``serial`` or ``socket``."""
+    """One peer to reach. ``kind`` is ``self`` (the coordinator's own CPU), ``local``, ``emu``,
+    ``udp``, ``serial`` or ``socket``."""
 
     kind: str
     host: str = ""
@@ -66,6 +67,8 @@ def parse_item(item: str) -> list[PeerSpec]:
     item = item.strip()
     if not item:
         raise PeerSpecError("empty item in --peers (two commas in a row?)")
+    if item == "self":  # the coordinator's own CPU, as one more device
+        return [PeerSpec(kind="self")]
     m = _COUNT.match(item)
     if m:
         kind, n, env = m.group(1), int(m.group(2)), m.group(3) or ""
@@ -96,7 +99,7 @@ def parse_item(item: str) -> list[PeerSpec]:
             baud = int(value)
         return [PeerSpec(kind="serial", device=device, baud=baud)]
     raise PeerSpecError(
-        f"peer {item!r} not understood: use local:N, emu:N, udp://HOST:PORT, "
+        f"peer {item!r} not understood: use self, local:N, emu:N, udp://HOST:PORT, "
         "serial:///dev/ttyX?baud=N or socket://HOST:PORT"
     )
 

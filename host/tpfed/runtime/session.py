@@ -37,6 +37,7 @@ class RunOptions:
     mtu: int = 1400
     key_file: str | None = None  # the federation key (see tpfed.runtime.keys)
     replicas: int = 1  # every unit on this many devices
+    provision: bool = False  # serial/socket peers are boards booted without a key: give them ours
     prompt_ids: list[int] | None = None  # the prompt as token ids (instead of text)
     ignore_eos: bool = False  # generate past the model's EOS
     weights: str = "q8_0"  # "q8_0" (split across the peers) or "f32" (see run_f32)
@@ -54,6 +55,8 @@ class RunResult:
     """The peers as the planner saw them (HELLO figures and measured links), in peer order."""
     prompt_ids: list[int] = field(default_factory=list)
     generated_ids: list[int] = field(default_factory=list)
+    weight_bytes_pushed: int = 0
+    """Share bytes the coordinator pushed so far (set-up and recoveries)."""
 
     def to_json(self) -> dict:
         s = self.stats
@@ -68,6 +71,9 @@ class RunResult:
             "setup_s": round(self.setup_s, 3),
             "prompt_ids": self.prompt_ids,
             "generated_ids": self.generated_ids,
+            "weight_bytes_pushed": self.weight_bytes_pushed,
+            "resends": s.resends,
+            "recoveries": s.recoveries,
         }
 
 
@@ -104,13 +110,6 @@ def _q8_of(loaded) -> tuple[Q8Model, Tokenizer | None]:
     return Q8Model.from_weights(loaded.weights), loaded.tokenizer
 
 
-def _needs(p) -> list[str]:
-    return [what for what, needed in (
-        ("q/k/v biases", p.qkv_bias), ("MLP biases", p.mlp_bias), ("a plain GELU MLP", not p.gated),
-        ("GELU", p.act != 0), ("a sliding window", p.window > 0), ("encoder attention", not p.causal),
-        ("learned positions", p.rope == 0), ("a RoPE table", p.rope == 2)) if needed]
-
-
 def stop_ids_for(config) -> tuple[int, ...]:
     """Where generation stops: the model's EOS, and BOS for llama2.c's models (run.c stops at
     BOS, the story separator)."""
@@ -133,7 +132,7 @@ def federation_key(specs: Sequence[PeerSpec], key_file: str | None) -> bytes:
     key = keys.find_key(key_file)
     if key is not None:
         return key
-    foreign = [s.uri for s in specs if s.kind not in ("local", "emu")]
+    foreign = [s.uri for s in specs if s.kind not in ("self", "local", "emu")]
     if foreign:
         raise TpfedError(f"peers {', '.join(foreign)} need the federation key they hold: --key-file "
                          f"PATH or ${keys.ENV} (a `tpfed peer` on loopback writes one to "
@@ -142,7 +141,8 @@ def federation_key(specs: Sequence[PeerSpec], key_file: str | None) -> bytes:
 
 
 async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack,
-                     *, mtu: int = 1400, key: bytes | None = None) -> list[Link]:
+                     *, mtu: int = 1400, key: bytes | None = None,
+                     provision: bool = False) -> list[Link]:
     """Links to every peer of ``specs``, in order; local peers and emulated boards are started
     here and stopped when ``stack`` closes. UDP peers share one socket per address family (local
     peers one on loopback), so the coordinator can reach a stage's peers with one system call."""
@@ -177,7 +177,14 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
     links: list[Link] = []
     i_local = i_emu = 0
     for spec in specs:
-        if spec.kind == "local":
+        if spec.kind == "self":
+            from tpfed.protocol import auth
+            from tpfed.runtime.local_link import LocalLink
+
+            if sum(s.kind == "self" for s in specs) > 1:
+                raise TpfedError("--peers names self more than once")
+            link = LocalLink(key if key is not None else auth.new_key())
+        elif spec.kind == "local":
             ep = await endpoint("127.0.0.1", LOOPBACK_MTU)
             link = await ep.open_link(local_uris[i_local], name=f"local-{i_local}")
             i_local += 1
@@ -192,6 +199,7 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
             i_emu += 1
         else:
             link = await open_serial_link(spec.uri, name=spec.device or spec.uri)
+            link.provision = provision
         stack.push_async_callback(link.close)
         links.append(link)
     return links
@@ -269,6 +277,18 @@ def generate_local(model: Int8Transformer, tokenizer: Tokenizer, prompt: str, st
     return out, pos + 1
 
 
+def _share_totals(q8: Q8Model, plan) -> dict[str, int]:
+    """The bytes of each device's share (for progress bars); {} when they cannot be told."""
+    try:
+        from tpfed.compute.share import _share_nbytes, check_ranges, share_flags
+
+        c, flags = q8.config, share_flags(q8.params)
+        return {d.name: sum(_share_nbytes(c, len(s.kv_groups), check_ranges(c, s.mlp_ranges), flags)
+                            for s in d.layers.values()) for d in plan.devices}
+    except Exception:  # a display aid only
+        return {}
+
+
 class Fleet:
     """Peers reached, planned and holding their shares, kept for as many generations as asked
     (``tpfed serve`` keeps one; ``tpfed run`` uses one for a single prompt).
@@ -280,7 +300,8 @@ class Fleet:
 
     def __init__(self, opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = None,
                  on_status: Callable[[str], None] | None = None,
-                 on_push: Callable[[str, int], None] | None = None) -> None:
+                 on_push: Callable[[str, int], None] | None = None,
+                 on_phase: Callable[[str, dict], None] | None = None) -> None:
         if opts.steps < 1:
             raise TpfedError(f"--steps must be at least 1, got {opts.steps}")
         self.opts = opts
@@ -288,13 +309,6 @@ class Fleet:
         self.say = on_status or (lambda _msg: None)
         self.q8, self.tokenizer = model if model is not None else load_model(opts.model, opts.tokenizer)
         self.stop_ids = () if opts.ignore_eos else stop_ids_for(self.q8.config)
-        if not self.q8.params.plain_llama:
-            c = self.q8.config
-            raise TpfedError(
-                f"{c.name or c.arch}: peers take llama2.c-style layer shares only so far; this "
-                f"{c.arch} model needs share flags ({', '.join(_needs(self.q8.params))}) that the "
-                "peers' C core does not read yet. In this process: --weights f32, or tpfed "
-                "perplexity --peers none")
         self.seq_len = min(opts.steps, self.q8.config.seq_len)
         self.coord: Coordinator | None = None
         self.plan = None
@@ -303,33 +317,62 @@ class Fleet:
         self._lock = asyncio.Lock()
         # hook for tpfed serve's metrics: (device name, WEIGHTS bytes sent) per chunk pushed
         self.on_push = on_push
+        # hook for progress displays: (phase, facts) as set-up enters "start" (starting local
+        # peers and emulated boards: {"local": n, "emu": {env: n}, "remote": n}), "connect"
+        # (HELLO, keys, link probes: {"peers": n}) and "push" ({"bytes": {device: share bytes}}),
+        # then ("done", {}) once every device holds its share
+        self.on_phase = on_phase
+        self.phases: dict[str, float] = {}
+        """Seconds each set-up phase took: start, connect, push."""
 
     async def start(self) -> Fleet:
         opts, say = self.opts, self.say
         t_setup = time.perf_counter()
         try:
             key = federation_key(self.specs, opts.key_file)
-            links = await open_links(self.specs, self._stack, mtu=opts.mtu, key=key)
+            emu: dict[str, int] = {}
+            for spec in self.specs:
+                if spec.kind == "emu":
+                    emu[spec.device or "musca-b1"] = emu.get(spec.device or "musca-b1", 0) + 1
+            self._phase("start", {"local": sum(s.kind == "local" for s in self.specs), "emu": emu,
+                                  "remote": sum(s.kind not in ("local", "emu") for s in self.specs)})
+            links = await open_links(self.specs, self._stack, mtu=opts.mtu, key=key,
+                                     provision=opts.provision)
             coord = Coordinator(self.q8, links, key=key, deadline_s=opts.deadline_s,
                                 seq_len=self.seq_len)
             self._stack.push_async_callback(coord.close)
+            self._phase("connect", {"peers": len(links)})
             peers = await coord.connect()
             say(f"{len(peers)} peers: " + ", ".join(
                 f"{p.name} ({p.hello['int8_macs'] / 1e9:.1f} GMAC/s, {p.latency_s * 1e6:.0f} us)"
                 for p in peers))
             plan = coord.make_plan(opts.strategy, replicas=opts.replicas)
+            self._phase("push", {"bytes": _share_totals(self.q8, plan)})
             await coord.push_weights(progress=self.on_push)
+            self._phase("done", {})
         except BaseException:
+            self._phase("done", {})
             await self._stack.aclose()
             raise
         self.coord, self.plan = coord, plan
         self.setup_s = time.perf_counter() - t_setup
         shares = ", ".join(f"{d.name}: {d.kv_units} KV groups + {d.mlp_columns} MLP columns"
                            for d in plan.devices)
-        say(f"plan {plan.strategy}: {shares}; weights pushed in {self.setup_s:.2f} s")
+        split = ", ".join(f"{name} {s:.2f} s" for name, s in self.phases.items())
+        say(f"plan {plan.strategy}: {shares}; set up in {self.setup_s:.2f} s ({split})")
         for name, why in plan.excluded:
             say(f"left out {name}: {why}")
         return self
+
+    def _phase(self, name: str, facts: dict) -> None:
+        """Enter set-up phase ``name`` (``done`` ends the last): times the one before it."""
+        now = time.perf_counter()
+        last = getattr(self, "_phase_at", None)
+        if last is not None:
+            self.phases[last[0]] = now - last[1]
+        self._phase_at = None if name == "done" else (name, now)
+        if self.on_phase is not None:
+            self.on_phase(name, facts)
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -357,6 +400,7 @@ class Fleet:
         result.setup_s = self.setup_s
         result.devices = [p.spec() for p in self.coord.peers]
         result.peers = self.peers_json()
+        result.weight_bytes_pushed = self.coord.weight_bytes_pushed
         return result
 
     async def generate(self, prompt: str, sampler: Sampler, *, steps: int | None = None,
@@ -385,14 +429,17 @@ class Fleet:
 
 async def run(opts: RunOptions, *, model: tuple[Q8Model, Tokenizer] | None = None,
               on_piece: Callable[[bytes], None] | None = None,
-              on_status: Callable[[str], None] | None = None) -> RunResult:
-    """Everything ``tpfed run`` does, as a coroutine: a fleet for one prompt."""
+              on_status: Callable[[str], None] | None = None,
+              on_phase: Callable[[str, dict], None] | None = None,
+              on_push: Callable[[str, int], None] | None = None) -> RunResult:
+    """Everything ``tpfed run`` does, as a coroutine: a fleet for one prompt (``on_phase`` and
+    ``on_push``: see :class:`Fleet`)."""
     sampler = Sampler(temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed)
     if opts.weights == "f32":
         return run_f32(opts, sampler, on_piece=on_piece, on_status=on_status)
     if opts.weights != "q8_0":
         raise TpfedError(f"--weights must be q8_0 or f32, got {opts.weights!r}")
-    fleet = Fleet(opts, model=model, on_status=on_status)
+    fleet = Fleet(opts, model=model, on_status=on_status, on_phase=on_phase, on_push=on_push)
     async with fleet:
         if opts.prompt_ids is not None:
             tok = fleet.tokenizer

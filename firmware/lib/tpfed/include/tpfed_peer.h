@@ -42,7 +42,11 @@
 // READY follows once every assigned layer is complete. The last chunk of a share already held
 // (same sha256) is ACKed again (and READY repeated), so a sender whose ACK was lost can go on.
 // ACTIVATION is then answered with PARTIAL (float32), computed by the compute units
-// (tpfed_units.h). HEARTBEAT and PROBE are served in any state of a session; malformed frames
+// (tpfed_units.h). ASSIGN's flags (TPFED_SHARE_*: biases, plain MLP and its activation,
+// window, RoPE table or none, encoder attention) size every share and must equal each share's
+// own; unknown flags are UNSUPPORTED. Stage KV appends the row's k/v at pos only (an empty
+// PARTIAL); an encoder's ATTENTION attends over rows 0..n-1, n = one past the highest KV
+// position since the last KV at position 0. HEARTBEAT and PROBE are served in any state of a session; malformed frames
 // are dropped and counted. The device id is the handshake's (HELLO and ASSIGN do not change
 // it); frames addressed to another device id (not broadcast) are dropped.
 //
@@ -133,6 +137,10 @@ uint32_t tpfed_peer_layers_held(const tpfed_peer *p); // assigned layers whose s
 // Returns 0 on overflow or a range with end < start.
 uint64_t tpfed_share_bytes(uint32_t dim, uint32_t head_size, uint32_t group_size,
                            uint32_t n_groups, const uint32_t *ranges, uint32_t n_ranges);
+// The same with share flags (TPFED_SHARE_*: biases, plain MLP, window, RoPE table; share.py).
+uint64_t tpfed_share_bytes_flags(uint32_t dim, uint32_t head_size, uint32_t group_size,
+                                 uint32_t n_groups, const uint32_t *ranges, uint32_t n_ranges,
+                                 uint32_t flags);
 // cffi:end
 
 #endif

@@ -31,6 +31,9 @@
 #define TPFED_NONCE_SIZE 16
 #define TPFED_PROOF_SIZE 32
 #define TPFED_TAG_SIZE 16
+#define TPFED_SHARE_ACT_SHIFT 8
+#define TPFED_SHARE_ACT_MAX 2
+#define TPFED_SHARE_FLAGS_KNOWN 895
 #define TPFED_HEADER_SIZE 12
 #define TPFED_FRAGMENT_HEADER_SIZE 5
 #define TPFED_FRAME_OVERHEAD 16
@@ -120,7 +123,19 @@ typedef enum {
 typedef enum {
     TPFED_STAGE_ATTENTION = 0,
     TPFED_STAGE_MLP = 1,
+    TPFED_STAGE_KV = 2,
 } tpfed_stage_t;
+
+// Bits of a layer share's ``flags`` (LayerShareHeader) and of ASSIGN's: what the units need
+typedef enum {
+    TPFED_SHARE_QKV_BIAS = 1,
+    TPFED_SHARE_PLAIN_MLP = 2,
+    TPFED_SHARE_MLP_BIAS = 4,
+    TPFED_SHARE_NONCAUSAL = 8,
+    TPFED_SHARE_ROPE_TABLE = 16,
+    TPFED_SHARE_NO_ROPE = 32,
+    TPFED_SHARE_WINDOW = 64,
+} tpfed_share_flag_t;
 
 // PARTIAL.encoding: how the partial vector's n values are stored.
 typedef enum {
@@ -207,7 +222,7 @@ int tpfed_fragment_header_encode(uint8_t *p, size_t cap, const tpfed_fragment_he
 //    24  n_groups        uint16_t
 //    26  n_ranges        uint16_t
 //    28  n_kv_heads      uint16_t
-//    30  reserved        uint16_t
+//    30  flags           uint16_t
 //    32  total           uint64_t
 typedef struct {
     uint16_t version; // layer-share format version (SHARE_VERSION)
@@ -220,7 +235,7 @@ typedef struct {
     uint16_t n_groups; // KV groups in this share
     uint16_t n_ranges; // MLP column ranges in this share
     uint16_t n_kv_heads; // of the model (group indices are below it)
-    uint16_t reserved; // sent as 0
+    uint16_t flags; // ShareFlag bits (host/tpfed/compute/share.py); 0 = llama2.c's units
     uint64_t total; // share size in bytes, header included
 } tpfed_share_header_t;
 int tpfed_share_header_decode(const uint8_t *p, size_t len, tpfed_share_header_t *m, size_t *used);
@@ -337,8 +352,9 @@ int tpfed_layer_entry_encode(uint8_t *p, size_t cap, const tpfed_layer_entry_t *
 //    12  seq_len         uint16_t
 //    14  norm_eps        float
 //    18  rope_theta      float
-//    22  n_entries       uint16_t
-//    24  entries         n_entries x tpfed_layer_entry_t
+//    22  flags           uint16_t
+//    24  n_entries       uint16_t
+//    26  entries         n_entries x tpfed_layer_entry_t
 //   (no bytes may follow the last field)
 typedef struct {
     uint16_t dim;
@@ -349,6 +365,7 @@ typedef struct {
     uint16_t seq_len;
     float norm_eps;
     float rope_theta;
+    uint16_t flags; // ShareFlag bits of every layer share of the model (0 = llama2.c's units); sizes the shares
     uint16_t n_entries; // number of layer entries
     const uint8_t *entries; // n_entries x tpfed_layer_entry_t, variable size, entries_len bytes: the peer's share, one entry per layer
     uint16_t entries_len;

@@ -30,11 +30,15 @@ typedef struct tpfed_peer_layer {
     float *value_cache;                 // (seq_len, ng * head_size)
     tpfed_attention_unit *att_units;    // (ng) views into shard, set once it is complete
     tpfed_mlp_unit *mlp_units;          // (nr) views into shard, set once it is complete
+    const float *rope_freq;             // (head_size/2) in shard (flag ROPE_TABLE), else NULL
+    uint32_t window;                    // sliding window from the share (flag WINDOW), else 0
+    uint32_t n_ctx;                     // rows appended by Stage KV (non-causal attention)
 } tpfed_peer_layer;
 
 typedef struct {
     uint32_t dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_size, group_size, seq_len;
     float norm_eps, rope_theta;
+    uint32_t flags;                     // ShareFlag bits of every share (ASSIGN.flags)
 } geometry;
 
 struct tpfed_peer {
@@ -97,22 +101,36 @@ static uint64_t q8_bytes(uint64_t rows, uint32_t cols, int *ok) {
     return add64(pad4(v), pad4(d), ok);
 }
 
-// The one share-size formula. Ranges come as u32 pairs, native (ranges32) or raw little-endian
-// from a frame (ranges_le).
+static int gated(uint32_t flags) { return !(flags & TPFED_SHARE_PLAIN_MLP); }
+
+// Bytes of the sections after the group/range tables that flags add (window, RoPE table).
+static uint64_t extras_bytes(uint32_t head_size, uint32_t flags) {
+    return ((flags & TPFED_SHARE_WINDOW) ? 4u : 0u) +
+           ((flags & TPFED_SHARE_ROPE_TABLE) ? 2u * (uint64_t)head_size : 0u);
+}
+
+// The one share-size formula (share.py's layout, flags included). Ranges come as u32 pairs,
+// native (ranges32) or raw little-endian from a frame (ranges_le).
 static uint64_t share_bytes(uint32_t dim, uint32_t head_size, uint32_t group_size, uint32_t n_groups,
-                            const uint32_t *ranges32, const uint8_t *ranges_le, uint32_t n_ranges) {
+                            const uint32_t *ranges32, const uint8_t *ranges_le, uint32_t n_ranges,
+                            uint32_t flags) {
     int ok = 1;
     uint64_t gq = (uint64_t)group_size * head_size;
     if (gq > UINT32_MAX) return 0;   // wo is a (dim, gq) matrix: gq counts columns
     uint64_t n = TPFED_SHARE_HEADER_SIZE + pad4(2u * (uint64_t)n_groups) + 8u * (uint64_t)n_ranges;
+    n = add64(n, extras_bytes(head_size, flags), &ok);
     uint64_t per_group = add64(q8_bytes(gq, dim, &ok), mul64(2u, q8_bytes(head_size, dim, &ok), &ok), &ok);
     per_group = add64(per_group, q8_bytes(dim, (uint32_t)gq, &ok), &ok);
+    if (flags & TPFED_SHARE_QKV_BIAS)
+        per_group = add64(per_group, mul64(4u, gq + 2u * (uint64_t)head_size, &ok), &ok);
     n = add64(n, mul64(n_groups, per_group, &ok), &ok);
+    uint64_t n_in = gated(flags) ? 2u : 1u;   // w1 (and w3) rows per range
     for (uint32_t r = 0; r < n_ranges; r++) {
         uint32_t a = ranges32 ? ranges32[2 * r] : tpfed_rd_u32(ranges_le + 8 * r);
         uint32_t b = ranges32 ? ranges32[2 * r + 1] : tpfed_rd_u32(ranges_le + 8 * r + 4);
         if (b < a) return 0;
-        uint64_t m = add64(mul64(2u, q8_bytes(b - a, dim, &ok), &ok), q8_bytes(dim, b - a, &ok), &ok);
+        uint64_t m = add64(mul64(n_in, q8_bytes(b - a, dim, &ok), &ok), q8_bytes(dim, b - a, &ok), &ok);
+        if (flags & TPFED_SHARE_MLP_BIAS) m = add64(m, mul64(4u * n_in, b - a, &ok), &ok);
         n = add64(n, m, &ok);
     }
     return ok ? n : 0;
@@ -120,8 +138,14 @@ static uint64_t share_bytes(uint32_t dim, uint32_t head_size, uint32_t group_siz
 
 uint64_t tpfed_share_bytes(uint32_t dim, uint32_t head_size, uint32_t group_size,
                            uint32_t n_groups, const uint32_t *ranges, uint32_t n_ranges) {
+    return tpfed_share_bytes_flags(dim, head_size, group_size, n_groups, ranges, n_ranges, 0);
+}
+
+uint64_t tpfed_share_bytes_flags(uint32_t dim, uint32_t head_size, uint32_t group_size,
+                                 uint32_t n_groups, const uint32_t *ranges, uint32_t n_ranges,
+                                 uint32_t flags) {
     if (n_ranges && !ranges) return 0;
-    return share_bytes(dim, head_size, group_size, n_groups, ranges, NULL, n_ranges);
+    return share_bytes(dim, head_size, group_size, n_groups, ranges, NULL, n_ranges, flags);
 }
 
 // -------------------------------------------------------------------------------- arena
@@ -401,7 +425,7 @@ static uint32_t range_start(const entry_view *e, int r) { return tpfed_rd_u32(e-
 static uint32_t range_end(const entry_view *e, int r) { return tpfed_rd_u32(e->ranges + 8 * r + 4); }
 
 static uint64_t entry_share_bytes(const geometry *g, const entry_view *e) {
-    return share_bytes(g->dim, g->head_size, g->group_size, e->ng, NULL, e->ranges, e->nr);
+    return share_bytes(g->dim, g->head_size, g->group_size, e->ng, NULL, e->ranges, e->nr, g->flags);
 }
 
 // The rules of shard.py's check_groups/check_ranges, and the layer index: BAD_PAYLOAD.
@@ -586,7 +610,17 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
         send_error(p, h->src, TPFED_ERR_UNSUPPORTED, msg);
         return;
     }
+    uint32_t act = (uint32_t)a.flags >> TPFED_SHARE_ACT_SHIFT;
+    if ((a.flags & ~(uint32_t)TPFED_SHARE_FLAGS_KNOWN) || act > TPFED_SHARE_ACT_MAX ||
+        ((a.flags & TPFED_SHARE_NO_ROPE) && (a.flags & TPFED_SHARE_ROPE_TABLE)) ||
+        ((a.flags & TPFED_SHARE_ROPE_TABLE) && (a.dim / a.n_heads) % 2u)) {
+        snprintf(msg, sizeof msg, "ASSIGN share flags 0x%x are not ones this peer knows",
+                 (unsigned)a.flags);
+        send_error(p, h->src, TPFED_ERR_UNSUPPORTED, msg);
+        return;
+    }
     geometry g;
+    g.flags = a.flags;
     g.dim = a.dim;
     g.hidden_dim = a.hidden_dim;
     g.n_layers = a.n_layers;
@@ -691,6 +725,14 @@ static int check_matrix(const uint8_t *s, uint64_t *off, uint32_t rows, uint32_t
     return 0;
 }
 
+// 0 if the n float32 at *off are finite (moves *off past them), 3 if not.
+static int check_floats(const uint8_t *s, uint64_t *off, uint64_t n) {
+    for (uint64_t i = 0; i < n; i++)
+        if ((tpfed_rd_u32(s + *off + 4u * i) & 0x7F800000u) == 0x7F800000u) return 3;
+    *off += 4u * n;
+    return 0;
+}
+
 // Validate a complete share against the assignment (shard.py's parse_layer_share rules).
 static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg, size_t cap) {
     const uint8_t *s = L->shard;
@@ -714,8 +756,13 @@ static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg
         return 1;
     }
     if (h.dim != g->dim || h.hidden_dim != g->hidden_dim || h.head_size != g->head_size ||
-        h.group_size != g->group_size || h.n_kv_heads != g->n_kv_heads || h.reserved != 0) {
+        h.group_size != g->group_size || h.n_kv_heads != g->n_kv_heads) {
         snprintf(msg, cap, "shard of layer %u: layer share is for another model", (unsigned)L->layer);
+        return 1;
+    }
+    if (h.flags != g->flags) {
+        snprintf(msg, cap, "shard of layer %u: share flags 0x%x, ASSIGN said 0x%x",
+                 (unsigned)L->layer, (unsigned)h.flags, (unsigned)g->flags);
         return 1;
     }
     int same = h.layer == L->layer && h.n_groups == L->ng && h.n_ranges == L->nr;
@@ -731,8 +778,11 @@ static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg
         snprintf(msg, cap, "shard of layer %u does not hold what ASSIGN said", (unsigned)L->layer);
         return 1;
     }
-    // Every matrix: zero padding after values and scales, finite fp16 scales.
+    // Every matrix: zero padding after values and scales, finite fp16 scales; every float
+    // (RoPE table, biases) finite.
     int status = 0;
+    if (g->flags & TPFED_SHARE_WINDOW) off += 4u;
+    if (g->flags & TPFED_SHARE_ROPE_TABLE) status = check_floats(s, &off, g->head_size / 2u);
     for (int i = 0; i < L->ng && !status; i++) {
         status = check_matrix(s, &off, gq, g->dim);
         if (!status) status = check_matrix(s, &off, g->head_size, g->dim);
@@ -742,21 +792,46 @@ static int shard_error(const tpfed_peer *p, const tpfed_peer_layer *L, char *msg
     for (int r = 0; r < L->nr && !status; r++) {
         uint32_t w = L->ranges[2 * r + 1] - L->ranges[2 * r];
         status = check_matrix(s, &off, w, g->dim);
-        if (!status) status = check_matrix(s, &off, w, g->dim);
+        if (!status && gated(g->flags)) status = check_matrix(s, &off, w, g->dim);
         if (!status) status = check_matrix(s, &off, g->dim, w);
     }
+    if (g->flags & TPFED_SHARE_QKV_BIAS)
+        for (int i = 0; i < L->ng && !status; i++) status = check_floats(s, &off, gq + 2u * g->head_size);
+    if (g->flags & TPFED_SHARE_MLP_BIAS)
+        for (int r = 0; r < L->nr && !status; r++)
+            status = check_floats(s, &off, (L->ranges[2 * r + 1] - L->ranges[2 * r]) * (gated(g->flags) ? 2u : 1u));
     if (status == 1)
         snprintf(msg, cap, "shard of layer %u: layer share has non-zero padding bytes (corrupted)",
                  (unsigned)L->layer);
     else if (status == 2)
         snprintf(msg, cap, "shard of layer %u holds a non-finite fp16 scale", (unsigned)L->layer);
+    else if (status == 3)
+        snprintf(msg, cap, "shard of layer %u holds a non-finite bias or RoPE frequency",
+                 (unsigned)L->layer);
     return status;
 }
 
-// Point the layer's compute units at the matrices of its (complete, checked) share.
+// float32 section of n values at base + *off (4-aligned: the shard is 8-aligned and every
+// section starts on 4 bytes); moves *off past it.
+static const float *f32_at(const uint8_t *base, uint64_t *off, uint64_t n) {
+    const float *v = (const float *)(const void *)(base + *off);
+    *off += 4u * n;
+    return v;
+}
+
+// Point the layer's compute units at the matrices and biases of its (complete, checked)
+// share, and take its window and RoPE table.
 static void build_units(const tpfed_peer *p, tpfed_peer_layer *L) {
-    uint32_t dim = p->g.dim, hs = p->g.head_size, gq = p->g.group_size * hs;
+    uint32_t dim = p->g.dim, hs = p->g.head_size, gq = p->g.group_size * hs, flags = p->g.flags;
     uint64_t off = TPFED_SHARE_HEADER_SIZE + pad4(2u * L->ng) + 8u * L->nr;
+    L->window = 0;
+    L->rope_freq = NULL;
+    L->n_ctx = 0;
+    if (flags & TPFED_SHARE_WINDOW) {
+        L->window = tpfed_rd_u32(L->shard + off);
+        off += 4u;
+    }
+    if (flags & TPFED_SHARE_ROPE_TABLE) L->rope_freq = f32_at(L->shard, &off, hs / 2u);
     for (int i = 0; i < L->ng; i++) {
         tpfed_attention_unit *u = &L->att_units[i];
         u->wq = q8_at(L->shard, &off, gq, dim);
@@ -769,9 +844,29 @@ static void build_units(const tpfed_peer *p, tpfed_peer_layer *L) {
         tpfed_mlp_unit *u = &L->mlp_units[r];
         uint32_t n = L->ranges[2 * r + 1] - L->ranges[2 * r];
         u->w1 = q8_at(L->shard, &off, n, dim);
-        u->w3 = q8_at(L->shard, &off, n, dim);
+        if (gated(flags)) {
+            u->w3 = q8_at(L->shard, &off, n, dim);
+        } else {
+            memset(&u->w3, 0, sizeof u->w3);
+        }
         u->w2 = q8_at(L->shard, &off, dim, n);
         u->b1 = u->b3 = NULL;
+    }
+    if (flags & TPFED_SHARE_QKV_BIAS) {
+        for (int i = 0; i < L->ng; i++) {
+            tpfed_attention_unit *u = &L->att_units[i];
+            u->bq = f32_at(L->shard, &off, gq);
+            u->bk = f32_at(L->shard, &off, hs);
+            u->bv = f32_at(L->shard, &off, hs);
+        }
+    }
+    if (flags & TPFED_SHARE_MLP_BIAS) {
+        for (int r = 0; r < L->nr; r++) {
+            tpfed_mlp_unit *u = &L->mlp_units[r];
+            uint32_t n = L->ranges[2 * r + 1] - L->ranges[2 * r];
+            u->b1 = f32_at(L->shard, &off, n);
+            if (gated(flags)) u->b3 = f32_at(L->shard, &off, n);
+        }
     }
 }
 
@@ -844,13 +939,14 @@ static void on_weights(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl
         memcpy(L->sha256, w.sha256, TPFED_SHA256_SIZE);
         L->started = 1;
     }
+    // A chunk flagged ACK_REQUESTED is answered with an ACK of its seq once its bytes are held
+    // (selective acknowledgement: the sender resends only chunks it has no ACK for).
+    int ack_wanted = (h->flags & TPFED_FLAG_ACK_REQUESTED) != 0;
     if (L->complete) {
-        // Held already: a repeat. The chunk that ends the share is answered again, in case the
-        // sender lost the first answer.
-        if (end == w.total) {
-            send_ack(p, h->src, h->seq, TPFED_MSG_WEIGHTS);
-            send_ready_if_all(p, h->src);
-        }
+        // Held already: a repeat. It is answered again (the sender lost the first answer); the
+        // chunk that ends the share is followed by READY again.
+        if (end == w.total || ack_wanted) send_ack(p, h->src, h->seq, TPFED_MSG_WEIGHTS);
+        if (end == w.total) send_ready_if_all(p, h->src);
         return;
     }
     uint32_t first = w.offset / GRANULE, last = (uint32_t)((end + GRANULE - 1u) / GRANULE);
@@ -862,10 +958,14 @@ static void on_weights(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl
             fresh++;
         }
     }
-    if (!fresh) return;   // a repeat of data already here
-    memcpy(L->shard + w.offset, w.data, w.data_len);
-    L->have += fresh;
-    if (L->have < L->n_granules) return;
+    if (fresh) {
+        memcpy(L->shard + w.offset, w.data, w.data_len);
+        L->have += fresh;
+    }
+    if (!fresh || L->have < L->n_granules) {   // stored (or a repeat of data already here)
+        if (ack_wanted) send_ack(p, h->src, h->seq, TPFED_MSG_WEIGHTS);
+        return;
+    }
 
     uint8_t digest[TPFED_SHA256_SIZE];
     tpfed_sha256(digest, L->shard, L->shard_size);
@@ -907,10 +1007,11 @@ static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t 
         return;
     }
     tpfed_peer_layer *L = find_layer(p, a.layer);
-    int attention = a.stage == TPFED_STAGE_ATTENTION;
+    int kv = a.stage == TPFED_STAGE_KV;
+    int attention = a.stage == TPFED_STAGE_ATTENTION || kv;
     if (!L || (attention ? L->ng == 0 : (a.stage != TPFED_STAGE_MLP || L->nr == 0))) {
         snprintf(msg, sizeof msg, "nothing of layer %u stage %s is held here", (unsigned)a.layer,
-                 attention ? "ATTENTION" : a.stage == TPFED_STAGE_MLP ? "MLP" : "?");
+                 kv ? "KV" : attention ? "ATTENTION" : a.stage == TPFED_STAGE_MLP ? "MLP" : "?");
         send_error(p, h->src, TPFED_ERR_NOT_ASSIGNED, msg);
         return;
     }
@@ -923,13 +1024,37 @@ static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t 
     memcpy(p->xq_qs, a.qs, a.n);
     for (uint32_t b = 0; b < nblocks(a.n); b++) p->xq_d[b] = tpfed_rd_u16(a.scales + 2 * b);
     int dim = (int)g->dim;
-    int rc = attention
-        ? attention_units_forward(p->out, L->att_units, L->ng, L->key_cache, L->value_cache,
-                                  L->ng * (int)g->head_size, p->xq_qs, p->xq_d, dim,
-                                  (int)g->head_size, (int)g->group_size, a.pos, (int)g->seq_len,
-                                  g->rope_theta, p->work, p->work_bytes)
-        : mlp_units_forward(p->out, L->mlp_units, L->nr, p->xq_qs, p->xq_d, dim, p->work,
-                            p->work_bytes);
+    tpfed_attention_cfg cfg;
+    cfg.dim = dim;
+    cfg.head_size = (int)g->head_size;
+    cfg.group_size = (int)g->group_size;
+    cfg.seq_len = (int)g->seq_len;
+    cfg.rope = (g->flags & TPFED_SHARE_NO_ROPE) ? TPFED_ROPE_NONE
+             : (g->flags & TPFED_SHARE_ROPE_TABLE) ? TPFED_ROPE_TABLE : TPFED_ROPE_THETA;
+    cfg.rope_theta = g->rope_theta;
+    cfg.rope_freq = L->rope_freq;
+    cfg.window = L->window > 0x7FFFFFFFu ? 0x7FFFFFFF : (int)L->window;
+    cfg.causal = !(g->flags & TPFED_SHARE_NONCAUSAL);
+    int rc;
+    if (kv) {
+        // k/v of this row only (an encoder's first pass, or a replay); the PARTIAL is empty.
+        rc = attention_units_append_kv_cfg(L->att_units, L->ng, L->key_cache, L->value_cache,
+                                           L->ng * (int)g->head_size, p->xq_qs, p->xq_d, &cfg, a.pos);
+        if (rc == 0) L->n_ctx = a.pos == 0 ? 1u : (a.pos + 1u > L->n_ctx ? a.pos + 1u : L->n_ctx);
+    } else if (attention) {
+        if (!cfg.causal && L->n_ctx == 0) {
+            snprintf(msg, sizeof msg, "layer %u: ATTENTION of an encoder before any KV row",
+                     (unsigned)a.layer);
+            send_error(p, h->src, TPFED_ERR_BAD_STATE, msg);
+            return;
+        }
+        rc = attention_units_forward_cfg(p->out, L->att_units, L->ng, L->key_cache, L->value_cache,
+                                         L->ng * (int)g->head_size, p->xq_qs, p->xq_d, &cfg, a.pos,
+                                         (int)L->n_ctx, p->work, p->work_bytes);
+    } else {
+        rc = mlp_units_forward_act(p->out, L->mlp_units, L->nr, p->xq_qs, p->xq_d, dim,
+                                   (int)(g->flags >> TPFED_SHARE_ACT_SHIFT), p->work, p->work_bytes);
+    }
     if (rc != 0) {
         snprintf(msg, sizeof msg, "layer %u: the compute units refused the share's arguments",
                  (unsigned)a.layer);
@@ -938,7 +1063,8 @@ static void on_activation(tpfed_peer *p, const tpfed_header_t *h, const uint8_t 
     }
     p->stats.activations++;
 
-    // PARTIAL data is dim little-endian float32: rewrite out as those bytes, in place.
+    // PARTIAL data is dim little-endian float32 (none for KV): rewrite out as those bytes, in place.
+    if (kv) dim = 0;
     uint8_t *data = (uint8_t *)p->out;
     for (int i = 0; i < dim; i++) {
         float v = p->out[i];

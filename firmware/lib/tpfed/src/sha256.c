@@ -39,6 +39,76 @@ static void compress(uint32_t *state, const uint8_t *p) {
     state[4] += e; state[5] += f; state[6] += g; state[7] += h;
 }
 
+// x86-64 with the SHA extensions (checked at run time): the same compression in hardware,
+// several times faster (every sealed frame and every weight share is hashed). Elsewhere, and
+// with TPFED_NO_SHA_NI, the portable code above.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(TPFED_NO_SHA_NI)
+#include <cpuid.h>
+#include <immintrin.h>
+
+__attribute__((target("sha,sse4.1,ssse3")))
+static void compress_shani(uint32_t *state, const uint8_t *data, size_t nblocks) {
+    const __m128i mask = _mm_set_epi64x(0x0c0d0e0f08090a0bLL, 0x0405060700010203LL);
+    __m128i tmp = _mm_loadu_si128((const __m128i *)&state[0]);
+    __m128i st1 = _mm_loadu_si128((const __m128i *)&state[4]);
+    tmp = _mm_shuffle_epi32(tmp, 0xB1);            // CDAB
+    st1 = _mm_shuffle_epi32(st1, 0x1B);            // EFGH
+    __m128i st0 = _mm_alignr_epi8(tmp, st1, 8);    // ABEF
+    st1 = _mm_blend_epi16(st1, tmp, 0xF0);         // CDGH
+    for (; nblocks; nblocks--, data += 64) {
+        __m128i abef = st0, cdgh = st1, m[4];
+        for (int i = 0; i < 16; i++) {
+            if (i < 4) {
+                m[i] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(data + 16 * i)), mask);
+            } else {   // W[4i..4i+3] from the four groups before (FIPS 180-4, 6.2.2 step 1)
+                __m128i x = _mm_sha256msg1_epu32(m[i & 3], m[(i + 1) & 3]);
+                x = _mm_add_epi32(x, _mm_alignr_epi8(m[(i + 3) & 3], m[(i + 2) & 3], 4));
+                m[i & 3] = _mm_sha256msg2_epu32(x, m[(i + 3) & 3]);
+            }
+            __m128i msg = _mm_add_epi32(m[i & 3], _mm_loadu_si128((const __m128i *)&K[4 * i]));
+            st1 = _mm_sha256rnds2_epu32(st1, st0, msg);
+            msg = _mm_shuffle_epi32(msg, 0x0E);
+            st0 = _mm_sha256rnds2_epu32(st0, st1, msg);
+        }
+        st0 = _mm_add_epi32(st0, abef);
+        st1 = _mm_add_epi32(st1, cdgh);
+    }
+    tmp = _mm_shuffle_epi32(st0, 0x1B);            // FEBA
+    st1 = _mm_shuffle_epi32(st1, 0xB1);            // DCHG
+    st0 = _mm_blend_epi16(tmp, st1, 0xF0);         // DCBA
+    st1 = _mm_alignr_epi8(st1, tmp, 8);            // HGFE
+    _mm_storeu_si128((__m128i *)&state[0], st0);
+    _mm_storeu_si128((__m128i *)&state[4], st1);
+}
+
+static int have_shani(void) {
+    static int known = -1;   // a benign race: every thread finds the same answer
+    if (known < 0) {
+        unsigned a, b, c, d;
+        int ok = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 19)) && (c & (1u << 9));
+        ok = ok && __get_cpuid_max(0, NULL) >= 7;
+        if (ok) {
+            __cpuid_count(7, 0, a, b, c, d);
+            ok = (b >> 29) & 1u;
+        }
+        known = ok;
+    }
+    return known;
+}
+
+static void compress_blocks(uint32_t *state, const uint8_t *data, size_t nblocks) {
+    if (nblocks && have_shani()) {
+        compress_shani(state, data, nblocks);
+        return;
+    }
+    for (; nblocks; nblocks--, data += 64) compress(state, data);
+}
+#else
+static void compress_blocks(uint32_t *state, const uint8_t *data, size_t nblocks) {
+    for (; nblocks; nblocks--, data += 64) compress(state, data);
+}
+#endif
+
 void tpfed_sha256_init(tpfed_sha256_ctx *c) {
     static const uint32_t h0[8] = {
         0x6a09e667u, 0xbb67ae85u, 0x3c6ef372u, 0xa54ff53au,
@@ -58,10 +128,12 @@ void tpfed_sha256_update(tpfed_sha256_ctx *c, const uint8_t *data, size_t n) {
         data += take;
         n -= take;
         if (c->nblock < 64) return;
-        compress(c->state, c->block);
+        compress_blocks(c->state, c->block, 1);
         c->nblock = 0;
     }
-    for (; n >= 64; data += 64, n -= 64) compress(c->state, data);
+    compress_blocks(c->state, data, n / 64);
+    data += n - n % 64;
+    n %= 64;
     memcpy(c->block, data, n);
     c->nblock = (uint32_t)n;
 }
