@@ -42,6 +42,11 @@ int tpfed_udp_fleet_add_local(tpfed_udp_fleet *f, tpfed_mem_peer *mem, tpfed_pee
 // Seal what goes to peer i and open what comes from it in session s (tpfed_auth.h; kept by
 // pointer, shared with the caller's other paths so the counters stay one). NULL: in clear.
 void tpfed_udp_fleet_set_auth(tpfed_udp_fleet *f, int i, tpfed_auth_session *s);
+// While waiting for partials, look again (yielding the CPU) for spin_us microseconds after the
+// last datagram before sleeping in poll: a partial from a nearby peer comes within that, and
+// waking a sleeping process would be on every stage's critical path. 0: sleep at once.
+#define TPFED_UDP_FLEET_SPIN_US 300
+void tpfed_udp_fleet_set_spin(tpfed_udp_fleet *f, uint32_t spin_us);
 // Datagrams from fleet peers dropped because they did not open in their session.
 uint32_t tpfed_udp_fleet_auth_dropped(const tpfed_udp_fleet *f);
 // How often a datagram to peer i came back as unreachable (ICMP port or host unreachable,

@@ -55,6 +55,11 @@ void tpfed_udp_peer_attach(tpfed_udp_peer *u, tpfed_peer *p);
 // when a signal interrupted the wait. -errno on a socket error other than EINTR/EAGAIN, or
 // -EINVAL when no core is attached.
 int tpfed_udp_peer_serve(tpfed_udp_peer *u, int timeout_ms);
+// After handling a frame, keep looking for the next one for spin_us microseconds (yielding
+// the CPU) before sleeping in poll: during a run the next activation comes within that, and a
+// sleeping process's wake-up would be on every stage's critical path. 0: sleep at once.
+#define TPFED_UDP_PEER_SPIN_US 300
+void tpfed_udp_peer_set_spin(tpfed_udp_peer *u, uint32_t spin_us);
 const tpfed_udp_peer_stats *tpfed_udp_peer_get_stats(const tpfed_udp_peer *u);
 const tpfed_datagram_stats *tpfed_udp_peer_rx_stats(const tpfed_udp_peer *u);
 // Sender of the first frame that changed the core's state in the last serve call: writes its

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sched.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -30,6 +31,7 @@ struct tpfed_udp_fleet {
     int n_peers;
     uint32_t stale;           // valid PARTIALs of another stage or seq, dropped
     uint32_t auth_dropped;    // datagrams from peers that did not open in their session
+    uint32_t spin_us;         // look for partials this long (yielding) before sleeping in poll
     struct sockaddr_storage *addrs;
     socklen_t *addr_lens;
     tpfed_auth_session **auth;  // per peer, or NULL
@@ -75,6 +77,7 @@ tpfed_udp_fleet *tpfed_udp_fleet_init(void *mem, size_t mem_bytes, int fd, int m
     f->tx = p;
     f->fd = fd;
     f->max_peers = max_peers;
+    f->spin_us = TPFED_UDP_FLEET_SPIN_US;
 #ifdef __linux__
     if (fd < 0) return f;   // in-process peers only
     // ICMP errors go to the socket's error queue with the address they concern, so a peer
@@ -120,6 +123,8 @@ void tpfed_udp_fleet_set_auth(tpfed_udp_fleet *f, int i, tpfed_auth_session *s) 
 }
 
 uint32_t tpfed_udp_fleet_auth_dropped(const tpfed_udp_fleet *f) { return f->auth_dropped; }
+
+void tpfed_udp_fleet_set_spin(tpfed_udp_fleet *f, uint32_t spin_us) { f->spin_us = spin_us; }
 
 uint32_t tpfed_udp_fleet_unreachable(const tpfed_udp_fleet *f, int i) {
     return i >= 0 && i < f->n_peers ? f->unreachable[i] : 0;
@@ -390,6 +395,7 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *gro
     }
     take_local(f, &g);
     int64_t deadline = now_us() + (int64_t)timeout_ms * 1000;
+    int64_t spin_until = now_us() + f->spin_us;
     struct sockaddr_storage from[BATCH];
 #ifdef __linux__
     struct iovec iov[BATCH];
@@ -425,8 +431,13 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *gro
                 }
                 return -errno;
             }
-            int64_t left = deadline - now_us();
+            int64_t now = now_us();
+            int64_t left = deadline - now;
             if (left <= 0) break;
+            if (now < spin_until) {   // the partials come within microseconds: look again
+                sched_yield();
+                continue;
+            }
             struct pollfd pfd = {f->fd, POLLIN, 0};
             int ms = (int)((left + 999) / 1000);
             if (poll(&pfd, 1, ms) < 0 && errno != EINTR) return -errno;
@@ -446,6 +457,7 @@ int tpfed_udp_gather(tpfed_udp_fleet *f, const int *peers, int n, const int *gro
 #endif
             take_datagram(f, &g, d, len, peer_of(f, &from[k]));
         }
+        spin_until = now_us() + f->spin_us;
     }
     return g.have;
 }

@@ -185,6 +185,9 @@ class CoordinatorSpec:
     peer_frame_s: float = 0.0
     """CPU a peer on this host spends per activation besides its MACs (wake-up, receive,
     dispatch, encode, send); used for the ``colocated`` devices."""
+    peer_s_per_mac: float = 0.0
+    """Measured: a colocated peer's CPU per multiply-accumulate (on two share sizes); 0: its
+    MACs at the device's announced MAC/s."""
     peer_dispatch_s: float = 0.0
     """What a round trip with a peer on this host takes beyond its probed round trip, its MACs
     and ``recv_after_s``: the peer dispatching an activation rather than echoing a probe, and

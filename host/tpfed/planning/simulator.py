@@ -196,7 +196,10 @@ def simulate(plan: Plan, devices: Sequence[DeviceSpec], coordinator: Coordinator
             begin = now + pre_s
             send_end = begin + cc.send_offsets(k)
             arrive = send_end + out_link[st.idx]
-            work = (st.fixed + st.per_ctx * ctx) / speed[st.idx]
+            macs = st.fixed + st.per_ctx * ctx
+            work = macs / speed[st.idx]
+            if coord.peer_s_per_mac > 0:  # colocated peers: the cost per MAC measured here
+                work = np.where(local[st.idx], macs * coord.peer_s_per_mac, work)
             done = arrive + work + dispatch[st.idx]
             back = done + back_link[st.idx]
             order = np.argsort(back, kind="stable")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -172,25 +173,31 @@ class LoopbackCosts:
     probe_round_trip_s: float
     """A PROBE round trip as the coordinator's probe times it (after the send call returns)."""
     peer_macs_s: float
-    """The part of ``peer_cpu_s`` that is the peer's MACs at its announced rate."""
+    """The part of ``peer_cpu_s`` that is the peer's MACs (an average stage's, at the measured
+    cost per MAC)."""
+    peer_fixed_s: float = 0.0
+    """The peer's CPU per frame whatever its share (receive, open, decode, seal, send)."""
+    peer_s_per_mac: float = 0.0
+    """The peer's CPU per multiply-accumulate, measured on two share sizes in the same run."""
 
 
 async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
     """One real local peer process holding the whole model: ``stages`` stages through the real
     :meth:`Coordinator.partials_remote` and as many PROBE round trips, with the CPU time of
     both processes."""
-    import socket
 
     from tpfed.planning import costs
-    from tpfed.runtime.coordinator import Coordinator
+    from tpfed.runtime.coordinator import Coordinator, sealable
     from tpfed.runtime.localpeers import LocalPeers
-    from tpfed.transport import open_udp_link
+    from tpfed.transport import UdpEndpoint
+    from tpfed.transport.udp_fleet import UdpFleet
 
     c = model.config
     local = LocalPeers(1)
     async with local as uris:
         pid = local.procs[0].pid
-        link = await open_udp_link(uris[0], name="calibration")
+        ep = await UdpEndpoint.bind("127.0.0.1", 0)  # one socket for the peers, as runs have
+        link = await ep.open_link(uris[0], name="calibration")
         coord = Coordinator(model, [link], key=local.key, seq_len=min(c.seq_len, 64))
         try:
             (peer,) = await coord.connect()
@@ -199,11 +206,12 @@ async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
             coord.reset()
             coord.embed(1)
             coord.history.begin(0)
-            order = [(layer, stage) for layer in range(c.n_layers) for stage in (Stage.ATTENTION, Stage.MLP)]
+            layers = range(c.n_layers)
+            both = [(layer, stage) for layer in layers for stage in (Stage.ATTENTION, Stage.MLP)]
             probe = encode_frame(Frame(MsgType.PROBE, {"nonce": 7, "t_send_us": 0, "pad": b""},
-                                       dst=peer.device_id, seq=1))
+                                       dst=peer.device_id, seq=1, session=coord.session))
 
-            async def run_stages(n: int) -> None:
+            async def run_stages(n: int, order: list) -> None:
                 for i in range(n):
                     layer, stage = order[i % len(order)]
                     x = coord.activation(layer, stage, 0)
@@ -212,39 +220,55 @@ async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
             async def run_probes(n: int) -> float:
                 spent = 0.0
                 for _ in range(n):
-                    await link.send(probe)
+                    await coord._send(peer, probe)  # sealed, as every frame of a session
                     t0 = time.perf_counter()
-                    await link.recv(5.0)
+                    await coord._recv(peer, 5.0)
                     spent += time.perf_counter() - t0
                 return spent / n
 
-            await run_stages(200)  # warm up both processes
+            async def window(order: list) -> tuple[float, float, float]:
+                # the peer's CPU time comes from /proc in clock ticks (10 ms), so it needs a
+                # long stretch to be exact to a few percent
+                w = CpuWindow(pids=[pid]).start()
+                await run_stages(stages, order)
+                w.stop()
+                return w.own_s / stages, w.pids_s[0] / stages, w.wall_s / stages
+
+            await run_stages(200, both)  # warm up both processes
             await run_probes(200)
-            # one window: the peer's CPU time comes from /proc in clock ticks (10 ms), so it
-            # needs a long stretch to be exact to a few percent
-            w = CpuWindow(pids=[pid]).start()
-            await run_stages(stages)
-            w.stop()
-            best = (w.own_s / stages, w.pids_s[0] / stages, w.wall_s / stages)
+            best = await window(both)
+            # the peer's cost per frame split into a fixed part and a part per MAC, from two
+            # share sizes: the attention stages (few MACs) and the MLP stages (more)
+            att = await window([(layer, Stage.ATTENTION) for layer in layers])
+            mlp = await window([(layer, Stage.MLP) for layer in layers])
             probe_rt = min([await run_probes(100) for _ in range(3)])
-            macs_per_stage = costs.total_macs_per_token(c, 1.0) / (2 * c.n_layers)
-            peer_macs_s = macs_per_stage / max(peer.hello["int8_macs"], 1)
+            macs_att = c.n_groups * costs.attn_macs(c, 1.0)  # at position 0: one row of context
+            macs_mlp = c.hidden_dim * costs.mlp_col_macs(c)
+            per_mac = max((mlp[1] - att[1]) / max(macs_mlp - macs_att, 1.0), 0.0)
+            fixed = max(att[1] - per_mac * macs_att, 0.0)
+            macs_per_stage = (macs_att + macs_mlp) / 2
+            peer_macs_s = macs_per_stage * per_mac
+            # the send alone, as the stage exchange does it (stamped in the peer's session,
+            # sendmmsg), to a socket nobody reads (datagrams are dropped when its buffer is
+            # full, which costs the sender nothing more)
+            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sink.bind(("127.0.0.1", 0))
+            try:
+                sink_link = ep.link(("127.0.0.1", sink.getsockname()[1]), name="sink")
+                fleet = UdpFleet(ep, [sink_link], [peer.auth.c if peer.auth else None])
+                x = coord.activation(0, Stage.MLP, 0)
+                frame = sealable(encode_activation(0, int(Stage.MLP), 0, x.qs, x.d, dst=BROADCAST,
+                                                   session=coord.session))
+                idx = np.zeros(1, np.int32)
+                send_s = best_per_call(lambda: fleet.send_all(frame, idx), calls=500)
+            finally:
+                sink.close()
         finally:
             await coord.close()
-    # the send call alone, to a socket nobody reads (datagrams are dropped when its buffer is
-    # full, which costs the sender nothing more)
-    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sink.bind(("127.0.0.1", 0))
-    out = await open_udp_link(f"udp://127.0.0.1:{sink.getsockname()[1]}", name="sink")
-    try:
-        x = coord.activation(0, Stage.MLP, 0)
-        frame = encode_activation(0, int(Stage.MLP), 0, x.qs, x.d, dst=BROADCAST)
-        send_s = best_per_call(lambda: out.endpoint.send_nowait(frame, out.addr), calls=500)
-    finally:
-        await out.close()
-        sink.close()
+            await ep.close()
     return LoopbackCosts(send_s=send_s, stage_cpu_s=best[0], peer_cpu_s=best[1], stage_wall_s=best[2],
-                         probe_round_trip_s=probe_rt, peer_macs_s=peer_macs_s)
+                         probe_round_trip_s=probe_rt, peer_macs_s=peer_macs_s,
+                         peer_fixed_s=fixed, peer_s_per_mac=per_mac)
 
 
 async def measure_coordinator(model: Q8Model, stages: int = 2000) -> CoordinatorSpec:
@@ -268,7 +292,8 @@ async def measure_coordinator(model: Q8Model, stages: int = 2000) -> Coordinator
         recv_s=recv_s,
         recv_after_s=min(inproc.recv_after_s, recv_s),
         token_s=inproc.token_s,
-        peer_frame_s=max(lo.peer_cpu_s - lo.peer_macs_s, 0.0),
+        peer_frame_s=lo.peer_fixed_s,
+        peer_s_per_mac=lo.peer_s_per_mac,
         peer_dispatch_s=max(dispatch, 0.0),
     )
 

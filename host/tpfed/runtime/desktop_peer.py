@@ -99,7 +99,8 @@ class UdpPeer:
     """A peer core on a bound UDP socket. ``serve(stop)`` runs until ``stop()`` is true."""
 
     def __init__(self, sock: socket.socket, info: DeviceInfo, arena_bytes: int, mtu: int,
-                 config: PeerConfig | None = None, log: TextIO = sys.stderr) -> None:
+                 config: PeerConfig | None = None, log: TextIO = sys.stderr,
+                 spin_us: int = lib.TPFED_UDP_PEER_SPIN_US) -> None:
         self.sock = sock
         self.log = log
         config = config or PeerConfig()
@@ -114,6 +115,7 @@ class UdpPeer:
             raise TpfedError("cannot set up the UDP port of the peer")
         self.core = PeerCore(lib.tpfed_udp_peer_hal(self._port), info, arena_bytes, config)
         lib.tpfed_udp_peer_attach(self._port, self.core.ptr)
+        lib.tpfed_udp_peer_set_spin(self._port, max(0, int(spin_us)))
         self._seen = _Seen()
         self._host = ffi.new("char[]", 64)
 
@@ -163,7 +165,8 @@ class UdpPeer:
 
 
 def run_peer(listen_host: str, listen_port: int, name: str, memory_bytes: int | None, mtu: int,
-             verbose: bool = False, on_listening=None, *, key: bytes, quiet: bool = False) -> None:
+             verbose: bool = False, on_listening=None, *, key: bytes, quiet: bool = False,
+             spin_us: int = lib.TPFED_UDP_PEER_SPIN_US) -> None:
     """``tpfed peer``: bind, announce ``listening on udp://HOST:PORT`` on stdout (the line
     :mod:`tpfed.runtime.localpeers` reads), serve until SIGTERM/SIGINT."""
     arena = check_options(memory_bytes, mtu)
@@ -176,7 +179,8 @@ def run_peer(listen_host: str, listen_port: int, name: str, memory_bytes: int | 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         peer = UdpPeer(sock, DeviceInfo(board=name, port="host-udp"), arena, mtu,
-                       PeerConfig(key=key), log=io.StringIO() if quiet else sys.stderr)
+                       PeerConfig(key=key), log=io.StringIO() if quiet else sys.stderr,
+                       spin_us=spin_us)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"tpfed peer {name} listening on udp://{shown}:{port} "
