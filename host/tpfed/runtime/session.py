@@ -260,9 +260,11 @@ async def generate(coord: Coordinator, tokenizer: Tokenizer, prompt: str, steps:
 
 
 def generate_local(model: Int8Transformer, tokenizer: Tokenizer, prompt: str, steps: int,
-                   sampler: Sampler) -> tuple[list[int], int]:
+                   sampler: Sampler, stop_ids: Sequence[int] | None = None) -> tuple[list[int], int]:
     """The same loop as :func:`generate` on the single-process int8 forward (the baseline the
-    distributed runs are compared with): (prompt and generated tokens, positions run)."""
+    distributed runs are compared with), stopping where a fleet stops (:func:`stop_ids_for`
+    the model, unless given): (prompt and generated tokens, positions run)."""
+    stops = stop_ids_for(model.config) if stop_ids is None else tuple(stop_ids)
     prompt_tokens = tokenizer.encode(prompt, bos=True)
     model.reset()
     token, out = prompt_tokens[0], list(prompt_tokens)
@@ -271,7 +273,7 @@ def generate_local(model: Int8Transformer, tokenizer: Tokenizer, prompt: str, st
         logits = model.forward(token, pos)
         token = prompt_tokens[pos + 1] if pos + 1 < len(prompt_tokens) else sampler.sample(logits)
         if pos + 1 >= len(prompt_tokens):
-            if token == BOS:
+            if token in stops:
                 break
             out.append(token)
     return out, pos + 1
