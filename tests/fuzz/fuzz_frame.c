@@ -72,14 +72,15 @@ static int ref_utf8_valid(const uint8_t *p, size_t n) {
 }
 
 static int ref_type_known(uint8_t t) {
-    static const uint8_t known[] = {1, 2, 3, 4, 16, 17, 32, 33, 34, 35, 36, 48, 49};
+    static const uint8_t known[] = {1, 2, 3, 4, 5, 6, 16, 17, 32, 33, 34, 35, 36, 48, 49};
     size_t i;
     for (i = 0; i < sizeof known; i++)
         if (known[i] == t) return 1;
     return 0;
 }
 
-// The documented order: magic, major version, length (<= max_payload), CRC, known type.
+// The documented order: magic, major version, length (<= max_payload; a sealed frame, flag
+// AUTH, carries the counter and tag before its CRC), CRC, known type.
 static int ref_frame_check(const uint8_t *b, size_t n, size_t max_payload) {
     size_t len, total;
     if (n < 1) return TPFED_E_TRUNCATED;
@@ -89,6 +90,7 @@ static int ref_frame_check(const uint8_t *b, size_t n, size_t max_payload) {
     len = (size_t)b[10] | ((size_t)b[11] << 8);
     if (len > max_payload) return TPFED_E_OVERSIZE;
     total = TPFED_HEADER_SIZE + len + TPFED_CRC_SIZE;
+    if (b[3] & TPFED_FLAG_AUTH) total += TPFED_AUTH_TRAILER_SIZE;
     if (n < total) return TPFED_E_TRUNCATED;
     if (n > total) return TPFED_E_BAD_LENGTH;
     {
@@ -181,7 +183,7 @@ static int rt_assign(const uint8_t *p, size_t n) {
     int rc = tpfed_assign_decode(p, n, &m);
     if (rc != TPFED_OK) return rc;
     check_inside(m.entries, m.entries_len, p, n);
-    FUZZ_CHECK(n == 24u + m.entries_len);
+    FUZZ_CHECK(n == 26u + m.entries_len);  // 26: the fixed fields, flags included
     {
         // Walk the entries the way a consumer does; each must lie inside entries_len.
         size_t off = 0, i;
@@ -305,6 +307,29 @@ static int rt_bye(const uint8_t *p, size_t n) {
     return rc;
 }
 
+static int rt_auth(const uint8_t *p, size_t n) {
+    tpfed_auth_t m;
+    int rc = tpfed_auth_decode(p, n, &m);
+    if (rc != TPFED_OK) return rc;
+    FUZZ_CHECK(m.step >= 1 && m.step <= 3);
+    FUZZ_CHECK(n == 1u + (m.step == 1 ? 19u : m.step == 2 ? 48u : 32u));
+    check_inside(m.body, n - 1u, p, n);
+    REENCODE(auth, &m, p, n);
+    NOT_PREFIX(auth, tpfed_auth_t, p, n);
+    return rc;
+}
+
+static int rt_provision(const uint8_t *p, size_t n) {
+    tpfed_provision_t m;
+    int rc = tpfed_provision_decode(p, n, &m);
+    if (rc != TPFED_OK) return rc;
+    FUZZ_CHECK(n == 32u);
+    check_inside(m.key, 32u, p, n);
+    REENCODE(provision, &m, p, n);
+    NOT_PREFIX(provision, tpfed_provision_t, p, n);
+    return rc;
+}
+
 static int rt_probe(const uint8_t *p, size_t n) {
     tpfed_probe_t m;
     int rc = tpfed_probe_decode(p, n, &m);
@@ -342,6 +367,8 @@ RT_USED(mlp_range, tpfed_mlp_range_t)
 static int rt_payload(uint8_t type, const uint8_t *p, size_t n) {
     switch (type) {
     case TPFED_MSG_HELLO: return rt_hello(p, n);
+    case TPFED_MSG_AUTH: return rt_auth(p, n);
+    case TPFED_MSG_PROVISION: return rt_provision(p, n);
     case TPFED_MSG_ASSIGN: return rt_assign(p, n);
     case TPFED_MSG_WEIGHTS: return rt_weights(p, n);
     case TPFED_MSG_READY: return rt_ready(p, n);
@@ -374,9 +401,10 @@ static void fuzz_whole_frame(const uint8_t *d, size_t n, uint8_t sel) {
     size_t max_payload = caps[sel & 3u];
     uint8_t *buf = fuzz_dup(d, n);
     tpfed_header_t h;
-    if ((sel & 4u) && n >= TPFED_FRAME_OVERHEAD && n - TPFED_FRAME_OVERHEAD <= 0xFFFFu) {
+    size_t overhead = TPFED_FRAME_OVERHEAD + (n > 3 && (buf[3] & TPFED_FLAG_AUTH) ? TPFED_AUTH_TRAILER_SIZE : 0u);
+    if ((sel & 4u) && n >= overhead && n - overhead <= 0xFFFFu) {
         // Make the length field and the CRC right, so mutations reach the payload checks.
-        size_t pl = n - TPFED_FRAME_OVERHEAD;
+        size_t pl = n - overhead;
         buf[10] = (uint8_t)pl;
         buf[11] = (uint8_t)(pl >> 8);
         tpfed_wr_u32(buf + n - 4, ref_crc32(0, buf, n - 4));
@@ -395,7 +423,8 @@ static void fuzz_whole_frame(const uint8_t *d, size_t n, uint8_t sel) {
         return;
     }
     FUZZ_CHECK(h.magic == TPFED_MAGIC && (h.version >> 4) == TPFED_VERSION_MAJOR);
-    FUZZ_CHECK(h.length <= max_payload && n == (size_t)TPFED_FRAME_OVERHEAD + h.length);
+    size_t trailer = (h.flags & TPFED_FLAG_AUTH) ? TPFED_AUTH_TRAILER_SIZE : 0u;
+    FUZZ_CHECK(h.length <= max_payload && n == (size_t)TPFED_FRAME_OVERHEAD + h.length + trailer);
     FUZZ_CHECK(payload == buf + TPFED_HEADER_SIZE);
     {
         int pv = tpfed_payload_validate(h.type, payload, h.length);
@@ -417,6 +446,8 @@ static void fuzz_whole_frame(const uint8_t *d, size_t n, uint8_t sel) {
         check_bytes(out, buf, TPFED_HEADER_SIZE);
         memset(out, 0xEE, n);
         memcpy(out + TPFED_HEADER_SIZE, payload, h.length);
+        // a sealed frame's counter and tag are the sealer's business: kept as they came
+        memcpy(out + TPFED_HEADER_SIZE + h.length, payload + h.length, trailer);
         h2.magic = 0;
         h2.length = 0;
         FUZZ_CHECK(tpfed_frame_finish(out, n, &h2, h.length, &flen) == TPFED_OK);
@@ -434,6 +465,7 @@ static void fuzz_whole_frame(const uint8_t *d, size_t n, uint8_t sel) {
         out = (uint8_t *)malloc(n - 1u);
         FUZZ_CHECK(out != NULL);
         memcpy(out + TPFED_HEADER_SIZE, payload, h.length);
+        if (trailer) memcpy(out + TPFED_HEADER_SIZE + h.length, payload + h.length, trailer - 1u);
         h2 = h;
         FUZZ_CHECK(tpfed_frame_finish(out, n - 1u, &h2, h.length, &flen) == TPFED_E_NO_SPACE);
         free(out);
@@ -758,7 +790,7 @@ static void fuzz_struct_first(const uint8_t *d, size_t n) {
         m.n_groups = fuzz_u16(&in);
         m.n_ranges = fuzz_u16(&in);
         m.n_kv_heads = fuzz_u16(&in);
-        m.reserved = fuzz_u16(&in);
+        m.flags = fuzz_u16(&in);
         m.total = fuzz_u64(&in);
         FUZZ_CHECK(tpfed_share_header_encode(b, sizeof b, &m, &ol) == TPFED_OK);
         FUZZ_CHECK(ol == TPFED_SHARE_HEADER_SIZE);
@@ -773,7 +805,7 @@ static void fuzz_struct_first(const uint8_t *d, size_t n) {
         SAME(m, o, n_groups);
         SAME(m, o, n_ranges);
         SAME(m, o, n_kv_heads);
-        SAME(m, o, reserved);
+        SAME(m, o, flags);
         SAME(m, o, total);
         cap = fuzz_u8(&in) % TPFED_SHARE_HEADER_SIZE;
         ENC_CAP(share_header, &m, b, (size_t)TPFED_SHARE_HEADER_SIZE, cap);

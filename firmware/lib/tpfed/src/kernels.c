@@ -35,6 +35,7 @@
 
 #if !defined(TPFED_REFERENCE_ONLY) && defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define TPFED_HAVE_AVX2 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -44,7 +45,10 @@
 
 static int cpu_has_avx2(void)
 {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    // F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know it
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return __builtin_cpu_supports("avx2") && ((c >> 29) & 1u);
 }
 
 // lane i of the result = sum of the eight int32 lanes of p[i]
