@@ -184,6 +184,42 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- tpfed bench auth
+
+
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--peers", type=_positive_int, default=4, help="local peers (4)")
+    parser.add_argument("--steps", type=_positive_int, default=200, help="positions per run (200)")
+    parser.add_argument("--model", default=None, help="llama2.c checkpoint (default: stories260K)")
+    parser.add_argument("--tokenizer", default=None, help="its tokenizer")
+    parser.add_argument("--repeat", type=_positive_int, default=3, help="runs; the best counts (3)")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+
+def run_auth(args: argparse.Namespace) -> int:
+    from tpfed.bench.auth import run_auth_bench
+
+    result = run_auth_bench(peers=args.peers, steps=args.steps, model=args.model,
+                            tokenizer=args.tokenizer, repeat=args.repeat)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    from rich.table import Table
+
+    from tpfed.commands._output import console as out_console  # uncut when piped
+
+    table = Table(title=f"authentication on {result['model']} over {result['peers']} local peers "
+                        f"({result['tokens_per_s']} tok/s, {result['ms_per_token']} ms/token)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        if key not in ("model", "peers", "note"):
+            table.add_row(key, str(value))
+    out_console().print(table)
+    print(result["note"])
+    return 0
+
+
 # ---------------------------------------------------------------- registry
 
 _BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
@@ -192,6 +228,9 @@ _BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None],
                 add_kernels_arguments, run_kernels),
     "plan": ("capability planner on Llama-2-70B over 100 devices: plan, re-plan, makespan/ideal",
              add_plan_arguments, run_plan),
+    "auth": ("what sealing and opening every frame costs a run: C work per frame at the model's "
+             "sizes against the measured time per token, in one run",
+             add_auth_arguments, run_auth),
     "e2e": ("greedy generation (stories260K or --model): single process vs local UDP peers, "
             "in one run",
             add_e2e_arguments, run_e2e),
