@@ -278,17 +278,16 @@ static int side_put(tpfed_udp_side *side, const uint8_t *data, uint32_t len, int
     return 1;
 }
 
-// 1 if the datagram is the awaited PARTIAL (decoded into row), 2 if it is a valid PARTIAL of
-// another stage or sequence, or a duplicate when row is NULL (stale), 0 otherwise.
-static int take_partial(const uint8_t *d, size_t len, uint16_t session, uint16_t seq,
-                        uint16_t layer, uint8_t stage, uint16_t pos, int dim, float *row) {
-    tpfed_header_t h;
-    const uint8_t *pl;
-    if (len < TPFED_HEADER_SIZE || d[2] != TPFED_MSG_PARTIAL) return 0;
-    if (tpfed_frame_decode(d, len, TPFED_MAX_PAYLOAD, &h, &pl) != TPFED_OK) return 0;
+// 1 if the frame (decoded: h, NULL if it is not a valid frame) is the awaited PARTIAL (its
+// values into row), 2 if it is a valid PARTIAL of another stage or sequence, or a duplicate
+// when row is NULL (stale), 0 otherwise.
+static int take_partial(const tpfed_header_t *h, const uint8_t *pl, uint16_t session,
+                        uint16_t seq, uint16_t layer, uint8_t stage, uint16_t pos, int dim,
+                        float *row) {
+    if (h == NULL || h->type != TPFED_MSG_PARTIAL) return 0;
     tpfed_partial_t m;
-    if (tpfed_partial_decode(pl, h.length, &m) != TPFED_OK) return 0;
-    if (h.session != session || h.seq != seq || m.layer != layer || m.stage != stage || m.pos != pos)
+    if (tpfed_partial_decode(pl, h->length, &m) != TPFED_OK) return 0;
+    if (h->session != session || h->seq != seq || m.layer != layer || m.stage != stage || m.pos != pos)
         return 2;
     if (m.encoding != TPFED_ENC_F32 || m.n != dim) return 0;
     if (row == NULL) return 2;   // a duplicate of one already taken
@@ -317,11 +316,12 @@ typedef struct {
 // One received frame (datagram, or a reply of an in-process peer) from fleet peer p (-1:
 // unknown sender).
 static void take_datagram(tpfed_udp_fleet *f, gather_state *g, const uint8_t *d, size_t len, int p) {
+    tpfed_header_t hh;
+    const uint8_t *pl = NULL;
+    const tpfed_header_t *h =
+        tpfed_frame_decode(d, len, TPFED_MAX_PAYLOAD, &hh, &pl) == TPFED_OK ? &hh : NULL;
     if (p >= 0 && f->auth[p] != NULL) {   // only frames sealed in its session count
-        tpfed_header_t hh;
-        const uint8_t *pl;
-        if (tpfed_frame_decode(d, len, TPFED_MAX_PAYLOAD, &hh, &pl) != TPFED_OK ||
-            tpfed_auth_session_open(f->auth[p], d, len) != TPFED_OK) {
+        if (h == NULL || tpfed_auth_session_open(f->auth[p], d, len) != TPFED_OK) {
             if (len < 1 || d[0] != TPFED_FRAG_MAGIC) {   // fragments: the Python path
                 f->auth_dropped++;
                 return;
@@ -333,7 +333,7 @@ static void take_datagram(tpfed_udp_fleet *f, gather_state *g, const uint8_t *d,
         if (g->peers[i] == p) slot = i;
     int group = slot < 0 ? -1 : g->group_of ? g->group_of[slot] : slot;
     if (slot >= 0 && g->got[slot] == 0 && !g->served[group]) {
-        int t = take_partial(d, len, g->session, g->seq, g->layer, g->stage, g->pos, g->dim,
+        int t = take_partial(h, pl, g->session, g->seq, g->layer, g->stage, g->pos, g->dim,
                              g->partials + (size_t)slot * (size_t)g->dim);
         if (t == 1) {
             g->got[slot] = (uint32_t)len;
@@ -348,7 +348,7 @@ static void take_datagram(tpfed_udp_fleet *f, gather_state *g, const uint8_t *d,
     } else if (slot >= 0) {
         // a duplicate of a partial already here, a replica's partial for a group already
         // served, or a late one of an earlier stage
-        if (take_partial(d, len, g->session, g->seq, g->layer, g->stage, g->pos, g->dim, NULL) != 0) {
+        if (take_partial(h, pl, g->session, g->seq, g->layer, g->stage, g->pos, g->dim, NULL) != 0) {
             f->stale++;
             return;
         }
