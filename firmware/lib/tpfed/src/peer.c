@@ -1209,11 +1209,11 @@ static void on_confirm(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *bo
         static const char text[] = "peer busy with another session";
         tpfed_error_t e = {TPFED_ERR_BUSY, (const uint8_t *)text, (uint8_t)(sizeof text - 1u)};
         size_t len = 0;
+        p->stats.busy++;   // counted before the answer leaves (a reader may act on it at once)
         if (tpfed_error_encode(payload_buf(p), payload_cap(p), &e, &len) == TPFED_OK) {
             p->stats.errors_sent++;
             send_sealed(p, &other, TPFED_MSG_ERROR, p->hs_device, h->src, next_seq(p), len);
         }
-        p->stats.busy++;
         tpfed_wipe(&other, sizeof other);
         tpfed_wipe(ks, sizeof ks);
         return;
