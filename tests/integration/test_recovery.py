@@ -101,3 +101,33 @@ def test_cli_json_keeps_the_text_and_reports_the_error(model, tmp_path):
     assert "error" in out and out["error"]
     assert out["text"].startswith(PROMPT) or out["text"] == ""
     assert proc.stderr.strip().splitlines()[-1].startswith("tpfed: error: ")
+
+
+@pytest.mark.slow
+def test_losing_a_replica_costs_no_push_and_no_replay(model, undisturbed):
+    """--replicas 2 over 4 peers: every unit lives on two peers; one of them killed mid-run
+    changes nothing (no weights pushed, nothing replayed) and the text is the undisturbed one."""
+    async def scenario():
+        peers = LocalPeers(4)
+        async with peers as uris:
+            opts = RunOptions(peers=",".join(uris), prompt=PROMPT, steps=STEPS, replicas=2,
+                              deadline_s=2.0, key_file=peers.key_file)
+            async with Fleet(opts, model=model) as fleet:
+                assert fleet.plan.replicas == 2 and all(len(s) == 2 for s in fleet.plan.replica_sets)
+                pushed_before = fleet.coord.weight_bytes_pushed
+                prompt_ids = fleet.tokenizer.encode(PROMPT, bos=True)
+                made = [len(prompt_ids)]
+
+                def on_token(prev: int, token: int) -> None:
+                    made[0] += 1
+                    if made[0] == 50:
+                        os.kill(peers.procs[0].pid, signal.SIGKILL)
+
+                result = await fleet.generate_ids(prompt_ids, Sampler(0.0), on_token=on_token)
+                return result, fleet.coord.recoveries, fleet.coord.weight_bytes_pushed - pushed_before
+
+    result, recoveries, pushed = asyncio.run(scenario())
+    assert result.tokens == undisturbed
+    assert len(recoveries) == 1 and recoveries[0].get("replica") is True
+    assert recoveries[0]["bytes_moved"] == 0 and recoveries[0]["replayed_frames"] == 0
+    assert pushed == 0
