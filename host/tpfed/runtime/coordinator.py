@@ -372,39 +372,53 @@ class PeerLinks:
         """Prove the federation key both ways with fresh nonces and derive the session key
         (DESIGN: Security): CHALLENGE -> RESPONSE (the peer's proof, checked here) -> CONFIRM
         (ours) -> the peer's sealed ACK. CHALLENGE and CONFIRM are repeated until answered
-        (repeats are idempotent on the peer)."""
-        hs = auth.CoordinatorHandshake(self.key, peer.device_id, session_id=self.session)
-        challenge = encode_frame(Frame(MsgType.AUTH, hs.challenge(), src=COORDINATOR,
-                                       dst=peer.device_id, seq=self._next_seq(),
-                                       session=self.session))
-        reply = await self._request_raw(peer, challenge, MsgType.AUTH, "the key handshake",
-                                        match=lambda f: f.payload.get("step") == auth.AuthStep.RESPONSE)
-        try:
-            confirm = hs.on_response(reply.payload)
-        except auth.AuthError:
-            raise PeerRefused(f"peer {peer.label} does not hold this federation key (check "
-                              f"--key-file or {KEY_ENV})", int(ErrorCode.BAD_STATE)) from None
-        ks = auth.session_key(self.key, hs.nonce_c, hs.nonce_p, peer.device_id, self.session)
-        peer.auth = PeerAuth(ks, self.session)
-        self._opened.append(peer)
-        confirm_frame = encode_frame(Frame(MsgType.AUTH, confirm, src=COORDINATOR,
+        (repeats are idempotent on the peer). A peer keeps one handshake pending: if another
+        sender's CHALLENGE replaced ours, our CONFIRM goes unanswered, so the whole handshake
+        starts over with fresh nonces until the deadline."""
+        until = time.monotonic() + self.deadline_s
+        while True:
+            hs = auth.CoordinatorHandshake(self.key, peer.device_id, session_id=self.session)
+            challenge = encode_frame(Frame(MsgType.AUTH, hs.challenge(), src=COORDINATOR,
                                            dst=peer.device_id, seq=self._next_seq(),
                                            session=self.session))
-        try:
-            await self._request_raw(peer, confirm_frame, MsgType.ACK, "the key handshake",
-                                    match=lambda f: f.payload["acked_type"] == MsgType.AUTH)
-        except PeerRefused as exc:
-            if exc.code == ErrorCode.BUSY:
-                raise PeerRefused(f"peer {peer.label} busy with another session", exc.code) from None
-            raise
+            reply = await self._request_raw(
+                peer, challenge, MsgType.AUTH, "the key handshake", until=until,
+                match=lambda f: f.payload.get("step") == auth.AuthStep.RESPONSE)
+            try:
+                confirm = hs.on_response(reply.payload)
+            except auth.AuthError:
+                raise PeerRefused(f"peer {peer.label} does not hold this federation key (check "
+                                  f"--key-file or {KEY_ENV})", int(ErrorCode.BAD_STATE)) from None
+            ks = auth.session_key(self.key, hs.nonce_c, hs.nonce_p, peer.device_id, self.session)
+            peer.auth = PeerAuth(ks, self.session)
+            confirm_frame = encode_frame(Frame(MsgType.AUTH, confirm, src=COORDINATOR,
+                                               dst=peer.device_id, seq=self._next_seq(),
+                                               session=self.session))
+            try:
+                await self._request_raw(peer, confirm_frame, MsgType.ACK, "the key handshake",
+                                        until=until, tries=4,
+                                        match=lambda f: f.payload["acked_type"] == MsgType.AUTH)
+            except PeerRefused as exc:
+                if exc.code == ErrorCode.BUSY:
+                    raise PeerRefused(f"peer {peer.label} busy with another session",
+                                      exc.code) from None
+                raise
+            except PeerTimeout:
+                peer.auth = None
+                if time.monotonic() >= until:
+                    raise
+                continue  # our pending handshake was replaced: start over
+            self._opened.append(peer)
+            return
 
     async def _request_raw(self, peer: PeerConn, data: bytes, want: MsgType, what: str,
-                           match: Callable[[Frame], bool] | None = None) -> Frame:
+                           match: Callable[[Frame], bool] | None = None,
+                           until: float | None = None, tries: int | None = None) -> Frame:
         """Send ``data`` as it is (not sealed) and wait for a ``want`` answer, sending it again
-        with backoff until the deadline."""
-        deadline = time.monotonic() + self.deadline_s
+        with backoff (at most ``tries`` times) until the deadline (or ``until``)."""
+        deadline = time.monotonic() + self.deadline_s if until is None else until
         wait = self._request_rto(peer)
-        for _ in range(self.request_tries):
+        for _ in range(tries or self.request_tries):
             try:
                 await peer.link.send(data)
             except LinkClosed as exc:
