@@ -186,6 +186,7 @@ async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
     :meth:`Coordinator.partials_remote` and as many PROBE round trips, with the CPU time of
     both processes."""
 
+    from tpfed.compute._native import lib
     from tpfed.planning import costs
     from tpfed.runtime.coordinator import Coordinator, sealable
     from tpfed.runtime.localpeers import LocalPeers
@@ -193,79 +194,95 @@ async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
     from tpfed.transport.udp_fleet import UdpFleet
 
     c = model.config
-    local = LocalPeers(1)
-    async with local as uris:
-        pid = local.procs[0].pid
-        ep = await UdpEndpoint.bind("127.0.0.1", 0)  # one socket for the peers, as runs have
-        link = await ep.open_link(uris[0], name="calibration")
-        coord = Coordinator(model, [link], key=local.key, seq_len=min(c.seq_len, 64))
-        try:
-            (peer,) = await coord.connect()
-            coord.make_plan("round-robin")
-            await coord.push_weights()
-            coord.reset()
-            coord.embed(1)
-            coord.history.begin(0)
-            layers = range(c.n_layers)
-            both = [(layer, stage) for layer in layers for stage in (Stage.ATTENTION, Stage.MLP)]
-            probe = encode_frame(Frame(MsgType.PROBE, {"nonce": 7, "t_send_us": 0, "pad": b""},
-                                       dst=peer.device_id, seq=1, session=coord.session))
 
-            async def run_stages(n: int, order: list) -> None:
-                for i in range(n):
-                    layer, stage = order[i % len(order)]
-                    x = coord.activation(layer, stage, 0)
-                    await coord.partials_remote(layer, stage, x, 0)
-
-            async def run_probes(n: int) -> float:
-                spent = 0.0
-                for _ in range(n):
-                    await coord._send(peer, probe)  # sealed, as every frame of a session
-                    t0 = time.perf_counter()
-                    await coord._recv(peer, 5.0)
-                    spent += time.perf_counter() - t0
-                return spent / n
-
-            async def window(order: list) -> tuple[float, float, float]:
-                # the peer's CPU time comes from /proc in clock ticks (10 ms), so it needs a
-                # long stretch to be exact to a few percent
-                w = CpuWindow(pids=[pid]).start()
-                await run_stages(stages, order)
-                w.stop()
-                return w.own_s / stages, w.pids_s[0] / stages, w.wall_s / stages
-
-            await run_stages(200, both)  # warm up both processes
-            await run_probes(200)
-            best = await window(both)
-            # the peer's cost per frame split into a fixed part and a part per MAC, from two
-            # share sizes: the attention stages (few MACs) and the MLP stages (more)
-            att = await window([(layer, Stage.ATTENTION) for layer in layers])
-            mlp = await window([(layer, Stage.MLP) for layer in layers])
-            probe_rt = min([await run_probes(100) for _ in range(3)])
-            macs_att = c.n_groups * costs.attn_macs(c, 1.0)  # at position 0: one row of context
-            macs_mlp = c.hidden_dim * costs.mlp_col_macs(c)
-            per_mac = max((mlp[1] - att[1]) / max(macs_mlp - macs_att, 1.0), 0.0)
-            fixed = max(att[1] - per_mac * macs_att, 0.0)
-            macs_per_stage = (macs_att + macs_mlp) / 2
-            peer_macs_s = macs_per_stage * per_mac
-            # the send alone, as the stage exchange does it (stamped in the peer's session,
-            # sendmmsg), to a socket nobody reads (datagrams are dropped when its buffer is
-            # full, which costs the sender nothing more)
-            sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sink.bind(("127.0.0.1", 0))
+    async def measured(spin: bool) -> dict:
+        """One peer process and a coordinator; with ``spin`` both look for the next frame
+        before sleeping (as runs do: the wall times), without it they sleep at once, so their
+        CPU times are work, not waiting (the CPU figures)."""
+        spin_us = lib.TPFED_UDP_PEER_SPIN_US if spin else 0
+        local = LocalPeers(1, extra_args=("--spin-us", str(spin_us)))
+        out: dict = {}
+        async with local as uris:
+            pid = local.procs[0].pid
+            ep = await UdpEndpoint.bind("127.0.0.1", 0)  # one socket for the peers, as runs have
+            link = await ep.open_link(uris[0], name="calibration")
+            coord = Coordinator(model, [link], key=local.key, seq_len=min(c.seq_len, 64))
+            coord.gather_spin_us = lib.TPFED_UDP_FLEET_SPIN_US if spin else 0
             try:
-                sink_link = ep.link(("127.0.0.1", sink.getsockname()[1]), name="sink")
-                fleet = UdpFleet(ep, [sink_link], [peer.auth.c if peer.auth else None])
-                x = coord.activation(0, Stage.MLP, 0)
-                frame = sealable(encode_activation(0, int(Stage.MLP), 0, x.qs, x.d, dst=BROADCAST,
-                                                   session=coord.session))
-                idx = np.zeros(1, np.int32)
-                send_s = best_per_call(lambda: fleet.send_all(frame, idx), calls=500)
+                (peer,) = await coord.connect()
+                coord.make_plan("round-robin")
+                await coord.push_weights()
+                coord.reset()
+                coord.embed(1)
+                coord.history.begin(0)
+                layers = range(c.n_layers)
+                both = [(layer, stage) for layer in layers for stage in (Stage.ATTENTION, Stage.MLP)]
+                probe = encode_frame(Frame(MsgType.PROBE, {"nonce": 7, "t_send_us": 0, "pad": b""},
+                                           dst=peer.device_id, seq=1, session=coord.session))
+
+                async def run_stages(n: int, order: list) -> None:
+                    for i in range(n):
+                        layer, stage = order[i % len(order)]
+                        x = coord.activation(layer, stage, 0)
+                        await coord.partials_remote(layer, stage, x, 0)
+
+                async def run_probes(n: int) -> float:
+                    spent = 0.0
+                    for _ in range(n):
+                        await coord._send(peer, probe)  # sealed, as every frame of a session
+                        t0 = time.perf_counter()
+                        await coord._recv(peer, 5.0)
+                        spent += time.perf_counter() - t0
+                    return spent / n
+
+                async def window(order: list) -> tuple[float, float, float]:
+                    # the peer's CPU time comes from /proc in clock ticks (10 ms), so it needs
+                    # a long stretch to be exact to a few percent
+                    w = CpuWindow(pids=[pid]).start()
+                    await run_stages(stages, order)
+                    w.stop()
+                    return w.own_s / stages, w.pids_s[0] / stages, w.wall_s / stages
+
+                await run_stages(200, both)  # warm up both processes
+                await run_probes(200)
+                out["both"] = await window(both)
+                if spin:
+                    out["probe_rt"] = min([await run_probes(100) for _ in range(3)])
+                else:
+                    # the peer's cost per frame split into a fixed part and a part per MAC,
+                    # from two share sizes: the attention stages (few MACs) and the MLP ones
+                    out["att"] = await window([(layer, Stage.ATTENTION) for layer in layers])
+                    out["mlp"] = await window([(layer, Stage.MLP) for layer in layers])
+                    # the send alone, as the stage exchange does it (stamped in the peer's
+                    # session, sendmmsg), to a socket nobody reads (datagrams are dropped when
+                    # its buffer is full, which costs the sender nothing more)
+                    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                    sink.bind(("127.0.0.1", 0))
+                    try:
+                        sink_link = ep.link(("127.0.0.1", sink.getsockname()[1]), name="sink")
+                        fleet = UdpFleet(ep, [sink_link], [peer.auth.c if peer.auth else None])
+                        x = coord.activation(0, Stage.MLP, 0)
+                        frame = sealable(encode_activation(0, int(Stage.MLP), 0, x.qs, x.d,
+                                                           dst=BROADCAST, session=coord.session))
+                        idx = np.zeros(1, np.int32)
+                        out["send_s"] = best_per_call(lambda: fleet.send_all(frame, idx), calls=500)
+                    finally:
+                        sink.close()
             finally:
-                sink.close()
-        finally:
-            await coord.close()
-            await ep.close()
+                await coord.close()
+                await ep.close()
+        return out
+
+    wall = await measured(spin=True)
+    cpu = await measured(spin=False)
+    att, mlp = cpu["att"], cpu["mlp"]
+    macs_att = c.n_groups * costs.attn_macs(c, 1.0)  # at position 0: one row of context
+    macs_mlp = c.hidden_dim * costs.mlp_col_macs(c)
+    per_mac = max((mlp[1] - att[1]) / max(macs_mlp - macs_att, 1.0), 0.0)
+    fixed = max(att[1] - per_mac * macs_att, 0.0)
+    peer_macs_s = (macs_att + macs_mlp) / 2 * per_mac
+    best = (cpu["both"][0], cpu["both"][1], wall["both"][2])  # CPU of work, wall of a run
+    probe_rt, send_s = wall["probe_rt"], cpu["send_s"]
     return LoopbackCosts(send_s=send_s, stage_cpu_s=best[0], peer_cpu_s=best[1], stage_wall_s=best[2],
                          probe_round_trip_s=probe_rt, peer_macs_s=peer_macs_s,
                          peer_fixed_s=fixed, peer_s_per_mac=per_mac)

@@ -125,6 +125,7 @@ class PeerConn:
     PROBE_REPLY): kept for the request they answer (:meth:`PeerLinks._expect_timed`)."""
     unreachable: bool = False  # a datagram to it came back: nothing listens there any more
     fleet: tuple | None = None  # (UdpFleet, index) when it is reached through one
+    connect_s: float = 0.0  # handshake, HELLO and probe took this long
 
     @property
     def label(self) -> str:
@@ -161,7 +162,9 @@ class GenerationStats:
     min_wire_bytes: int = 0
     per_peer_bytes: dict[str, int] = field(default_factory=dict)
     weight_bytes_pushed: int = 0
+    weight_bytes_skipped: int = 0  # share bytes not pushed: the peer held them already
     recoveries: list[dict] = field(default_factory=list)
+    joins: list[dict] = field(default_factory=list)  # devices planned in during the generation
     resends: int = 0  # ACTIVATIONs sent again because their PARTIAL was late
 
     @property
@@ -308,28 +311,11 @@ class PeerLinks:
     async def connect(self) -> list[PeerConn]:
         """HELLO every peer (its device id is given in the HELLO's destination), then measure
         each link's latency and bandwidth with PROBE frames."""
-        async def hello(i: int, link: Link) -> PeerConn:
-            peer = PeerConn(link=link, device_id=i + 1, hello={}, name=link.name)
-            if getattr(link, "provision", False):
-                await self._provision(peer)
-            await self._handshake(peer)
-            me = {"device_class": int(DeviceClass.DESKTOP), "name": "coordinator", "ram_kb": 0,
-                  "psram_kb": 0, "flash_kb": 0, "cpu_mhz": 0, "cores": 0, "features": 0,
-                  "int8_macs": 0, "battery_pct": BATTERY_UNKNOWN,
-                  "temperature_dc": TEMPERATURE_UNKNOWN, "transports": 0,
-                  "max_frame": 0xFFFF, "arena_kb": 0}
-            reply = await self._request(peer, Frame(MsgType.HELLO, me, src=COORDINATOR,
-                                                    dst=peer.device_id, seq=self._next_seq(),
-                                                    session=self.session),
-                                        MsgType.HELLO, "HELLO")
-            peer.hello = dict(reply.payload)
-            if not peer.name:
-                peer.name = peer.hello["name"] or f"peer-{peer.device_id}"
-            return peer
-
         if len(self.links) > 254:
             raise PeerError(f"{len(self.links)} peers: the protocol addresses at most 254")
-        self.peers = await all_of(hello(i, link) for i, link in enumerate(self.links))
+        self.peers = await all_of(self._hello(PeerConn(link=link, device_id=i + 1, hello={},
+                                                       name=link.name))
+                                  for i, link in enumerate(self.links))
         names = [p.name for p in self.peers]
         for i, p in enumerate(self.peers):
             if names.count(p.name) > 1:
@@ -338,6 +324,26 @@ class PeerLinks:
         for peer in self.peers:
             await self._probe(peer)
         return self.peers
+
+    async def _hello(self, peer: PeerConn) -> PeerConn:
+        """Give a board its key if it needs it, prove the key both ways, then HELLO: what the
+        device is (its id is the HELLO's destination)."""
+        if getattr(peer.link, "provision", False):
+            await self._provision(peer)
+        await self._handshake(peer)
+        me = {"device_class": int(DeviceClass.DESKTOP), "name": "coordinator", "ram_kb": 0,
+              "psram_kb": 0, "flash_kb": 0, "cpu_mhz": 0, "cores": 0, "features": 0,
+              "int8_macs": 0, "battery_pct": BATTERY_UNKNOWN,
+              "temperature_dc": TEMPERATURE_UNKNOWN, "transports": 0,
+              "max_frame": 0xFFFF, "arena_kb": 0}
+        reply = await self._request(peer, Frame(MsgType.HELLO, me, src=COORDINATOR,
+                                                dst=peer.device_id, seq=self._next_seq(),
+                                                session=self.session),
+                                    MsgType.HELLO, "HELLO")
+        peer.hello = dict(reply.payload)
+        if not peer.name:
+            peer.name = peer.hello["name"] or f"peer-{peer.device_id}"
+        return peer
 
     async def close(self, bye: bool = True) -> None:
         """End every session with a sealed BYE (so the peers are free for the next coordinator
@@ -515,7 +521,12 @@ class Coordinator(PeerLinks, Int8Transformer):
         self.plan: Plan | None = None
         self.stats = GenerationStats()
         self.weight_bytes_pushed = 0  # over the coordinator's life (stats: per generation)
+        self.weight_bytes_skipped = 0  # the same, of shares the peers held already
         self.recoveries: list[dict] = []  # over the coordinator's life
+        self.joins: list[dict] = []  # over the coordinator's life
+        self.joining: list[PeerConn] = []  # connected, planned in at the next token boundary
+        self._last_id = 0  # the last device id given to a device that joined
+        self.leaving: set[str] = set()  # said they go: planned out at the next token boundary
         # per (layer, stage): the peers that hold part of it, in plan order
         self._owners: dict[tuple[int, int], list[PeerConn]] = {}
         # per (layer, stage), when every owner is a UDP peer of one socket: the C fast path
@@ -586,6 +597,7 @@ class Coordinator(PeerLinks, Int8Transformer):
                 fleet = fleets[key] = UdpFleet(
                     ep, [p.link for p in members],
                     [p.auth.c if p.auth is not None else None for p in members])
+                fleet.set_spin(self.gather_spin_us)
                 for i, p in enumerate(peers):
                     p.fleet = (fleet, i)
         self._fast = {}
@@ -616,9 +628,15 @@ class Coordinator(PeerLinks, Int8Transformer):
             raise PeerError("push_weights before a plan")
         await all_of(self._push_device(dev, progress) for dev in self.plan.devices)
 
+    share_memo_bytes = 256 << 20
+    """Share bytes of one device kept in memory between hashing them (for ASSIGN) and pushing
+    them; beyond it a share is serialized again when it is pushed."""
+
     async def _push_device(self, dev, progress: Callable[[str, int], None] | None = None) -> int:
-        """ASSIGN one device its share of the plan, push its layer shares, wait for READY.
-        Returns the share bytes pushed."""
+        """ASSIGN one device its share of the plan, naming each layer share by its sha256; the
+        peer answers (in the ACK) which it holds already (kept from an earlier assignment, run
+        or session), and only the others are pushed; wait for READY. Returns the share bytes
+        pushed (those skipped are counted in ``weight_bytes_skipped``)."""
         by_name = {p.name: p for p in self.peers}
         c = self.config
         need = max(activation_frame_size(c.dim), partial_frame_size(c.dim)) + AUTH_TRAILER_SIZE
@@ -626,27 +644,51 @@ class Coordinator(PeerLinks, Int8Transformer):
         if peer.hello["max_frame"] < need:
             raise PeerError(f"peer {peer.label} takes frames of at most {peer.hello['max_frame']} "
                             f"bytes; this model's activations and partials need {need}")
+        layers = sorted(dev.layers.items())
+        blobs: dict[int, bytes] = {}
+        digests: list[bytes] = []
+        sizes: list[int] = []
+        for layer, share in layers:
+            blob = serialize_layer_share(self.model, layer, share.kv_groups, share.mlp_ranges)
+            digests.append(hashlib.sha256(blob).digest())
+            sizes.append(len(blob))
+            if sum(map(len, blobs.values())) + len(blob) <= self.share_memo_bytes:
+                blobs[layer] = blob
         entries = [{"layer": layer, "kv_groups": list(s.kv_groups),
-                    "mlp_ranges": [{"start": a, "end": b} for a, b in s.mlp_ranges]}
-                   for layer, s in sorted(dev.layers.items())]
+                    "mlp_ranges": [{"start": a, "end": b} for a, b in s.mlp_ranges],
+                    "sha256": digest}
+                   for (layer, s), digest in zip(layers, digests, strict=True)]
         assign = {"dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers,
                   "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "seq_len": self.seq_len,
                   "norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
                   "flags": share_flags(self.model.params), "entries": entries}
         peer.held.clear()  # READY or ACKs of an earlier push are not answers to this one
-        await self._request(peer, Frame(MsgType.ASSIGN, assign, dst=peer.device_id,
-                                        seq=self._next_seq(), session=self.session),
-                            MsgType.ACK, "ASSIGN")
+        ack = await self._request(peer, Frame(MsgType.ASSIGN, assign, dst=peer.device_id,
+                                              seq=self._next_seq(), session=self.session),
+                                  MsgType.ACK, "ASSIGN")
+        held = bytes(ack.payload.get("held", b""))  # bit i: entry i's share is held already
+
+        def blob_of(i: int) -> bytes:
+            layer, share = layers[i]
+            blob = blobs.get(layer)
+            return blob if blob is not None else serialize_layer_share(
+                self.model, layer, share.kv_groups, share.mlp_ranges)
+
         max_chunk = self._max_chunk(peer)
-        layers = sorted(dev.layers.items())
-        pushed = 0
-        for layer, share in layers:
-            blob = serialize_layer_share(self.model, layer, share.kv_groups, share.mlp_ranges)
-            await self._push_shard(peer, layer, blob, max_chunk, progress)
-            pushed += len(blob)
-        await self._await_ready(peer, layers[-1][0], blob, max_chunk)
+        pushed = skipped = 0
+        for i, (layer, _share) in enumerate(layers):
+            if i // 8 < len(held) and (held[i // 8] >> (i % 8)) & 1:
+                skipped += sizes[i]
+                if progress is not None:
+                    progress(peer.name, sizes[i])
+                continue
+            await self._push_shard(peer, layer, blob_of(i), max_chunk, progress, digest=digests[i])
+            pushed += sizes[i]
+        await self._await_ready(peer, layers[-1][0], blob_of(len(layers) - 1), max_chunk)
         self.stats.weight_bytes_pushed += pushed
         self.weight_bytes_pushed += pushed
+        self.stats.weight_bytes_skipped += skipped
+        self.weight_bytes_skipped += skipped
         return pushed
 
     push_window_bytes = 1 << 20
@@ -708,15 +750,18 @@ class Coordinator(PeerLinks, Int8Transformer):
         return bytes(buf)
 
     async def _push_shard(self, peer: PeerConn, layer: int, blob: bytes, max_chunk: int,
-                          progress: Callable[[str, int], None] | None, attempts: int = 3) -> None:
+                          progress: Callable[[str, int], None] | None, attempts: int = 3,
+                          digest: bytes | None = None) -> None:
         """Push one layer share in WEIGHTS chunks with a sliding window and selective
         acknowledgement: every chunk asks for an ACK of its sequence number, a chunk whose ACK
         is late is sent again alone (backing off, at most :attr:`max_tries` times), and the
         window halves on such a loss and grows again as ACKs come. Once every chunk is
         acknowledged the peer holds the share and has verified its sha256 (a mismatch comes
         back as an ERROR in place of the last ACK). A share the peer refuses as damaged is
-        sent again from the start, up to ``attempts`` times."""
-        digest = hashlib.sha256(blob).digest()
+        sent again from the start, up to ``attempts`` times. ``digest``: the blob's sha256,
+        when known already."""
+        if digest is None:
+            digest = hashlib.sha256(blob).digest()
         for attempt in range(attempts):
             try:
                 await self._push_chunks(peer, layer, blob, digest, max_chunk, progress if attempt == 0 else None)
@@ -984,6 +1029,8 @@ class Coordinator(PeerLinks, Int8Transformer):
         return hook
 
     max_tries = 8
+    gather_spin_us = lib.TPFED_UDP_FLEET_SPIN_US
+    """How long a stage's gather looks again for partials before sleeping (see udp_fleet.c)."""
     """An ACTIVATION is sent at most this many times (backing off from :meth:`_rto`); a peer
     silent through all of them is lost even before the deadline."""
 
@@ -1063,6 +1110,8 @@ class Coordinator(PeerLinks, Int8Transformer):
         # The C fast path gathers without the event loop: let the loop run once per token so
         # other tasks (streaming, status, a second request) are served while generating.
         await asyncio.sleep(0)
+        if self.joining or self.leaving:  # a token boundary: devices come and go here
+            await self.membership(pos)
         stages = self.forward_stages(token, pos)
         partial = None
         try:
@@ -1185,3 +1234,159 @@ class Coordinator(PeerLinks, Int8Transformer):
 
     on_recovery: Callable[[dict], None] | None = None
 
+    on_join: Callable[[dict], None] | None = None
+
+    # -- joins ---------------------------------------------------------------------------
+    def next_device_id(self) -> int:
+        """A protocol address no peer of this coordinator has had (connected, joining, lost)."""
+        used = [p.device_id for p in (*self.peers, *self.joining, *self.lost)]
+        nxt = max(used + [len(self.links), self._last_id]) + 1
+        if nxt > 254:
+            raise PeerError("no device id left: the protocol addresses at most 254 peers")
+        self._last_id = nxt
+        return nxt
+
+    def unique_name(self, name: str, device_id: int) -> str:
+        """``name``, or ``name#id`` when a device (here, joining or lost) already has it."""
+        taken = {p.name for p in (*self.peers, *self.joining, *self.lost)}
+        return name if name not in taken else f"{name}#{device_id}"
+
+    async def introduce(self, link: Link, device_id: int | None = None) -> PeerConn:
+        """A device that became available: the key handshake, HELLO and the link probe, as
+        :meth:`connect` does for the first peers. Touches only ``link`` (so it may run while
+        tokens are generated, even on another thread's loop); :meth:`admit` then queues it."""
+        t0 = time.perf_counter()
+        did = self.next_device_id() if device_id is None else device_id
+        peer = PeerConn(link=link, device_id=did, hello={}, name=link.name)
+        await self._hello(peer)
+        await self._probe(peer)
+        peer.connect_s = time.perf_counter() - t0
+        return peer
+
+    def admit(self, peer: PeerConn) -> PeerConn:
+        """Queue a connected peer: it is planned in at the next token boundary
+        (:meth:`membership`), or at once by :meth:`join_pending`."""
+        peer.name = self.unique_name(peer.name, peer.device_id)
+        self.joining.append(peer)
+        if peer.link not in self.links:
+            self.links.append(peer.link)  # closed (after a BYE) with the others
+        return peer
+
+    async def add_peer(self, link: Link) -> PeerConn:
+        """:meth:`introduce` then :meth:`admit` (on this loop)."""
+        return self.admit(await self.introduce(link))
+
+    def leave(self, name: str) -> bool:
+        """Plan device ``name`` out at the next token boundary (it said it goes: a bus
+        goodbye or last will), without waiting for its deadline. False if it is not here."""
+        for p in list(self.joining):
+            if p.name == name:
+                self.joining.remove(p)
+                return True
+        if any(p.name == name for p in self.peers):
+            self.leaving.add(name)
+            return True
+        return False
+
+    async def membership(self, pos: int) -> None:
+        """At the token boundary before position ``pos``: devices that said they go are
+        planned out (as if lost, without waiting for them), devices connected since are
+        planned in (:meth:`join_pending`)."""
+        leaving, self.leaving = self.leaving, set()
+        for name in sorted(leaving):
+            peer = next((p for p in self.peers if p.name == name), None)
+            if peer is not None:
+                await self.recover(PeerLost(f"peer {peer.label} left", peer), 0, Stage.ATTENTION, pos)
+        if self.joining:
+            await self.join_pending(pos)
+
+    async def join_pending(self, pos: int | None = None) -> list[dict]:
+        """Plan the queued devices in with minimal movement (:func:`planning.planner.replan`:
+        a newcomer takes units only where that shortens the token, or fills a replica set
+        short of members), push the shares of every device whose assignment changed and
+        rebuild their KV caches by replaying the attention inputs of positions ``< pos``
+        (default: every position the log holds). Call it between tokens. A device lost on
+        the way is planned out again like any loss. Returns the join records."""
+        from tpfed.planning.planner import replan
+
+        joining, self.joining = self.joining, []
+        if not joining:
+            return []
+        self.peers.extend(joining)
+        if self.plan is None:  # not planned yet: they are simply more peers
+            return []
+        pos = self.history.length if pos is None else pos
+        t0 = time.perf_counter()
+        before = self.weight_bytes_pushed
+        replayed = 0
+        base = self.plan
+        dirty: set[str] = set()  # devices whose shares and caches must be rebuilt
+        while True:
+            try:
+                new = replan(base, [p.spec() for p in self.peers])
+            except PlanError as exc:
+                if base is not self.plan or dirty:
+                    raise PeerError(f"no plan after a loss while devices joined: {exc}") from None
+                for p in joining:  # the fleet goes on as it was; the newcomers stay out
+                    self.peers.remove(p)
+                    self.lost.append(p)
+                    record = {"device": p.name, "position": pos, "seconds": 0.0, "bytes_moved": 0,
+                              "error": f"not planned in: {exc}"}
+                    self.joins.append(record)
+                    self.stats.joins.append(record)
+                return []
+            old_devs = {d.name: d for d in base.devices}
+            dirty |= {d.name for d in new.devices
+                      if d.name not in old_devs or _layers_of(old_devs[d.name]) != _layers_of(d)}
+            dirty &= {d.name for d in new.devices}
+            self.use_plan(new)
+            changed = [d for d in new.devices if d.name in dirty]
+            try:
+                await all_of(self._push_device(d) for d in changed)
+                replayed += await self._replay(changed, 0, Stage.ATTENTION, pos)
+                break
+            except PeerLost as lost:  # gone while being planned in (or a holder it relieved)
+                gone = lost.peer
+                if gone not in self.peers:
+                    raise
+                self._forget(gone, lost, pos)
+                if not self.peers:
+                    raise PeerError(f"{lost}; no device is left to take its share") from None
+                base = self.plan
+        planned = {d.name for d in self.plan.devices}
+        records = []
+        for p in joining:
+            if p not in self.peers:
+                continue
+            share = self.plan.device(p.name) if p.name in planned else None
+            record = {"device": p.name, "position": pos,
+                      "seconds": round(time.perf_counter() - t0, 4),
+                      "connect_seconds": round(p.connect_s, 4),
+                      "bytes_moved": self.weight_bytes_pushed - before,
+                      "planned_bytes_moved": int(getattr(new, "moved_bytes", 0) or 0),
+                      "kv_groups": share.kv_units if share else 0,
+                      "mlp_columns": share.mlp_columns if share else 0,
+                      "devices_changed": sorted(dirty), "replayed_frames": replayed,
+                      "devices": len(self.peers)}
+            if share is None:
+                record["why_not"] = dict(self.plan.excluded).get(p.name, "the planner gave it no units")
+            records.append(record)
+            self.joins.append(record)
+            self.stats.joins.append(record)
+            if self.on_join is not None:
+                self.on_join(record)
+        return records
+
+    def _forget(self, gone: PeerConn, lost: PeerLost, pos: int) -> None:
+        """``gone`` is lost while devices were being planned in or out: drop it (the caller
+        re-plans) and record the loss."""
+        self.peers.remove(gone)
+        self.lost.append(gone)
+        gone.link.on_frame = None
+        record = {"device": gone.name, "position": pos, "seconds": round(lost.waited_s, 4),
+                  "detect_seconds": round(lost.waited_s, 4), "bytes_moved": 0,
+                  "replayed_frames": 0, "devices_left": len(self.peers), "during_join": True}
+        self.stats.recoveries.append(record)
+        self.recoveries.append(record)
+        if self.on_recovery is not None:
+            self.on_recovery(record)

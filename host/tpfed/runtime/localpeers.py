@@ -37,6 +37,9 @@ class LocalPeers:
     uris: list[str] = field(default_factory=list)
     key_file: str | None = None
     """Where the peers read the key from (a private temporary file, removed at stop)."""
+    first: int = 0
+    """The peers are named ``local-{first}``, ``local-{first + 1}``, ... (peers started later
+    for the same fleet, by a join, go on from the ones before)."""
 
     async def __aenter__(self) -> list[str]:
         if self.key is None:
@@ -47,7 +50,7 @@ class LocalPeers:
             for i in range(self.count):
                 proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "tpfed", "peer", "--key-file", self.key_file, "--quiet",
-                    "--listen", "udp://127.0.0.1:0", "--name", f"local-{i}", *self.extra_args,
+                    "--listen", "udp://127.0.0.1:0", "--name", f"local-{self.first + i}", *self.extra_args,
                     stdout=asyncio.subprocess.PIPE,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"},
                     preexec_fn=die_with_parent(),
@@ -68,13 +71,14 @@ class LocalPeers:
                     line = await proc.stdout.readline()
                     if not line:
                         code = await proc.wait()
-                        raise PeerError(f"local peer local-{i} exited with code {code} before listening")
+                        raise PeerError(f"local peer local-{self.first + i} exited with code {code} "
+                                        "before listening")
                     m = _LISTENING.search(line.decode(errors="replace"))
                     if m:
                         return m.group(1)
         except TimeoutError:
             raise PeerError(
-                f"local peer local-{i} did not start within {self.startup_timeout_s:.0f} s"
+                f"local peer local-{self.first + i} did not start within {self.startup_timeout_s:.0f} s"
             ) from None
 
     async def stop(self) -> None:

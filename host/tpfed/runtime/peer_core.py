@@ -158,6 +158,11 @@ class PeerCore:
     def layers_held(self) -> int:
         return int(lib.tpfed_peer_layers_held(self.ptr))
 
+    @property
+    def shares_kept(self) -> int:
+        """Complete shares in the arena, of the assignment or kept since it ended."""
+        return int(lib.tpfed_peer_shares_kept(self.ptr))
+
     def stats(self) -> dict[str, int]:
         s = lib.tpfed_peer_get_stats(self.ptr)
         return {k: int(getattr(s, k)) for k in ("frames_in", "frames_out", "dropped",

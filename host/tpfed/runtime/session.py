@@ -57,6 +57,8 @@ class RunResult:
     generated_ids: list[int] = field(default_factory=list)
     weight_bytes_pushed: int = 0
     """Share bytes the coordinator pushed so far (set-up and recoveries)."""
+    weight_bytes_skipped: int = 0
+    """Share bytes it did not push because the peers held them already (kept by sha256)."""
 
     def to_json(self) -> dict:
         s = self.stats
@@ -72,8 +74,10 @@ class RunResult:
             "prompt_ids": self.prompt_ids,
             "generated_ids": self.generated_ids,
             "weight_bytes_pushed": self.weight_bytes_pushed,
+            "weight_bytes_skipped": self.weight_bytes_skipped,
             "resends": s.resends,
             "recoveries": s.recoveries,
+            "joins": s.joins,
         }
 
 
@@ -142,10 +146,13 @@ def federation_key(specs: Sequence[PeerSpec], key_file: str | None) -> bytes:
 
 async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack,
                      *, mtu: int = 1400, key: bytes | None = None,
-                     provision: bool = False) -> list[Link]:
+                     provision: bool = False, endpoints: dict | None = None,
+                     first_local: int = 0) -> list[Link]:
     """Links to every peer of ``specs``, in order; local peers and emulated boards are started
     here and stopped when ``stack`` closes. UDP peers share one socket per address family (local
-    peers one on loopback), so the coordinator can reach a stage's peers with one system call."""
+    peers one on loopback), so the coordinator can reach a stage's peers with one system call;
+    ``endpoints`` keeps those sockets for later calls (a fleet's joins). Local peers are named
+    from ``local-{first_local}`` on."""
     from tpfed.transport import UdpEndpoint, open_serial_link, resolve_udp
 
     n_local = sum(1 for s in specs if s.kind == "local")
@@ -155,7 +162,7 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
         from tpfed.runtime.localpeers import LocalPeers
 
         local_uris = await stack.enter_async_context(
-            LocalPeers(n_local, extra_args=("--mtu", str(LOOPBACK_MTU)), key=key))
+            LocalPeers(n_local, extra_args=("--mtu", str(LOOPBACK_MTU)), key=key, first=first_local))
     if any(s.kind == "emu" for s in specs):
         from tpfed.runtime.emulator import DEFAULT_ENV, EmulatedBoards
 
@@ -166,7 +173,7 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
                                              EmulatedBoards(emu_envs.count(env), env=env))
             pools[env] = [b.url for b in boards]
         emu_urls = [pools[env].pop(0) for env in emu_envs]  # in the order the specs name them
-    endpoints: dict[str, UdpEndpoint] = {}
+    endpoints = {} if endpoints is None else endpoints
 
     async def endpoint(host: str, ep_mtu: int) -> UdpEndpoint:
         if host not in endpoints:
@@ -186,7 +193,7 @@ async def open_links(specs: Sequence[PeerSpec], stack: contextlib.AsyncExitStack
             link = LocalLink(key if key is not None else auth.new_key())
         elif spec.kind == "local":
             ep = await endpoint("127.0.0.1", LOOPBACK_MTU)
-            link = await ep.open_link(local_uris[i_local], name=f"local-{i_local}")
+            link = await ep.open_link(local_uris[i_local], name=f"local-{first_local + i_local}")
             i_local += 1
         elif spec.kind == "udp":
             addr = await resolve_udp(spec.host, spec.port)
@@ -313,7 +320,11 @@ class Fleet:
         self.stop_ids = () if opts.ignore_eos else stop_ids_for(self.q8.config)
         self.seq_len = min(opts.steps, self.q8.config.seq_len)
         self.coord: Coordinator | None = None
-        self.plan = None
+        self._plan = None
+        self.key: bytes | None = None
+        self._endpoints: dict = {}  # the UDP sockets the peers are reached over, per family
+        self._n_local = 0  # local peers started so far (joins name theirs after them)
+        self._self_joined = False
         self.setup_s = 0.0
         self._stack = contextlib.AsyncExitStack()
         self._lock = asyncio.Lock()
@@ -331,7 +342,7 @@ class Fleet:
         opts, say = self.opts, self.say
         t_setup = time.perf_counter()
         try:
-            key = federation_key(self.specs, opts.key_file)
+            key = self.key = federation_key(self.specs, opts.key_file)
             emu: dict[str, int] = {}
             for spec in self.specs:
                 if spec.kind == "emu":
@@ -339,7 +350,8 @@ class Fleet:
             self._phase("start", {"local": sum(s.kind == "local" for s in self.specs), "emu": emu,
                                   "remote": sum(s.kind not in ("local", "emu") for s in self.specs)})
             links = await open_links(self.specs, self._stack, mtu=opts.mtu, key=key,
-                                     provision=opts.provision)
+                                     provision=opts.provision, endpoints=self._endpoints)
+            self._n_local = sum(s.kind == "local" for s in self.specs)
             coord = Coordinator(self.q8, links, key=key, deadline_s=opts.deadline_s,
                                 seq_len=self.seq_len)
             self._stack.push_async_callback(coord.close)
@@ -365,6 +377,111 @@ class Fleet:
         for name, why in plan.excluded:
             say(f"left out {name}: {why}")
         return self
+
+    @property
+    def plan(self):
+        """The plan in force: the coordinator's, which recoveries and joins re-make."""
+        if self.coord is not None and self.coord.plan is not None:
+            return self.coord.plan
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan) -> None:
+        self._plan = plan
+
+    async def join(self, peers: str, *, now: bool = True) -> list[str]:
+        """Devices that became available (a ``--peers`` item: ``udp://HOST:PORT``,
+        ``local:N``, ``self``, ``emu:N``, a serial port) join the running fleet: started if
+        they are ours to start, connected (key handshake, HELLO, link probe) and planned in
+        at the next token boundary with minimal movement, their KV caches replayed (see
+        :meth:`Coordinator.join_pending`). UDP peers are connected from a helper thread over
+        a socket of their own, so neither the handshake nor the probe's timing waits for
+        tokens being generated; they are then reached over the fleet's shared socket like
+        the others. With ``now`` and no generation running, they are planned in at once.
+        Returns the names they were given."""
+        coord = self.coord
+        if coord is None:
+            raise TpfedError("the fleet is not started")
+        specs = parse_peers(peers)
+        n_self = sum(s.kind == "self" for s in specs)
+        if n_self and (n_self > 1 or self._self_joined or any(s.kind == "self" for s in self.specs)):
+            raise TpfedError("self is already one of this fleet's devices")
+        foreign = [s.uri for s in specs if s.kind not in ("self", "local", "emu")]
+        if foreign and self.key is not None:
+            from tpfed.runtime import keys
+
+            if keys.find_key(self.opts.key_file) is None:
+                raise TpfedError(f"peers {', '.join(foreign)} cannot join: this fleet runs on a "
+                                 "key of its own (its peers are all started here); give --key-file")
+        names: list[str] = []
+        udp = [s for s in specs if s.kind in ("udp", "local")]
+        other = [s for s in specs if s.kind not in ("udp", "local")]
+        if other:
+            n_local_before = self._n_local
+            links = await open_links(other, self._stack, mtu=self.opts.mtu, key=self.key,
+                                     provision=self.opts.provision, endpoints=self._endpoints,
+                                     first_local=n_local_before)
+            for link in links:
+                names.append((await coord.add_peer(link)).name)
+            self._self_joined |= any(s.kind == "self" for s in other)
+        if udp:
+            names += await self._join_udp(udp)
+        if now:
+            await self.settle()
+        return names
+
+    async def settle(self) -> None:
+        """When no generation runs: plan in the devices that joined and out those that said
+        they leave, now rather than at the next token (their KV caches get every position
+        the coordinator logged, so a server's next request can still reuse its prefix)."""
+        coord = self.coord
+        if coord is None or self._lock.locked() or not (coord.joining or coord.leaving):
+            return
+        async with self._lock:
+            await coord.membership(coord.history.length)
+
+    async def _join_udp(self, specs: Sequence[PeerSpec]) -> list[str]:
+        from tpfed.transport import UdpEndpoint
+        from tpfed.transport.udp import open_udp_link
+
+        coord = self.coord
+        assert coord is not None
+        targets: list[tuple[str, str, int]] = []  # (uri, name, mtu)
+        n_local = sum(s.kind == "local" for s in specs)
+        if n_local:
+            from tpfed.runtime.localpeers import LocalPeers
+
+            uris = await self._stack.enter_async_context(
+                LocalPeers(n_local, extra_args=("--mtu", str(LOOPBACK_MTU)), key=self.key,
+                           first=self._n_local))
+            targets += [(u, f"local-{self._n_local + i}", LOOPBACK_MTU) for i, u in enumerate(uris)]
+            self._n_local += n_local
+        targets += [(s.uri, s.uri, self.opts.mtu) for s in specs if s.kind == "udp"]
+
+        def introduce(uri: str, name: str, mtu: int, device_id: int):
+            async def go():
+                link = await open_udp_link(uri, name=name, mtu=mtu)
+                try:
+                    return await coord.introduce(link, device_id), link.addr
+                finally:
+                    await link.close()
+
+            return asyncio.run(go())
+
+        names = []
+        for uri, name, mtu in targets:
+            peer, addr = await asyncio.to_thread(introduce, uri, name, mtu, coord.next_device_id())
+            family = "::" if ":" in addr[0] else "0.0.0.0"
+            host = "127.0.0.1" if mtu == LOOPBACK_MTU else family
+            if host not in self._endpoints:
+                self._endpoints[host] = await UdpEndpoint.bind(host, 0, mtu=mtu)
+                self._stack.push_async_callback(self._endpoints[host].close)
+            link = self._endpoints[host].link(addr, name=name)
+            link.uri = uri
+            self._stack.push_async_callback(link.close)
+            peer.link = link  # the peer answers where its frames come from: now the fleet's socket
+            names.append(coord.admit(peer).name)
+        return names
 
     def _phase(self, name: str, facts: dict) -> None:
         """Enter set-up phase ``name`` (``done`` ends the last): times the one before it."""
@@ -403,6 +520,7 @@ class Fleet:
         result.devices = [p.spec() for p in self.coord.peers]
         result.peers = self.peers_json()
         result.weight_bytes_pushed = self.coord.weight_bytes_pushed
+        result.weight_bytes_skipped = self.coord.weight_bytes_skipped
         return result
 
     async def generate(self, prompt: str, sampler: Sampler, *, steps: int | None = None,

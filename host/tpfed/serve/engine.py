@@ -14,6 +14,8 @@ keys and values were computed from the same tokens at the same positions with th
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import re
 import sys
@@ -120,8 +122,11 @@ class Engine:
         self._print = log or (lambda msg: print(f"tpfed serve: {msg}", file=sys.stderr, flush=True))
         # hooks for planning devices in and out live (the membership work): called with the
         # device's announcement (join) or id (leave)
-        self.on_device_join: list[Callable[[dict], None]] = []
-        self.on_device_leave: list[Callable[[str], None]] = []
+        self.on_device_join: list[Callable[[dict], None]] = [self.join_announced]
+        self.on_device_leave: list[Callable[[str], None]] = [self.leave_announced]
+        self.bus_members: dict[str, tuple[str, str]] = {}  # bus id -> (model, device name)
+        self._joins: dict[str, asyncio.Task] = {}  # bus id -> its join in progress
+        self._settling: set[asyncio.Task] = set()
 
     # -- log and events -------------------------------------------------------------------
     def log(self, msg: str, kind: str = "info") -> None:
@@ -154,6 +159,7 @@ class Engine:
         holder[name] = served
         served.timer = StageTimer(self.metrics, name, stage_owners(fleet.plan))
         instrument(fleet.coord, served.timer)
+        self._watch(served)
         old = self.models.get(name)
         self.models[name] = served
         if self.default is None:
@@ -211,6 +217,98 @@ class Engine:
         self.recovered[device] = self.recovered.get(device, 0) + 1
         self.metrics.recovered.labels(device=device).inc()
         self.log(f"{model}: device {device} recovered", "recovered")
+
+    def _watch(self, m: ServedModel) -> None:
+        """Count the fleet's losses and recoveries, log its joins, and follow its plan as
+        devices come and go (the coordinator calls these between tokens)."""
+        coord = m.fleet.coord
+
+        def on_recovery(rec: dict) -> None:
+            where = "a replica" if rec.get("replica") else f"at position {rec.get('position')}"
+            self.device_lost(m.name, rec["device"], where)
+            if not rec.get("during_join"):
+                self.device_recovered(m.name, rec["device"])
+            self._plan_changed(m)
+
+        def on_join(rec: dict) -> None:
+            if rec.get("error"):
+                self.log(f"{m.name}: device {rec['device']} {rec['error']}", "error")
+                return
+            self.log(f"{m.name}: device {rec['device']} joined at position {rec['position']}: "
+                     f"{rec['kv_groups']} KV groups + {rec['mlp_columns']} MLP columns, "
+                     f"{rec['bytes_moved']} weight bytes pushed, {rec['seconds'] * 1e3:.0f} ms", "join")
+            self._plan_changed(m)
+
+        coord.on_recovery = on_recovery
+        coord.on_join = on_join
+
+    def _plan_changed(self, m: ServedModel) -> None:
+        plan = m.fleet.plan
+        if m.timer is not None:
+            m.timer.owners = stage_owners(plan)
+        self.metrics.devices.labels(model=m.name).set(len(plan.devices))
+        self.version += 1
+
+    def join_announced(self, info: dict) -> None:
+        """A device announced on the bus: it joins the default model's fleet (a device holds
+        one share set at a time), planned in at once when the fleet is idle, else at the
+        next token boundary. Devices the fleet already has are left as they are."""
+        dev_id = str(info.get("id"))
+        uri = info.get("uri")
+        if not uri or self.default is None or dev_id in self._joins:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to join into
+            task = asyncio.get_running_loop().create_task(self._join(dev_id, uri))
+            self._joins[dev_id] = task
+            task.add_done_callback(lambda _t: self._joins.pop(dev_id, None))
+
+    async def _join(self, dev_id: str, uri: str) -> None:
+        m = self.models.get(self.default or "")
+        if m is None or m.fleet.coord is None:
+            return
+        coord = m.fleet.coord
+        try:
+            from tpfed.runtime.peerspec import parse_peers
+            from tpfed.transport import resolve_udp
+
+            spec = parse_peers(uri)
+            if len(spec) != 1 or spec[0].kind not in ("udp", "serial", "socket"):
+                raise TpfedError(f"cannot reach {uri!r} (udp://, serial:// or socket:// expected)")
+            here = {getattr(p.link, "uri", "") for p in (*coord.peers, *coord.joining)}
+            if spec[0].kind == "udp":
+                addr = await resolve_udp(spec[0].host, spec[0].port)
+                if addr in {getattr(p.link, "addr", None) for p in (*coord.peers, *coord.joining)}:
+                    return
+            if spec[0].uri in here or uri in here:
+                return
+            names = await m.fleet.join(uri)
+        except (TpfedError, OSError, ValueError) as exc:
+            self.log(f"bus: device {dev_id} could not join {m.name}: {exc}", "error")
+            return
+        if names:
+            self.bus_members[dev_id] = (m.name, names[0])
+            self.log(f"bus: device {dev_id} joined {m.name} as {names[0]}", "join")
+
+    def leave_announced(self, dev_id: str) -> None:
+        """A device gone from the bus (goodbye or last will) is planned out of its fleet at
+        the next token boundary, without waiting for its deadline."""
+        task = self._joins.pop(dev_id, None)
+        if task is not None:
+            task.cancel()
+        model, name = self.bus_members.pop(dev_id, (None, None))
+        m = self.models.get(model or "")
+        if m is not None and m.fleet.coord is not None and m.fleet.coord.leave(name):
+            self.log(f"{m.name}: device {name} left: planned out", "leave")
+            task = asyncio.get_running_loop().create_task(self._settle(m))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, m: ServedModel) -> None:
+        try:
+            await m.fleet.settle()
+        except TpfedError as exc:
+            m.broken = str(exc)
+            self.log(f"{m.name}: {exc}", "error")
 
     def bus_device_join(self, info: dict) -> None:
         dev_id = str(info.get("id"))

@@ -61,6 +61,10 @@ class UdpFleet:
     def indices(self, links: list) -> np.ndarray:
         return np.array([self.index[id(link)] for link in links], np.int32)
 
+    def set_spin(self, spin_us: int) -> None:
+        """How long a gather looks again for partials (yielding) before sleeping in poll."""
+        lib.tpfed_udp_fleet_set_spin(self._fleet, max(0, int(spin_us)))
+
     def unreachable(self, i: int, check: bool = False) -> bool:
         """Whether a datagram to fleet peer ``i`` came back unreachable (its process is gone);
         ``check`` reads the socket's error queue first."""
