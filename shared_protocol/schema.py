@@ -398,6 +398,9 @@ LayerEntry = "layer_entry" / Struct(
     "kv_groups" / Array(this.n_kv_groups, Int16ul) * "KV group ids (u16 each)",
     "n_mlp_ranges" / Rebuild(Int8ul, len_(this.mlp_ranges)) * "number of MLP column ranges",
     "mlp_ranges" / Array(this.n_mlp_ranges, MlpRange) * "MLP hidden column ranges",
+    "sha256" / Default(Bytes(SHA256_SIZE), bytes(SHA256_SIZE))
+    * "SHA-256 of the layer share wanted here; the peer answers (ACK held) whether it holds it "
+    "already; all zero: none named",
 )
 
 Assign = Struct(
@@ -469,7 +472,9 @@ Heartbeat = Struct(
 Ack = Struct(
     "acked_seq" / Int16ul,
     "acked_type" / Int8ul * "MsgType",
-    Terminated,
+    "held" / Default(GreedyBytes, b"")
+    * "ACK of ASSIGN: one bit per layer entry (entry i: byte i/8, bit i%8), set when the peer "
+    "holds that entry's share (its sha256) already and needs no WEIGHTS for it; else empty",
 )
 
 Nack = Struct(

@@ -192,9 +192,10 @@ static int rt_assign(const uint8_t *p, size_t n) {
             size_t used = 0;
             FUZZ_CHECK(tpfed_layer_entry_decode(m.entries + off, m.entries_len - off, &e, &used) ==
                        TPFED_OK);
-            FUZZ_CHECK(used >= 4u && used <= (size_t)m.entries_len - off);
+            FUZZ_CHECK(used >= 36u && used <= (size_t)m.entries_len - off);
             check_inside(e.kv_groups, (size_t)e.n_kv_groups * 2u, m.entries + off, used);
             check_inside(e.mlp_ranges, (size_t)e.n_mlp_ranges * 8u, m.entries + off, used);
+            check_inside(e.sha256, 32u, m.entries + off, used);
             off += used;
         }
         FUZZ_CHECK(off == m.entries_len);
@@ -269,9 +270,9 @@ static int rt_ack(const uint8_t *p, size_t n) {
     tpfed_ack_t m;
     int rc = tpfed_ack_decode(p, n, &m);
     if (rc != TPFED_OK) return rc;
-    FUZZ_CHECK(n == 3u);
+    check_inside(m.held, m.held_len, p, n);   // held: the rest of the payload (ACK of ASSIGN)
+    FUZZ_CHECK(n == 3u + m.held_len);
     REENCODE(ack, &m, p, n);
-    NOT_PREFIX(ack, tpfed_ack_t, p, n);
     return rc;
 }
 
@@ -673,11 +674,16 @@ static void fuzz_struct_first(const uint8_t *d, size_t n) {
         SAME(m, o, acked_seq);
         SAME(m, o, acked_type);
         SAME(m, o, code);
+        size_t got;
         a.acked_seq = m.acked_seq;
         a.acked_type = m.acked_type;
+        a.held = fuzz_take(&in, fuzz_u8(&in), &got);
+        a.held_len = (uint16_t)got;
         ENC_DEC(ack, &a, &ao, &in);
         SAME(a, ao, acked_seq);
         SAME(a, ao, acked_type);
+        SAME(a, ao, held_len);
+        FUZZ_CHECK(!got || memcmp(a.held, ao.held, got) == 0);
         break;
     }
     case 6: {
@@ -840,8 +846,14 @@ static void fuzz_struct_first(const uint8_t *d, size_t n) {
             e.n_kv_groups = (uint8_t)(g1 / 2u);
             e.mlp_ranges = fuzz_take(&in, (size_t)(fuzz_u8(&in) % 16u) * 8u, &g2);
             e.n_mlp_ranges = (uint8_t)(g2 / 8u);
+            uint8_t sha[32];
+            size_t g3;
+            memcpy(sha, fuzz_take(&in, 32, &g3), g3);
+            memset(sha + g3, 0xA5, 32 - g3);
+            e.sha256 = sha;
             FUZZ_CHECK(tpfed_layer_entry_encode(ents + off, sizeof ents - off, &e, &ol) == TPFED_OK);
-            FUZZ_CHECK(ol == 4u + (g1 & ~(size_t)1) + (g2 & ~(size_t)7));
+            FUZZ_CHECK(ol == 36u + (g1 & ~(size_t)1) + (g2 & ~(size_t)7));
+            FUZZ_CHECK(memcmp(ents + off + ol - 32u, sha, 32) == 0);
             off += ol;
         }
         m.n_entries = (uint16_t)ne;

@@ -107,10 +107,12 @@ def hello(name: bytes = b"fuzz", max_frame: int = 1024) -> bytes:
                           max_frame, 64))
 
 
-def layer_entry(layer: int, groups: list[int], ranges: list[tuple[int, int]]) -> bytes:
+def layer_entry(layer: int, groups: list[int], ranges: list[tuple[int, int]],
+                sha: bytes = bytes(32)) -> bytes:
+    """One ASSIGN entry naming ``sha``, the sha256 of the share wanted (zeros: none)."""
     out = struct.pack("<HB", layer, len(groups)) + b"".join(struct.pack("<H", g) for g in groups)
     out += struct.pack("<B", len(ranges)) + b"".join(struct.pack("<II", a, b) for a, b in ranges)
-    return out
+    return out + sha
 
 
 class Geometry:
@@ -260,10 +262,11 @@ def peer_seeds() -> dict[str, bytes]:
     act_scales = [0x3C00, 0x3800]   # fp16 1.0, 0.5
     seeds: dict[str, bytes] = {}
 
-    def work(s: Session, plan, order=None, repeat=False, bad_hash=False, positions=1) -> None:
+    def work(s: Session, plan, order=None, repeat=False, bad_hash=False, positions=1) -> dict:
         s.send(ASSIGN, assign(g, [layer_entry(*e) for e in plan]))
+        shares = {}
         for layer, groups, ranges in plan:
-            share = layer_share(g, layer, groups, ranges, rng)
+            share = shares[layer] = layer_share(g, layer, groups, ranges, rng)
             if bad_hash:
                 s.chunks(layer, share, sha=b"\x5a" * 32)
             s.chunks(layer, share, order=order, repeat=repeat)
@@ -273,16 +276,32 @@ def peer_seeds() -> dict[str, bytes]:
                     s.send(ACTIVATION, activation(layer, 0, pos, act_qs, act_scales))
                 if ranges:
                     s.send(ACTIVATION, activation(layer, 1, pos, act_qs, act_scales))
+        return shares
 
     def session(name: str, cfg: int, plan: list[tuple[int, list[int], list[tuple[int, int]]]],
                 order=None, repeat=False, bad_hash=False, reassign=False, tail=True,
-                auth_cfg=KEYED, extra=None):
+                auth_cfg=KEYED, extra=None, keep=False):
         s = Session(MAX_FRAMES[cfg & 3])
         if auth_cfg == PROVISIONABLE:
             s.send_plain(PROVISION, FUZZ_KEY, session=0)
         s.handshake()
         s.send(HELLO, hello(), dst=1)
-        work(s, plan, order=order, repeat=repeat, bad_hash=bad_hash, positions=3 if tail else 1)
+        shares = work(s, plan, order=order, repeat=repeat, bad_hash=bad_hash,
+                      positions=3 if tail else 1)
+        if keep:
+            # the same shares named by sha256 (kept), then in reverse order with one left out
+            # and one named by another share's hash (moved, dropped), then after BYE and a new
+            # session, kept again
+            shas = {layer: hashlib.sha256(b).digest() for layer, b in shares.items()}
+            s.send(ASSIGN, assign(g, [layer_entry(*e, sha=shas[e[0]]) for e in plan]))
+            s.send(ACTIVATION, activation(plan[0][0], 0, 0, act_qs, act_scales))
+            first = plan[0]
+            s.send(ASSIGN, assign(g, [layer_entry(*plan[-1], sha=shas[first[0]]),
+                                      layer_entry(first[0], first[1], first[2], sha=shas[first[0]])]
+                                  if len(plan) > 1 else [layer_entry(*first, sha=shas[first[0]])]))
+            s.send(BYE, b"\0")
+            s.handshake()
+            s.send(ASSIGN, assign(g, [layer_entry(*e, sha=shas[e[0]]) for e in plan]))
         if tail:
             s.send(HEARTBEAT, struct.pack("<IB", 1234, 5))
             s.send(PROBE, struct.pack("<IQ", 99, 123456) + b"pad" * 5)
@@ -308,6 +327,8 @@ def peer_seeds() -> dict[str, bytes]:
     session("frame320", peer_config(1), small)
     session("frame4096", peer_config(2), small, order="shuffle")
     session("two_layers_big", peer_config(0, big=True), two, reassign=True)
+    session("two_layers_kept", peer_config(0, big=True), two, keep=True)
+    session("small_kept", peer_config(0), small, keep=True)
     session("two_layers_64k", peer_config(3, big=True), two)
     session("two_layers_small_arena", peer_config(0), two)
     session("tight_limits", peer_config(0, big=True, tight=True), two, tail=False)

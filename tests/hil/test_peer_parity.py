@@ -356,7 +356,7 @@ def test_board_and_host_core_answer_every_frame_alike(musca_board, stories260k_d
     provision = encode_frame(Frame(MsgType.PROVISION, {"key": key}, seq=500))
     board.send(provision)
     board_prov_ack = board.recv(5.0)
-    assert decode_frame(board_prov_ack).payload == {"acked_seq": 500, "acked_type": MsgType.PROVISION}
+    assert decode_frame(board_prov_ack).payload == {"acked_seq": 500, "acked_type": MsgType.PROVISION, "held": b""}
 
     _, board_ack = _handshake(board, Handshake(SESSION))
     hello = frame(MsgType.HELLO, HELLO)

@@ -215,7 +215,7 @@ def assign(session: int, dst: int, *, huge: bool = False, big: bool = False) -> 
         geometry = {"dim": 0xFFE0, "hidden_dim": 0xFFFFFFE0, "n_layers": 200, "n_heads": 0xFFFF,
                     "n_kv_heads": 0xFFFF, "seq_len": 0xFFFF}
         entries = [{"layer": i, "kv_groups": list(range(8)),
-                    "mlp_ranges": [{"start": 0, "end": 0xFFFFFFE0}]} for i in range(40)]
+                    "mlp_ranges": [{"start": 0, "end": 0xFFFFFFE0}]} for i in range(20)]  # one datagram
     else:  # a plausible stories260K assignment (every layer, everything)
         geometry = {"dim": 64, "hidden_dim": 172, "n_layers": 5, "n_heads": 8, "n_kv_heads": 4,
                     "seq_len": 512}

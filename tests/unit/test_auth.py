@@ -227,7 +227,7 @@ def test_python_coordinator_and_c_peer() -> None:
     (ack,) = peer.feed(encode_frame(Frame(MsgType.AUTH, confirm, dst=5, seq=2, session=hs.session_id)))
     hs.session.open(ack)
     a = decode_frame(ack)
-    assert a.type == MsgType.ACK and a.payload == {"acked_seq": 2, "acked_type": MsgType.AUTH}
+    assert a.type == MsgType.ACK and a.payload == {"acked_seq": 2, "acked_type": MsgType.AUTH, "held": b""}
     assert a.src == 5 and a.session == hs.session_id
     assert lib.tpfed_peer_in_session(peer.p) and lib.tpfed_peer_device_id(peer.p) == 5
     hello = {"device_class": 0, "name": "c", "ram_kb": 0, "psram_kb": 0, "flash_kb": 0, "cpu_mhz": 0,

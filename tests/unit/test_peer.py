@@ -90,13 +90,15 @@ def types(replies: list[bytes]) -> list[MsgType]:
     return [decode_frame(r).type for r in replies]
 
 
-def assign_frame(config, entries, seq_len=SEQ_LEN, session=SESSION, **geometry) -> bytes:
+def assign_frame(config, entries, seq_len=SEQ_LEN, session=SESSION, shas=None, **geometry) -> bytes:
+    """ASSIGN of entries {layer: (groups, ranges)}, naming shas[layer] (default: none, zeros)."""
     c = config
     payload = {"dim": c.dim, "hidden_dim": c.hidden_dim, "n_layers": c.n_layers,
                "n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "seq_len": seq_len,
                "norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
                "entries": [{"layer": layer, "kv_groups": list(g),
-                            "mlp_ranges": [{"start": a, "end": b} for a, b in r]}
+                            "mlp_ranges": [{"start": a, "end": b} for a, b in r],
+                            "sha256": (shas or {}).get(layer, bytes(32))}
                            for layer, (g, r) in sorted(entries.items())]}
     payload.update(geometry)
     return frame(MsgType.ASSIGN, payload, session=session)
@@ -240,6 +242,74 @@ def test_corrupted_share_is_refused_then_the_good_one_taken(q8, blobs):
     for off, n in chunks(blob):
         out += peer.handle(weights_frame(2, blob, off, n))
     assert types(out) == [MsgType.ACK, MsgType.READY]
+
+
+# ----------------------------------------------------------------------------- shares kept
+
+
+def held_of(ack: Frame, n: int) -> list[bool]:
+    """The ACK of an ASSIGN of n entries: which entries' shares the peer holds already."""
+    assert ack.type == MsgType.ACK and ack.payload["acked_type"] == MsgType.ASSIGN, ack
+    bits = ack.payload["held"]
+    assert len(bits) == (n + 7) // 8
+    return [bool(bits[i // 8] >> (i % 8) & 1) for i in range(n)]
+
+
+def test_shares_are_kept_by_sha256_across_assigns_and_sessions(q8, blobs):
+    """An ASSIGN naming the sha256 of shares the peer holds keeps them (READY at once, exact
+    partials); across BYE and a new session too, moved into a larger layout; a share named by
+    another sha256 is dropped."""
+    digests = {layer: hashlib.sha256(b).digest() for layer, b in blobs.items()}
+    peer = ready_peer(q8, blobs)
+    assert peer.shares_kept == 2
+    out = peer.handle(assign_frame(q8.config, SHARE, shas=digests))
+    assert types(out) == [MsgType.ACK, MsgType.READY]
+    assert held_of(decode_frame(out[0]), 2) == [True, True]
+    assert peer.ready and peer.layers_held == 2
+    assert partial_is_exact(q8, peer.handle(activation(q8, stage=Stage.ATTENTION, layer=0)[0])[0])
+
+    # BYE: the assignment ends, the shares stay; a new session's ASSIGN (a new layer 1 before
+    # layer 2, so the kept shares move) keeps layers 0 and 2, and layer 1 is pushed.
+    assert peer.handle(frame(MsgType.BYE, {"reason": 0})) == [] and not peer.ready
+    assert peer.layers_assigned == 0 and peer.shares_kept == 2
+    peer.link = SealedLink(peer.raw, KEY, 1, session=SESSION + 1)
+    peer.handshake()
+    bigger = {**SHARE, 1: ((0, 2), ((32, 96),))}
+    b1 = serialize_layer_share(q8, 1, *bigger[1])
+    ack = one(peer.handle(assign_frame(q8.config, bigger, session=SESSION + 1,
+                                       shas={**digests, 1: hashlib.sha256(b1).digest()})))
+    assert held_of(ack, 3) == [True, False, True]
+    assert peer.layers_held == 2 and not peer.ready
+    out = []
+    for off, n in chunks(b1):
+        out += peer.handle(weights_frame(1, b1, off, n, session=SESSION + 1))
+    assert types(out) == [MsgType.ACK, MsgType.READY]
+    for layer, stage in ((0, Stage.ATTENTION), (0, Stage.MLP), (2, Stage.ATTENTION)):
+        f, _ = activation(q8, stage=stage, layer=layer, session=SESSION + 1)
+        assert partial_is_exact(q8, peer.handle(f)[0], stage=stage, layer=layer)
+
+    # Another sha256 for layer 2 (the share wanted is not the one held): dropped, not held.
+    ack = one(peer.handle(assign_frame(q8.config, SHARE, session=SESSION + 1,
+                                       shas={0: digests[0], 2: digests[0]})))
+    assert held_of(ack, 2) == [True, False]
+    assert peer.shares_kept == 1 and peer.layers_held == 1
+
+
+def test_a_share_claimed_but_not_held_is_pushed(q8, blobs):
+    """A share only partly received (its sha256 announced by WEIGHTS, not complete and
+    verified) is not held: an ASSIGN naming it gets its bit clear, and the share comes again."""
+    digests = {layer: hashlib.sha256(b).digest() for layer, b in blobs.items()}
+    peer = new_peer()
+    assert held_of(one(peer.handle(assign_frame(q8.config, SHARE, shas=digests))), 2) == [False, False]
+    blob = blobs[2]
+    parts = chunks(blob)
+    for off, n in parts[:-1]:
+        assert peer.handle(weights_frame(2, blob, off, n)) == []
+    assert peer.shares_kept == 0
+    assert held_of(one(peer.handle(assign_frame(q8.config, SHARE, shas=digests))), 2) == [False, False]
+    # the assembly started over: the last chunk alone does not complete it
+    assert peer.handle(weights_frame(2, blob, *parts[-1])) == []
+    assert peer.shares_kept == 0
 
 
 @pytest.mark.parametrize(("kwargs", "code"), [

@@ -296,8 +296,10 @@ typedef struct {
     uint32_t ranges[8][2];
 } ent;
 
-static size_t assign_payload(uint8_t *out, uint16_t dim, uint32_t hidden, uint16_t n_layers,
-                             uint16_t n_heads, uint16_t n_kv, uint16_t seq_len, const ent *es, int ne) {
+// ASSIGN naming, per entry, the sha256 shas[i] of the share it wants (shas NULL: all zero).
+static size_t assign_payload_sha(uint8_t *out, uint16_t dim, uint32_t hidden, uint16_t n_layers,
+                                 uint16_t n_heads, uint16_t n_kv, uint16_t seq_len, const ent *es,
+                                 int ne, const uint8_t (*shas)[32]) {
     uint8_t entries[4096];
     size_t el = 0;
     for (int i = 0; i < ne; i++) {
@@ -310,12 +312,20 @@ static size_t assign_payload(uint8_t *out, uint16_t dim, uint32_t hidden, uint16
             tpfed_wr_u32(entries + el, es[i].ranges[r][0]);
             tpfed_wr_u32(entries + el + 4, es[i].ranges[r][1]);
         }
+        if (shas) memcpy(entries + el, shas[i], 32);
+        else memset(entries + el, 0, 32);
+        el += 32;
     }
     tpfed_assign_t a = {dim, hidden, n_layers, n_heads, n_kv, seq_len, 1e-5f, 10000.0f, 0,
                         (uint16_t)ne, entries, (uint16_t)el};
     size_t len = 0;
     CHECK(tpfed_assign_encode(out, 65535, &a, &len) == TPFED_OK);
     return len;
+}
+
+static size_t assign_payload(uint8_t *out, uint16_t dim, uint32_t hidden, uint16_t n_layers,
+                             uint16_t n_heads, uint16_t n_kv, uint16_t seq_len, const ent *es, int ne) {
+    return assign_payload_sha(out, dim, hidden, n_layers, n_heads, n_kv, seq_len, es, ne, NULL);
 }
 
 // A valid share: header, tables, every matrix zero (zero scales are finite).
@@ -533,6 +543,124 @@ static void test_peer(void) {
     CHECK(!tpfed_peer_in_session(p) && tpfed_peer_session(p) == 0);
     CHECK(exchange(p, TPFED_MSG_HEARTBEAT, 1, pl, 5, NULL, NULL) == 0);
     CHECK(tpfed_peer_get_stats(p)->activations == 4);
+    sealing = NULL;
+}
+
+// ------------------------------------------------------------------------- shares kept
+
+// ASSIGN es (naming shas); returns the number of replies and the ACK's held bitmap (first
+// byte; -1 if the first reply is not that ACK).
+static int assign_held(tpfed_peer *p, uint16_t session, const ent *es, int ne,
+                       const uint8_t (*shas)[32], int *held) {
+    static uint8_t pl[8192];
+    size_t n = assign_payload_sha(pl, 64, 172, 5, 8, 4, 64, es, ne, shas);
+    int replies = exchange(p, TPFED_MSG_ASSIGN, session, pl, n, NULL, NULL);
+    tpfed_header_t h;
+    const uint8_t *rp;
+    tpfed_ack_t ack;
+    *held = -1;
+    if (replies && reply(0, &h, &rp) && h.type == TPFED_MSG_ACK &&
+        tpfed_ack_decode(rp, h.length, &ack) == TPFED_OK && ack.acked_type == TPFED_MSG_ASSIGN)
+        *held = ack.held_len == (size_t)(ne + 7) / 8 ? (ne ? ack.held[0] : 0) : -2;
+    return replies;
+}
+
+// WEIGHTS of share (total bytes) for layer, 512-byte chunks from chunk `from` on, up to
+// (excluding) `to`; returns the replies to the last one sent.
+static int push_share(tpfed_peer *p, uint16_t session, uint16_t layer, const uint8_t *share,
+                      size_t total, uint32_t from, uint32_t to) {
+    static uint8_t pl[2048];
+    uint8_t sha[32];
+    tpfed_sha256(sha, share, total);
+    int replies = 0;
+    for (uint32_t off = from * 512u; off < total && off < to * 512u; off += 512u) {
+        uint32_t len = (uint32_t)(total - off < 512u ? total - off : 512u);
+        size_t n = weights_payload(pl, layer, off, (uint32_t)total, sha, share + off, (uint16_t)len);
+        replies = exchange(p, TPFED_MSG_WEIGHTS, session, pl, n, NULL, NULL);
+    }
+    return replies;
+}
+
+static int last_is(int i, uint8_t type) {
+    tpfed_header_t h;
+    const uint8_t *rp;
+    return reply(i, &h, &rp) && h.type == type;
+}
+
+// Shares outlive ASSIGNs and sessions: an ASSIGN naming a share's sha256 keeps it (moved into
+// the new layout), one naming another drops it; a share half received is not held; READY comes
+// at once when every share is held.
+static void test_kept(void) {
+    static uint8_t arena[256 * 1024];
+    static uint8_t s2[32768], s0[32768], s1[32768], s0b[32768];
+    tpfed_peer_config cfg = {&hal, &info, 6, TPFED_TRANSPORT_UDP, 1024, 4, 2, 1000000u, fed_key, 0};
+    tpfed_peer *p = tpfed_peer_init(arena + 3, sizeof arena - 5, &cfg);   // odd size on purpose
+    CHECK(p != NULL && handshake(p, fed_key, 1, 1));
+    ent a[2] = {{2, 1, {1}, 1, {{128, 172}}}, {0, 0, {0}, 1, {{0, 32}}}};
+    size_t n2 = make_share(s2, &a[0], 64, 172, 8, 2, 4), n0 = make_share(s0, &a[1], 64, 172, 8, 2, 4);
+    uint8_t shas[3][32];
+    tpfed_sha256(shas[0], s2, n2);
+    tpfed_sha256(shas[1], s0, n0);
+    int held;
+    CHECK(assign_held(p, 1, a, 2, (const uint8_t (*)[32])shas, &held) == 1 && held == 0);
+    CHECK(push_share(p, 1, 2, s2, n2, 0, 1000) == 1 && last_is(0, TPFED_MSG_ACK));
+    CHECK(push_share(p, 1, 0, s0, n0, 0, 1) == 0);   // layer 0: one chunk of several
+    CHECK(tpfed_peer_shares_kept(p) == 1);
+    // The same ASSIGN again: layer 2 held; layer 0 claimed (its sha256) but not complete.
+    CHECK(assign_held(p, 1, a, 2, (const uint8_t (*)[32])shas, &held) == 1 && held == 1);
+    CHECK(tpfed_peer_state(p) == TPFED_PEER_ASSIGNED && tpfed_peer_layers_held(p) == 1);
+    CHECK(push_share(p, 1, 0, s0, n0, 0, 1000) == 2 && last_is(1, TPFED_MSG_READY));
+    size_t used = tpfed_peer_arena_used(p);
+    // Everything held: ACK (both bits) and READY at once; the layout is the same.
+    CHECK(assign_held(p, 1, a, 2, (const uint8_t (*)[32])shas, &held) == 2 && held == 3 &&
+          last_is(1, TPFED_MSG_READY));
+    CHECK(tpfed_peer_state(p) == TPFED_PEER_READY && tpfed_peer_arena_used(p) == used);
+    // The last chunk of a kept share again: ACK and READY again.
+    CHECK(push_share(p, 1, 0, s0, n0, (uint32_t)((n0 - 1) / 512), 1000) == 2 && last_is(1, TPFED_MSG_READY));
+    // A sha256 the peer does not hold for layer 2: its share is dropped, layer 0's kept.
+    uint8_t other[2][32];
+    memcpy(other, shas, sizeof other);
+    other[0][5] ^= 1;
+    CHECK(assign_held(p, 1, a, 2, (const uint8_t (*)[32])other, &held) == 1 && held == 2);
+    CHECK(tpfed_peer_shares_kept(p) == 1 && tpfed_peer_state(p) == TPFED_PEER_ASSIGNED);
+    CHECK(push_share(p, 1, 2, s2, n2, 0, 1000) == 2 && last_is(1, TPFED_MSG_READY));
+    // An ASSIGN that does not fit: OOM; the assignment and its shares stay.
+    ent kv = {0, 4, {0, 1, 2, 3}, 0, {{0}}};
+    static uint8_t pl[8192];
+    tpfed_header_t h;
+    const uint8_t *rp;
+    size_t n = assign_payload(pl, 64, 172, 5, 8, 4, 65535, &kv, 1);
+    CHECK(exchange(p, TPFED_MSG_ASSIGN, 1, pl, n, &h, &rp) == 1 && error_code(&h, rp) == TPFED_ERR_OUT_OF_MEMORY);
+    CHECK(tpfed_peer_state(p) == TPFED_PEER_READY && tpfed_peer_shares_kept(p) == 2);
+    // BYE ends the session and the assignment, not the shares.
+    uint8_t reason = 0;
+    CHECK(exchange(p, TPFED_MSG_BYE, 1, &reason, 1, NULL, NULL) == 0 && tpfed_peer_state(p) == TPFED_PEER_IDLE);
+    CHECK(tpfed_peer_layers_assigned(p) == 0 && tpfed_peer_shares_kept(p) == 2);
+    // A new session: layer 1 first (new, more groups), then layer 0 kept (it moves), layer 2
+    // not named (dropped).
+    CHECK(handshake(p, fed_key, 2, 1));
+    ent b[2] = {{0, 0, {0}, 1, {{0, 32}}}, {1, 2, {0, 3}, 1, {{32, 96}}}};
+    size_t n1 = make_share(s1, &b[1], 64, 172, 8, 2, 4);
+    uint8_t shb[2][32];
+    memcpy(shb[0], shas[1], 32);
+    tpfed_sha256(shb[1], s1, n1);
+    CHECK(assign_held(p, 2, b, 2, (const uint8_t (*)[32])shb, &held) == 1 && held == 1);
+    CHECK(tpfed_peer_shares_kept(p) == 1 && tpfed_peer_layers_held(p) == 1);
+    CHECK(push_share(p, 2, 1, s1, n1, 0, 1000) == 2 && last_is(1, TPFED_MSG_READY));
+    // The kept share still computes: an MLP of layer 0 gives a PARTIAL (all-zero weights).
+    int8_t qs[64];
+    uint8_t scales[4];
+    memset(qs, 3, sizeof qs);
+    tpfed_wr_u16(scales, 0x3C00);
+    tpfed_wr_u16(scales + 2, 0x3C00);
+    tpfed_activation_t act = {0, TPFED_STAGE_MLP, 0, 64, scales, qs};
+    CHECK(tpfed_activation_encode(pl, sizeof pl, &act, &n) == TPFED_OK);
+    CHECK(exchange(p, TPFED_MSG_ACTIVATION, 2, pl, n, &h, &rp) == 1 && h.type == TPFED_MSG_PARTIAL);
+    // Layer 0's sha256 for another range of layer 0: not that share (not held, dropped).
+    ent c = {0, 0, {0}, 1, {{0, 64}}};
+    make_share(s0b, &c, 64, 172, 8, 2, 4);
+    CHECK(assign_held(p, 2, &c, 1, (const uint8_t (*)[32])shb, &held) == 1 && held == 0);
+    CHECK(tpfed_peer_shares_kept(p) == 0);
     sealing = NULL;
 }
 
@@ -799,6 +927,7 @@ int main(int argc, char **argv) {
     test_share_bytes();
     test_stream(dir);
     test_peer();
+    test_kept();
     test_hmac();
     test_replay_window();
     test_auth_peer();

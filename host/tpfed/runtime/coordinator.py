@@ -1295,10 +1295,67 @@ class Coordinator(PeerLinks, Int8Transformer):
         leaving, self.leaving = self.leaving, set()
         for name in sorted(leaving):
             peer = next((p for p in self.peers if p.name == name), None)
-            if peer is not None:
-                await self.recover(PeerLost(f"peer {peer.label} left", peer), 0, Stage.ATTENTION, pos)
+            if peer is None or self.plan is None:
+                continue
+            t0 = time.perf_counter()
+            before = self.weight_bytes_pushed
+            self.peers.remove(peer)
+            self.lost.append(peer)
+            peer.link.on_frame = None
+            if not self.peers:
+                raise PeerError(f"peer {peer.label} left; no device is left to take its share")
+            try:
+                replayed = (await self._rebalance(pos))[1]
+            except PlanError as exc:
+                raise PeerError(f"peer {peer.label} left; the {len(self.peers)} devices left "
+                                f"cannot hold the model: {exc}") from None
+            record = {"device": peer.name, "position": pos, "seconds": round(time.perf_counter() - t0, 4),
+                      "detect_seconds": 0.0, "bytes_moved": self.weight_bytes_pushed - before,
+                      "replayed_frames": replayed, "devices_left": len(self.peers), "left": True}
+            self.stats.recoveries.append(record)
+            self.recoveries.append(record)
+            if self.on_recovery is not None:
+                self.on_recovery(record)
         if self.joining:
             await self.join_pending(pos)
+
+    async def _rebalance(self, pos: int) -> tuple[set[str], int]:
+        """Re-plan the current plan over ``self.peers`` with minimal movement, push the shares
+        of every device whose assignment changed and replay their KV caches (positions
+        ``< pos``). A device lost on the way (silent, refusing its share) is planned out and
+        the re-plan made again from there. Returns the devices rebuilt and the activations
+        replayed; :class:`PlanError` when the first re-plan finds no plan (nothing changed)."""
+        from tpfed.planning.planner import replan
+
+        assert self.plan is not None
+        base = self.plan
+        dirty: set[str] = set()  # devices whose shares and caches must be rebuilt
+        replayed = 0
+        while True:
+            try:
+                new = replan(base, [p.spec() for p in self.peers])
+            except PlanError as exc:
+                if not dirty and base is self.plan:
+                    raise
+                raise PeerError(f"no plan after a loss: {exc}") from None
+            old_devs = {d.name: d for d in base.devices}
+            dirty |= {d.name for d in new.devices
+                      if d.name not in old_devs or _layers_of(old_devs[d.name]) != _layers_of(d)}
+            dirty &= {d.name for d in new.devices}
+            self.use_plan(new)
+            changed = [d for d in new.devices if d.name in dirty]
+            try:
+                await all_of(self._rebuild_push(d) for d in changed)
+                replayed += await self._replay(changed, 0, Stage.ATTENTION, pos)
+                return dirty, replayed
+            except PeerLost as lost:  # gone while being planned in (or a holder it relieved)
+                gone = lost.peer
+                if gone not in self.peers:
+                    raise
+                self._forget(gone, lost, pos)
+                if not self.peers:
+                    raise PeerError(f"{lost}; no device is left to take its share") from None
+                base = self.plan
 
     async def join_pending(self, pos: int | None = None) -> list[dict]:
         """Plan the queued devices in with minimal movement (:func:`planning.planner.replan`:
@@ -1307,8 +1364,6 @@ class Coordinator(PeerLinks, Int8Transformer):
         rebuild their KV caches by replaying the attention inputs of positions ``< pos``
         (default: every position the log holds). Call it between tokens. A device lost on
         the way is planned out again like any loss. Returns the join records."""
-        from tpfed.planning.planner import replan
-
         joining, self.joining = self.joining, []
         if not joining:
             return []
@@ -1318,41 +1373,17 @@ class Coordinator(PeerLinks, Int8Transformer):
         pos = self.history.length if pos is None else pos
         t0 = time.perf_counter()
         before = self.weight_bytes_pushed
-        replayed = 0
-        base = self.plan
-        dirty: set[str] = set()  # devices whose shares and caches must be rebuilt
-        while True:
-            try:
-                new = replan(base, [p.spec() for p in self.peers])
-            except PlanError as exc:
-                if base is not self.plan or dirty:
-                    raise PeerError(f"no plan after a loss while devices joined: {exc}") from None
-                for p in joining:  # the fleet goes on as it was; the newcomers stay out
-                    self.peers.remove(p)
-                    self.lost.append(p)
-                    record = {"device": p.name, "position": pos, "seconds": 0.0, "bytes_moved": 0,
-                              "error": f"not planned in: {exc}"}
-                    self.joins.append(record)
-                    self.stats.joins.append(record)
-                return []
-            old_devs = {d.name: d for d in base.devices}
-            dirty |= {d.name for d in new.devices
-                      if d.name not in old_devs or _layers_of(old_devs[d.name]) != _layers_of(d)}
-            dirty &= {d.name for d in new.devices}
-            self.use_plan(new)
-            changed = [d for d in new.devices if d.name in dirty]
-            try:
-                await all_of(self._push_device(d) for d in changed)
-                replayed += await self._replay(changed, 0, Stage.ATTENTION, pos)
-                break
-            except PeerLost as lost:  # gone while being planned in (or a holder it relieved)
-                gone = lost.peer
-                if gone not in self.peers:
-                    raise
-                self._forget(gone, lost, pos)
-                if not self.peers:
-                    raise PeerError(f"{lost}; no device is left to take its share") from None
-                base = self.plan
+        try:
+            dirty, replayed = await self._rebalance(pos)
+        except PlanError as exc:
+            for p in joining:  # the fleet goes on as it was; the newcomers stay out
+                self.peers.remove(p)
+                self.lost.append(p)
+                record = {"device": p.name, "position": pos, "seconds": 0.0, "bytes_moved": 0,
+                          "error": f"not planned in: {exc}"}
+                self.joins.append(record)
+                self.stats.joins.append(record)
+            return []
         planned = {d.name for d in self.plan.devices}
         records = []
         for p in joining:
@@ -1363,7 +1394,6 @@ class Coordinator(PeerLinks, Int8Transformer):
                       "seconds": round(time.perf_counter() - t0, 4),
                       "connect_seconds": round(p.connect_s, 4),
                       "bytes_moved": self.weight_bytes_pushed - before,
-                      "planned_bytes_moved": int(getattr(new, "moved_bytes", 0) or 0),
                       "kv_groups": share.kv_units if share else 0,
                       "mlp_columns": share.mlp_columns if share else 0,
                       "devices_changed": sorted(dirty), "replayed_frames": replayed,
@@ -1377,6 +1407,17 @@ class Coordinator(PeerLinks, Int8Transformer):
                 self.on_join(record)
         return records
 
+    async def _rebuild_push(self, dev) -> int:
+        """:meth:`_push_device`, a device that does not take its share (silent, or refusing
+        it) being reported as lost, so the caller plans it out like any loss."""
+        try:
+            return await self._push_device(dev)
+        except (PeerTimeout, PeerRefused) as exc:
+            peer = next((p for p in self.peers if p.name == dev.name), None)
+            if peer is None:
+                raise
+            raise PeerLost(str(exc), peer) from None
+
     def _forget(self, gone: PeerConn, lost: PeerLost, pos: int) -> None:
         """``gone`` is lost while devices were being planned in or out: drop it (the caller
         re-plans) and record the loss."""
@@ -1385,7 +1426,7 @@ class Coordinator(PeerLinks, Int8Transformer):
         gone.link.on_frame = None
         record = {"device": gone.name, "position": pos, "seconds": round(lost.waited_s, 4),
                   "detect_seconds": round(lost.waited_s, 4), "bytes_moved": 0,
-                  "replayed_frames": 0, "devices_left": len(self.peers), "during_join": True}
+                  "replayed_frames": 0, "devices_left": len(self.peers), "during_rebalance": True}
         self.stats.recoveries.append(record)
         self.recoveries.append(record)
         if self.on_recovery is not None:

@@ -226,7 +226,7 @@ class Engine:
         def on_recovery(rec: dict) -> None:
             where = "a replica" if rec.get("replica") else f"at position {rec.get('position')}"
             self.device_lost(m.name, rec["device"], where)
-            if not rec.get("during_join"):
+            if not rec.get("during_rebalance"):
                 self.device_recovered(m.name, rec["device"])
             self._plan_changed(m)
 

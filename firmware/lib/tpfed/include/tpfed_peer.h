@@ -50,9 +50,20 @@
 // are dropped and counted. The device id is the handshake's (HELLO and ASSIGN do not change
 // it); frames addressed to another device id (not broadcast) are dropped.
 //
+// Shares kept: every ASSIGN entry names the sha256 of the share it wants. A share the peer
+// holds complete (hashed and checked against the sha256 its WEIGHTS announced, when its last
+// granule came in) for that very entry (same layer, groups, ranges, geometry and flags), of the
+// assignment in place or of one ended since (BYE, a new session: shares outlive them), is kept:
+// the ACK of the ASSIGN sets the entry's bit in `held`, the share is moved into the new layout
+// (memmove within the arena) and counts as complete; READY follows that ACK when every share
+// is held already. Every other share is dropped, and KV caches always start empty. Keeping
+// never needs memory beyond the new assignment's (the OUT_OF_MEMORY check is unchanged), and
+// an ASSIGN refused keeps what was there.
+//
 // Memory: all in the arena, nothing else: the peer's own state first (opaque), the transmit
-// frame buffer, then per ASSIGN the layer table, each layer's group/range tables, share,
-// granule bitmap, unit views and KV caches, and the compute buffers.
+// frame buffer, then per ASSIGN the layer table, each layer's group/range tables,
+// granule bitmap, unit views and KV caches, the compute buffers, then the shares (those to
+// come, then those kept).
 #ifndef TPFED_PEER_H
 #define TPFED_PEER_H
 
@@ -129,6 +140,9 @@ size_t tpfed_peer_arena_size(const tpfed_peer *p);    // usable bytes (after ali
 size_t tpfed_peer_arena_used(const tpfed_peer *p);    // fixed part + current assignment
 uint32_t tpfed_peer_layers_assigned(const tpfed_peer *p);
 uint32_t tpfed_peer_layers_held(const tpfed_peer *p); // assigned layers whose share is complete
+// Complete shares in the arena: those of the assignment, or kept since it ended (BYE, a new
+// session), which the next ASSIGN may name again.
+uint32_t tpfed_peer_shares_kept(const tpfed_peer *p);
 
 // Bytes of one layer share (layout: the host's shard module; header, group table padded to 4,
 // ranges, then per group wq (gq, dim), wk, wv (head_size, dim), wo (dim, gq) and per range

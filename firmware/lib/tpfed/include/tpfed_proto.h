@@ -333,12 +333,14 @@ int tpfed_mlp_range_encode(uint8_t *p, size_t cap, const tpfed_mlp_range_t *m, s
 //     3  kv_groups       n_kv_groups x uint16_t
 //     +  n_mlp_ranges    uint8_t
 //     +  mlp_ranges      n_mlp_ranges x tpfed_mlp_range_t
+//     +  sha256          32 bytes
 typedef struct {
     uint16_t layer;
     uint8_t n_kv_groups; // number of KV groups
     const uint8_t *kv_groups; // n_kv_groups x uint16_t, raw little-endian: KV group ids (u16 each)
     uint8_t n_mlp_ranges; // number of MLP column ranges
     const uint8_t *mlp_ranges; // n_mlp_ranges x tpfed_mlp_range_t (8 bytes each, raw): MLP hidden column ranges
+    const uint8_t *sha256; // 32 bytes: SHA-256 of the layer share wanted here; the peer answers (ACK held) whether it holds it already; all zero: none named
 } tpfed_layer_entry_t;
 int tpfed_layer_entry_decode(const uint8_t *p, size_t len, tpfed_layer_entry_t *m, size_t *used);
 int tpfed_layer_entry_encode(uint8_t *p, size_t cap, const tpfed_layer_entry_t *m, size_t *out_len);
@@ -475,10 +477,12 @@ int tpfed_heartbeat_encode(uint8_t *p, size_t cap, const tpfed_heartbeat_t *m, s
 // tpfed_ack_t wire layout (little-endian):
 //     0  acked_seq       uint16_t
 //     2  acked_type      uint8_t
-//   (no bytes may follow the last field)
+//     3  held            the rest of the payload
 typedef struct {
     uint16_t acked_seq;
     uint8_t acked_type; // MsgType
+    const uint8_t *held; // ACK of ASSIGN: one bit per layer entry (entry i: byte i/8, bit i%8), set when the peer holds that entry's share (its sha256) already and needs no WEIGHTS for it; else empty
+    uint16_t held_len;
 } tpfed_ack_t;
 int tpfed_ack_decode(const uint8_t *p, size_t len, tpfed_ack_t *m);
 int tpfed_ack_encode(uint8_t *p, size_t cap, const tpfed_ack_t *m, size_t *out_len);

@@ -19,13 +19,15 @@ typedef struct tpfed_peer_layer {
     uint8_t ng, nr;
     uint8_t started;                    // sha256 below names the share being assembled
     uint8_t complete;                   // share in, hashed, checked, units built
+    uint8_t keep;                       // (during an ASSIGN) a new entry takes this share
     uint16_t *groups;                   // (ng)
     uint32_t *ranges;                   // (nr, 2) [start, end) hidden columns
     uint8_t *shard;                     // shard_size bytes
     uint32_t shard_size;
     uint32_t n_granules, have;          // granules of the share, granules held
     uint32_t *bitmap;                   // (ceil(n_granules / 32)) held granules
-    uint8_t sha256[TPFED_SHA256_SIZE];  // announced digest of the share being assembled
+    uint8_t sha256[TPFED_SHA256_SIZE];  // announced digest of the share being assembled; once
+                                        // complete, the digest it was verified to have
     float *key_cache;                   // (seq_len, ng * head_size)
     float *value_cache;                 // (seq_len, ng * head_size)
     tpfed_attention_unit *att_units;    // (ng) views into shard, set once it is complete
@@ -51,6 +53,8 @@ struct tpfed_peer {
     size_t arena_size;
     size_t arena_fixed;         // this struct + the transmit buffer
     size_t arena_used;          // fixed + current assignment
+    size_t arena_laid;          // end of what is laid out: the assignment, or after it ended
+                                // the layer table and shares kept from it (layers, n_entries)
     uint8_t *tx;                // frame being built (max_frame bytes)
     uint64_t int8_macs;
     uint8_t device_id;
@@ -78,6 +82,10 @@ struct tpfed_peer {
     tpfed_auth_session sess;    // the established session (sess.established)
     uint32_t last_rx_ms;        // when the session last took an authenticated frame
 };
+
+static void build_units(const tpfed_peer *p, tpfed_peer_layer *L);
+static tpfed_peer_layer *find_layer(tpfed_peer *p, uint32_t layer);
+static void send_ready_if_all(tpfed_peer *p, uint8_t dst);
 
 // -------------------------------------------------------------------------------- sizes
 
@@ -231,7 +239,7 @@ static void send_error(tpfed_peer *p, uint8_t dst, uint16_t code, const char *te
 }
 
 static void send_ack(tpfed_peer *p, uint8_t dst, uint16_t acked_seq, uint8_t acked_type) {
-    tpfed_ack_t a = {acked_seq, acked_type};
+    tpfed_ack_t a = {acked_seq, acked_type, NULL, 0};
     size_t len = 0;
     if (tpfed_ack_encode(payload_buf(p), payload_cap(p), &a, &len) == TPFED_OK)
         send_frame(p, TPFED_MSG_ACK, dst, next_seq(p), len);
@@ -338,7 +346,7 @@ tpfed_peer *tpfed_peer_init(uint8_t *arena, size_t arena_size, const tpfed_peer_
     p->arena = arena + skew;
     p->arena_size = arena_size - skew;
     p->tx = p->arena + align8(sizeof *p);
-    p->arena_fixed = p->arena_used = fixed_bytes(cfg->max_frame);
+    p->arena_fixed = p->arena_used = p->arena_laid = fixed_bytes(cfg->max_frame);
     p->device_id = TPFED_BROADCAST;
     if (cfg->key) {
         tpfed_hmac_key_init(&p->fed, cfg->key, TPFED_KEY_SIZE);
@@ -371,6 +379,11 @@ uint32_t tpfed_peer_layers_assigned(const tpfed_peer *p) { return p->assigned ? 
 uint32_t tpfed_peer_layers_held(const tpfed_peer *p) {
     uint32_t n = 0;
     for (uint32_t i = 0; p->assigned && i < p->n_entries; i++) n += p->layers[i].complete;
+    return n;
+}
+uint32_t tpfed_peer_shares_kept(const tpfed_peer *p) {
+    uint32_t n = 0;
+    for (uint32_t i = 0; p->layers && i < p->n_entries; i++) n += p->layers[i].complete;
     return n;
 }
 
@@ -408,6 +421,7 @@ typedef struct {
     uint8_t ng, nr;
     const uint8_t *groups;   // raw u16 LE
     const uint8_t *ranges;   // raw (u32 start, u32 end) LE
+    const uint8_t *sha256;   // the share wanted (TPFED_SHA256_SIZE bytes)
 } entry_view;
 
 // Entries were checked by tpfed_payload_validate (the frame decoder) before we get here.
@@ -418,7 +432,9 @@ static const uint8_t *read_entry(const uint8_t *q, entry_view *e) {
     q += 3 + 2u * e->ng;
     e->nr = q[0];
     e->ranges = q + 1;
-    return q + 1 + 8u * e->nr;
+    q += 1 + 8u * e->nr;
+    e->sha256 = q;
+    return q + TPFED_SHA256_SIZE;
 }
 
 static uint32_t range_start(const entry_view *e, int r) { return tpfed_rd_u32(e->ranges + 8 * r); }
@@ -489,11 +505,22 @@ static int entry_limits(const geometry *g, const entry_view *e, char *msg, size_
     return 0;
 }
 
+static uint64_t pad8(uint64_t n, int *ok) {
+    if (n > UINT64_MAX - 7u) *ok = 0;
+    return (n + 7u) & ~(uint64_t)7u;
+}
+
+static int bit_of(const uint8_t *bits, uint32_t i) { return bits && ((bits[i >> 3] >> (i & 7u)) & 1u); }
+
 // Lays out an assignment from arena_fixed on: counts its bytes (base NULL) or places it (base
-// = the arena; every entry already checked and the total known to fit). Returns the arena
-// offset past it; *ok drops to 0 on 64-bit overflow.
+// = the arena; every entry already checked and the total known to fit). Order: the layer
+// table, per entry its group/range tables, granule bitmap, unit views and KV caches, the
+// compute buffers, then the shares, each padded to 8 bytes: first those to come (in entry
+// order), last, from *kept_at on, those of the entries set in held (one bit per entry, or
+// NULL: none), which the caller moves there as one block and attaches (attach_kept). The total
+// does not depend on held. Returns the arena offset past it; *ok drops to 0 on 64-bit overflow.
 static uint64_t lay_out(tpfed_peer *p, const geometry *g, const tpfed_assign_t *as, uint64_t work,
-                        uint8_t *base, int *ok) {
+                        uint8_t *base, const uint8_t *held, uint64_t *kept_at, int *ok) {
     arena_plan a = {base, p->arena_fixed, 1};
     tpfed_peer_layer *layers = (tpfed_peer_layer *)take(&a, sizeof(tpfed_peer_layer) * (uint64_t)as->n_entries);
     const uint8_t *q = as->entries;
@@ -510,7 +537,6 @@ static uint64_t lay_out(tpfed_peer *p, const geometry *g, const tpfed_assign_t *
         L.nr = e.nr;
         L.groups = (uint16_t *)take(&a, 2u * (uint64_t)e.ng);
         L.ranges = (uint32_t *)take(&a, 8u * (uint64_t)e.nr);
-        L.shard = take(&a, size);
         L.shard_size = (uint32_t)size;
         L.n_granules = (uint32_t)granules;
         L.bitmap = (uint32_t *)take(&a, 4u * (granules / 32u + 1u));
@@ -527,6 +553,7 @@ static uint64_t lay_out(tpfed_peer *p, const geometry *g, const tpfed_assign_t *
                 L.ranges[2 * r] = range_start(&e, r);
                 L.ranges[2 * r + 1] = range_end(&e, r);
             }
+            memcpy(L.sha256, e.sha256, TPFED_SHA256_SIZE);
             memset(L.bitmap, 0, 4u * (size_t)(granules / 32u + 1u));
             if (e.ng) {
                 memset(L.key_cache, 0, (size_t)kv);
@@ -539,6 +566,17 @@ static uint64_t lay_out(tpfed_peer *p, const geometry *g, const tpfed_assign_t *
     int8_t *xq_qs = (int8_t *)take(&a, pad4(g->dim));
     uint16_t *xq_d = (uint16_t *)take(&a, 2u * (uint64_t)nblocks(g->dim));
     void *w = take(&a, work);
+    for (int kept = 0; kept < 2; kept++) {
+        if (kept) *kept_at = pad8(a.used, &a.ok);
+        q = as->entries;
+        for (uint32_t i = 0; i < as->n_entries; i++) {
+            entry_view e;
+            q = read_entry(q, &e);
+            if (bit_of(held, i) != kept) continue;
+            uint8_t *shard = take(&a, pad8(entry_share_bytes(g, &e), &a.ok));
+            if (base && a.ok) layers[i].shard = shard;
+        }
+    }
     if (base && a.ok) {
         p->layers = layers;
         p->out = out;
@@ -551,14 +589,103 @@ static uint64_t lay_out(tpfed_peer *p, const geometry *g, const tpfed_assign_t *
     return a.used;
 }
 
+// 1 if the share s (size bytes; complete, its content checked when it came in) is the one
+// entry e of geometry g asks for: its header and tables say so.
+static int share_is(const geometry *g, const entry_view *e, const uint8_t *s, uint32_t size) {
+    tpfed_share_header_t h;
+    size_t used;
+    if (size != entry_share_bytes(g, e) || tpfed_share_header_decode(s, size, &h, &used) != TPFED_OK)
+        return 0;
+    if (h.version != TPFED_SHARE_VERSION || h.header_size != TPFED_SHARE_HEADER_SIZE ||
+        h.total != size || h.layer != e->layer || h.dim != g->dim || h.hidden_dim != g->hidden_dim ||
+        h.head_size != g->head_size || h.group_size != g->group_size ||
+        h.n_kv_heads != g->n_kv_heads || h.flags != g->flags || h.n_groups != e->ng ||
+        h.n_ranges != e->nr)
+        return 0;
+    uint64_t off = TPFED_SHARE_HEADER_SIZE;
+    if (e->ng && memcmp(s + off, e->groups, 2u * (size_t)e->ng) != 0) return 0;
+    off += pad4(2u * e->ng);
+    return !e->nr || memcmp(s + off, e->ranges, 8u * (size_t)e->nr) == 0;
+}
+
+// Which entries of the new assignment name (by sha256) a share this peer holds complete (of
+// the assignment in place, or kept since it ended): those shares are marked keep, their
+// entries set in held. Returns their bytes, each padded to 8.
+static uint64_t match_kept(tpfed_peer *p, const geometry *g, const tpfed_assign_t *as, uint8_t *held) {
+    uint32_t n_old = p->layers ? p->n_entries : 0;
+    uint64_t kept = 0;
+    int ok = 1;
+    for (uint32_t j = 0; j < n_old; j++) p->layers[j].keep = 0;
+    const uint8_t *q = as->entries;
+    for (uint32_t i = 0; i < as->n_entries; i++) {
+        entry_view e;
+        q = read_entry(q, &e);
+        for (uint32_t j = 0; j < n_old; j++) {
+            tpfed_peer_layer *L = &p->layers[j];
+            // complete: hashed and checked against L->sha256 when its last granule came in
+            if (!L->complete || L->keep || L->layer != e.layer ||
+                memcmp(L->sha256, e.sha256, TPFED_SHA256_SIZE) != 0)
+                continue;
+            if (share_is(g, &e, L->shard, L->shard_size)) {
+                L->keep = 1;
+                held[i >> 3] |= (uint8_t)(1u << (i & 7u));
+                kept += pad8(L->shard_size, &ok);
+            }
+            break;
+        }
+    }
+    return kept;
+}
+
+// First of two moves of the shares to keep: to the top of the arena (offset top, 8-aligned),
+// packed in the order they lie in. The highest goes first, each up (or nowhere): the shares
+// above one and the packed ones fit between it and top, so its place holds nothing still to
+// be moved; the layer table, below every share, is read throughout.
+static void pack_kept(tpfed_peer *p, uint64_t top) {
+    uint8_t *below = p->arena + top;
+    uint64_t at = top;
+    for (;;) {
+        tpfed_peer_layer *next = NULL;
+        for (uint32_t j = 0; j < p->n_entries; j++) {
+            tpfed_peer_layer *L = &p->layers[j];
+            if (L->keep && L->shard < below && (!next || L->shard > next->shard)) next = L;
+        }
+        if (!next) return;
+        at -= align8(next->shard_size);
+        memmove(p->arena + at, next->shard, next->shard_size);
+        below = next->shard;
+    }
+}
+
+// The kept shares, laid out as one block from offset at to end by lay_out and moved there,
+// become their (new) layers' shares, complete; each names its layer in its header.
+static void attach_kept(tpfed_peer *p, uint64_t at, uint64_t end) {
+    while (at < end) {
+        tpfed_share_header_t h;
+        size_t used;
+        uint8_t *s = p->arena + at;
+        tpfed_peer_layer *L = NULL;
+        if (tpfed_share_header_decode(s, TPFED_SHARE_HEADER_SIZE, &h, &used) == TPFED_OK)
+            L = find_layer(p, h.layer);
+        if (!L) return;   // (cannot happen: every share there was matched to its entry)
+        L->shard = s;
+        for (uint32_t k = 0; k < L->n_granules; k++) L->bitmap[k >> 5] |= 1u << (k & 31u);
+        L->have = L->n_granules;
+        L->started = 1;
+        build_units(p, L);
+        L->complete = 1;
+        at += align8(L->shard_size);
+    }
+}
+
 // 1 if some layer is named twice. Uses the free arena past the current assignment as a bitmap
 // over layer indices when it has room, else compares pairs.
 static int repeated_layer(tpfed_peer *p, const tpfed_assign_t *as, uint32_t n_layers, uint16_t *which) {
     size_t bits = ((size_t)n_layers + 7u) / 8u;
     const uint8_t *q = as->entries;
     entry_view e, o;
-    if (p->arena_size - p->arena_used >= bits) {
-        uint8_t *seen = p->arena + p->arena_used;
+    if (p->arena_size - p->arena_laid >= bits) {
+        uint8_t *seen = p->arena + p->arena_laid;   // past the shares kept too
         memset(seen, 0, bits);
         for (uint32_t i = 0; i < as->n_entries; i++) {
             q = read_entry(q, &e);
@@ -671,7 +798,8 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
         if (mlp > work) work = mlp;
     }
     int ok = 1;
-    uint64_t end = lay_out(p, &g, &a, work, NULL, &ok);
+    uint64_t kept_at = 0;
+    uint64_t end = lay_out(p, &g, &a, work, NULL, NULL, &kept_at, &ok);
     if (!ok || end > p->arena_size) {
         snprintf(msg, sizeof msg, "assignment needs %s bytes of arena (weights, KV cache for %u "
                  "positions, buffers), this peer has %s", ok ? dec(n1, end - p->arena_fixed) : "more than 2^64",
@@ -688,13 +816,32 @@ static void on_assign(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl)
             return;
         }
     }
-    // Commit: lay out the layer table, shares, KV caches and compute buffers.
+    // Commit. The shares held (complete, verified) that entries name by their sha256 are
+    // kept: moved, as one block, to the end of the new layout (pack_kept, then one memmove
+    // down; the layout fits, so both moves do) before the rest is laid out over the old
+    // assignment. Every other share is dropped; KV caches start empty. The ACK says which are
+    // held (its bitmap is built at the end of the transmit buffer, past where the ACK goes).
+    uint32_t nb = (a.n_entries + 7u) / 8u;
+    uint8_t *held = p->tx + p->max_frame - nb;
+    memset(held, 0, nb);
+    uint64_t kept = match_kept(p, &g, &a, held);
+    lay_out(p, &g, &a, work, NULL, held, &kept_at, &ok);
+    if (kept) {
+        uint64_t top = (uint64_t)p->arena_size & ~(uint64_t)7u;
+        pack_kept(p, top);
+        memmove(p->arena + kept_at, p->arena + (top - kept), (size_t)kept);
+    }
     p->g = g;
     p->n_entries = a.n_entries;
-    p->arena_used = (size_t)lay_out(p, &g, &a, work, p->arena, &ok);
+    p->arena_used = p->arena_laid = (size_t)lay_out(p, &g, &a, work, p->arena, held, &kept_at, &ok);
+    attach_kept(p, kept_at, kept_at + kept);
     p->assigned = 1;
     p->ready = 0;
-    send_ack(p, h->src, h->seq, TPFED_MSG_ASSIGN);
+    tpfed_ack_t ack = {h->seq, TPFED_MSG_ASSIGN, held, (uint16_t)nb};
+    size_t len = 0;
+    if (tpfed_ack_encode(payload_buf(p), payload_cap(p), &ack, &len) == TPFED_OK)
+        send_frame(p, TPFED_MSG_ACK, h->src, next_seq(p), len);
+    if (kept) send_ready_if_all(p, h->src);   // every share held already: READY at once
 }
 
 // -------------------------------------------------------------------------------- WEIGHTS
@@ -1094,12 +1241,11 @@ static void on_probe(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *pl) 
     send_frame(p, TPFED_MSG_PROBE_REPLY, h->src, h->seq, h->length);
 }
 
-// Drop the assignment (BYE, or a new session replacing an idle one).
+// Drop the assignment (BYE, or a new session replacing an idle one). Its layer table and
+// complete shares stay where they are (up to arena_laid): the next ASSIGN may keep them.
 static void unassign(tpfed_peer *p) {
     p->assigned = 0;
     p->ready = 0;
-    p->n_entries = 0;
-    p->layers = NULL;
     p->arena_used = p->arena_fixed;
 }
 
@@ -1140,7 +1286,7 @@ static void on_provision(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *
         p->keyed = 1;
         p->provisioned = 1;
     }
-    tpfed_ack_t a = {h->seq, TPFED_MSG_PROVISION};
+    tpfed_ack_t a = {h->seq, TPFED_MSG_PROVISION, NULL, 0};
     size_t len = 0;
     if (tpfed_ack_encode(payload_buf(p), payload_cap(p), &a, &len) == TPFED_OK)
         send_plain(p, TPFED_MSG_ACK, my_src(p), h->src, h->seq, 0, len);
@@ -1175,7 +1321,7 @@ static void on_challenge(tpfed_peer *p, const tpfed_header_t *h, const uint8_t *
 }
 
 static void send_auth_ack(tpfed_peer *p, tpfed_auth_session *s, uint8_t src, uint8_t dst, uint16_t seq) {
-    tpfed_ack_t a = {seq, TPFED_MSG_AUTH};
+    tpfed_ack_t a = {seq, TPFED_MSG_AUTH, NULL, 0};
     size_t len = 0;
     if (tpfed_ack_encode(payload_buf(p), payload_cap(p), &a, &len) == TPFED_OK)
         send_sealed(p, s, TPFED_MSG_ACK, src, dst, next_seq(p), len);

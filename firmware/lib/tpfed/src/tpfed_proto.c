@@ -544,6 +544,9 @@ int tpfed_layer_entry_decode(const uint8_t *p, size_t len, tpfed_layer_entry_t *
     if (len - off < sz) return TPFED_E_BAD_PAYLOAD;
     t.mlp_ranges = (p + off);
     off += sz;
+    if (len - off < 32u) return TPFED_E_BAD_PAYLOAD;
+    t.sha256 = p + off;
+    off += 32u;
     *used = off;
     *m = t;
     return TPFED_OK;
@@ -573,6 +576,11 @@ int tpfed_layer_entry_encode(uint8_t *p, size_t cap, const tpfed_layer_entry_t *
     if (sz && !t.mlp_ranges) return TPFED_E_BAD_ARG;
     if (cap - off < sz) return TPFED_E_NO_SPACE;
     if (sz) memcpy(p + off, t.mlp_ranges, sz);
+    off += sz;
+    sz = 32u;
+    if (sz && !t.sha256) return TPFED_E_BAD_ARG;
+    if (cap - off < sz) return TPFED_E_NO_SPACE;
+    if (sz) memcpy(p + off, t.sha256, sz);
     off += sz;
     *out_len = off;
     return TPFED_OK;
@@ -1045,7 +1053,10 @@ int tpfed_ack_decode(const uint8_t *p, size_t len, tpfed_ack_t *m) {
     if (len - off < 1u) return TPFED_E_BAD_PAYLOAD;
     t.acked_type = tpfed_rd_u8(p + off);
     off += 1u;
-    if (off != len) return TPFED_E_BAD_PAYLOAD;
+    if (len - off > 0xFFFFu) return TPFED_E_BAD_PAYLOAD;
+    t.held = p + off;
+    t.held_len = (uint16_t)(len - off);
+    off = len;
     *m = t;
     return TPFED_OK;
 }
@@ -1062,6 +1073,11 @@ int tpfed_ack_encode(uint8_t *p, size_t cap, const tpfed_ack_t *m, size_t *out_l
     if (cap - off < 1u) return TPFED_E_NO_SPACE;
     tpfed_wr_u8(p + off, t.acked_type);
     off += 1u;
+    sz = t.held_len;
+    if (sz && !t.held) return TPFED_E_BAD_ARG;
+    if (cap - off < sz) return TPFED_E_NO_SPACE;
+    if (sz) memcpy(p + off, t.held, sz);
+    off += sz;
     *out_len = off;
     return TPFED_OK;
 }
