@@ -700,7 +700,8 @@ def test_second_coordinator_is_told_busy_in_one_line(model, key, clean_tokens):
     assert len(lines) == 1 and lines[0].startswith("tpfed: error: "), p.stderr
     assert "busy with another session" in lines[0]
     assert took < DEADLINE_S + 10
-    assert stats["busy"] >= 1
+    # (the second coordinator stops at the first peer that says busy; which one that is, and
+    # so whether the in-process target counted it, is a race)
     assert tokens == clean_tokens  # the first coordinator's run is untouched
 
 
