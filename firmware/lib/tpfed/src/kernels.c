@@ -45,10 +45,14 @@
 
 static int cpu_has_avx2(void)
 {
-    // F16C from CPUID leaf 1 (ECX bit 29): clang 14's __builtin_cpu_supports does not know it
-    unsigned int a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
-    return __builtin_cpu_supports("avx2") && ((c >> 29) & 1u);
+    // Asked once: CPUID leaves a virtual machine on every call. F16C is ECX bit 29 of leaf 1
+    // (clang 14's __builtin_cpu_supports does not know "f16c").
+    static int known = -1;
+    if (known < 0) {
+        unsigned int a, b, c, d;
+        known = __get_cpuid(1, &a, &b, &c, &d) && __builtin_cpu_supports("avx2") && ((c >> 29) & 1u);
+    }
+    return known;
 }
 
 // lane i of the result = sum of the eight int32 lanes of p[i]
