@@ -143,12 +143,12 @@ void tpfed_sha256_final(tpfed_sha256_ctx *c, uint8_t *digest) {
     c->block[c->nblock++] = 0x80;
     if (c->nblock > 56) {
         memset(c->block + c->nblock, 0, 64 - c->nblock);
-        compress(c->state, c->block);
+        compress_blocks(c->state, c->block, 1);
         c->nblock = 0;
     }
     memset(c->block + c->nblock, 0, 56 - c->nblock);
     for (int i = 0; i < 8; i++) c->block[56 + i] = (uint8_t)(bits >> (56 - 8 * i));
-    compress(c->state, c->block);
+    compress_blocks(c->state, c->block, 1);   // the hardware path too: HMACs are mostly final blocks
     for (int i = 0; i < 8; i++) {
         digest[4 * i] = (uint8_t)(c->state[i] >> 24);
         digest[4 * i + 1] = (uint8_t)(c->state[i] >> 16);
