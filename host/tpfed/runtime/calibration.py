@@ -197,8 +197,7 @@ async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
 
     async def measured(spin: bool) -> dict:
         """One peer process and a coordinator; with ``spin`` both look for the next frame
-        before sleeping (as runs do: the wall times), without it they sleep at once, so their
-        CPU times are work, not waiting (the CPU figures)."""
+        before sleeping (as runs do), without it they sleep at once."""
         spin_us = lib.TPFED_UDP_PEER_SPIN_US if spin else 0
         local = LocalPeers(1, extra_args=("--spin-us", str(spin_us)))
         out: dict = {}
@@ -246,9 +245,8 @@ async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
                 await run_stages(200, both)  # warm up both processes
                 await run_probes(200)
                 out["both"] = await window(both)
-                if spin:
-                    out["probe_rt"] = min([await run_probes(100) for _ in range(3)])
-                else:
+                out["probe_rt"] = min([await run_probes(100) for _ in range(3)])
+                if True:
                     # the peer's cost per frame split into a fixed part and a part per MAC,
                     # from two share sizes: the attention stages (few MACs) and the MLP ones
                     out["att"] = await window([(layer, Stage.ATTENTION) for layer in layers])
@@ -273,8 +271,10 @@ async def measure_loopback(model: Q8Model, stages: int = 2000) -> LoopbackCosts:
                 await ep.close()
         return out
 
-    wall = await measured(spin=True)
-    cpu = await measured(spin=False)
+    # Measured as runs go: the peer and the gather look for the next frame before sleeping.
+    # (Their CPU time then includes that looking; measured with both sleeping at once instead,
+    # the wake-ups of every frame count, which runs do not pay: predictions were 25-60% slow.)
+    wall = cpu = await measured(spin=True)
     att, mlp = cpu["att"], cpu["mlp"]
     macs_att = c.n_groups * costs.attn_macs(c, 1.0)  # at position 0: one row of context
     macs_mlp = c.hidden_dim * costs.mlp_col_macs(c)
@@ -292,8 +292,11 @@ async def measure_coordinator(model: Q8Model, stages: int = 2000) -> Coordinator
     """:func:`calibrate_coordinator` inside a running event loop."""
     inproc = await asyncio.to_thread(measure_in_process, model)
     lo = await measure_loopback(model, stages)
-    # per stage with one peer: stage work, one send, one full receive
-    recv_s = max(lo.stage_cpu_s - inproc.stage_s - lo.send_s, inproc.recv_after_s)
+    # per stage with one peer: stage work, one send, one full receive. The gather looks for
+    # the partial without sleeping, so its CPU time holds the round trip it waited through:
+    # what is left after the round trip is the receiving.
+    waited = lo.probe_round_trip_s + lo.peer_macs_s
+    recv_s = max(lo.stage_cpu_s - inproc.stage_s - lo.send_s - waited, inproc.recv_after_s)
     # what a stage's critical path holds beyond the probed round trip, the MACs and the
     # decode and sum: the peer's dispatch of an activation rather than a probe's echo, and
     # the coordinator's gather bookkeeping
@@ -311,7 +314,9 @@ async def measure_coordinator(model: Q8Model, stages: int = 2000) -> Coordinator
         token_s=inproc.token_s,
         peer_frame_s=lo.peer_fixed_s,
         peer_s_per_mac=lo.peer_s_per_mac,
-        peer_dispatch_s=max(dispatch, 0.0),
+        # negative when a stage's round trip through the C exchange is quicker than the probe's
+        # (which goes through the event loop): a correction, both ways
+        peer_dispatch_s=dispatch,
     )
 
 
