@@ -101,9 +101,10 @@ def test_forward_stages_yields_every_stage_in_order_and_records_it(q8: Q8Model) 
             while True:
                 layer, stage, xq = gen.send(partial)
                 seen.append((layer, stage))
-                h = driven.history.activations(layer, stage, pos + 1)
-                np.testing.assert_array_equal(h.qs[pos], xq.qs)
-                np.testing.assert_array_equal(h.d[pos], xq.d)
+                if stage == Stage.ATTENTION:  # the log keeps what a replay needs
+                    h = driven.history.activations(layer, stage, pos + 1)
+                    np.testing.assert_array_equal(h.qs[pos], xq.qs)
+                    np.testing.assert_array_equal(h.d[pos], xq.d)
                 partial = ref.partials(layer, stage, xq, pos).copy()  # an outside source
         except StopIteration as done:
             logits = done.value

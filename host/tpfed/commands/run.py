@@ -30,6 +30,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, peers_required: bool =
                         help="how units are split: round-robin (default) or by measured capability")
     parser.add_argument("--replicas", type=int, default=1, metavar="K",
                         help="hold every unit on K devices: losing one of them costs nothing (1)")
+    parser.add_argument("--log-dir", default=None, metavar="DIR",
+                        help="keep the replay log (the attention inputs a recovery replays) in a "
+                             "file in DIR instead of memory")
     parser.add_argument("--key-file", default=None, metavar="PATH",
                         help="the federation key the peers hold (default: $TPFED_KEY_FILE, else "
                              "~/.config/tpfed/federation.key; local:N and emu:N peers get a fresh "
@@ -99,7 +102,7 @@ def execute(args: argparse.Namespace, prompt: str) -> int:
                       prompt_ids=getattr(args, "prompt_ids", None),
                       ignore_eos=getattr(args, "ignore_eos", False),
                       weights=getattr(args, "weights", "q8_0"),
-                      key_file=args.key_file, replicas=args.replicas)
+                      key_file=args.key_file, replicas=args.replicas, log_dir=args.log_dir)
     if opts.prompt_ids is not None:
         prompt = ""  # the text of the ids is in the result
     out = sys.stdout.buffer

@@ -21,6 +21,7 @@ the peers' partials. Between two stages the host makes one C call
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Generator
 from dataclasses import dataclass
 
@@ -242,26 +243,51 @@ class Q8Model(UnitSource):
 
 
 class ActivationLog:
-    """The Q8_0 activations broadcast for the current sequence: for each layer, stage and
-    position, ``dim`` int8 values and their scales. Grows by doubling up to seq_len."""
+    """What a replay needs to rebuild a KV cache exactly: the Q8_0 input of every layer's
+    ATTENTION stage for the current sequence (``dim`` int8 values and their fp16 scales per
+    layer and position; the MLP stages' inputs are not needed and not kept). Grows by doubling
+    up to seq_len. With ``spill_dir`` the log lives in a file there (memory-mapped; the page
+    cache decides what stays in RAM) instead of anonymous memory."""
 
-    def __init__(self, config: ModelConfig, capacity: int = 64) -> None:
+    def __init__(self, config: ModelConfig, capacity: int = 64,
+                 spill_dir: str | os.PathLike[str] | None = None) -> None:
         self.config = config
         self._cap = 0
         self._nb = n_blocks(config.dim)
-        self._qs = np.empty((config.n_layers, 2, 0, config.dim), np.int8)
-        self._d = np.empty((config.n_layers, 2, 0, self._nb), np.uint16)
-        self.length = 0  # positions 0..length-1 are recorded (for every layer and stage)
+        self._spill = spill_dir
+        self._files: list = []
+        self._qs = np.empty((config.n_layers, 0, config.dim), np.int8)
+        self._d = np.empty((config.n_layers, 0, self._nb), np.uint16)
+        self.length = 0  # positions 0..length-1 are recorded (for every layer)
         self._current = 0  # the position being recorded
         self._grow(min(capacity, config.seq_len))
 
+    @property
+    def bytes_per_position(self) -> int:
+        """Bytes one position takes: n_layers x (dim + 2 * ceil(dim/32))."""
+        return self.config.n_layers * (self.config.dim + 2 * self._nb)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the log holds now (its capacity, recorded or not)."""
+        return int(self._qs.nbytes + self._d.nbytes)
+
+    def _array(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        if self._spill is None:
+            return np.empty(shape, dtype)
+        # lives as long as the array mapped on it (closed, and so deleted, with the log)
+        f = tempfile.TemporaryFile(dir=self._spill, prefix="tpfed-log-")  # noqa: SIM115
+        self._files.append(f)
+        return np.memmap(f, dtype=dtype, mode="w+", shape=shape)
+
     def _grow(self, cap: int) -> None:
         c = self.config
-        qs = np.empty((c.n_layers, 2, cap, c.dim), np.int8)
-        d = np.empty((c.n_layers, 2, cap, self._nb), np.uint16)
-        qs[:, :, : self._cap] = self._qs
-        d[:, :, : self._cap] = self._d
+        qs = self._array((c.n_layers, cap, c.dim), np.int8)
+        d = self._array((c.n_layers, cap, self._nb), np.uint16)
+        qs[:, : self._cap] = self._qs
+        d[:, : self._cap] = self._d
         self._qs, self._d, self._cap = qs, d, cap
+        self._files = self._files[-2:]  # the older files go with the arrays that used them
         # raw pointers for record(); the arrays above keep the memory alive
         self._pqs = ffi.cast("int8_t *", _from_buffer("int8_t[]", qs))
         self._pd = ffi.cast("uint16_t *", _from_buffer("uint16_t[]", d))
@@ -281,29 +307,35 @@ class ActivationLog:
         self._current = pos
 
     def record(self, layer: int, stage: Stage, pos: int, x: Q8Tensor) -> None:
+        """Keep the input of (layer, stage) at ``pos`` if a replay needs it (ATTENTION)."""
         if pos != self._current:
             raise ModelError(f"activation log: recording position {pos} while at {self._current}")
         dim, nb = self.config.dim, self._nb
-        if not (0 <= layer < self.config.n_layers and (stage == 0 or stage == 1)
-                and x.qs.shape == (dim,)):
+        if not (0 <= layer < self.config.n_layers and x.qs.shape == (dim,)):
             raise ModelError(f"activation log: cannot record layer {layer} stage {stage} of "
                              f"shape {x.qs.shape}")
-        i = (2 * layer + stage) * self._cap + pos
+        if stage != Stage.ATTENTION:
+            return
+        i = layer * self._cap + pos
         _memmove(self._pqs + i * dim, x._pqs, dim)
         _memmove(self._pd + i * nb, x._pd, 2 * nb)
 
     def commit(self, pos: int) -> None:
-        """Position ``pos`` is complete (every layer and stage recorded)."""
+        """Position ``pos`` is complete (every layer recorded)."""
         self.length = pos + 1
 
-    def activations(self, layer: int, stage: Stage, end: int | None = None) -> Q8Tensor:
-        """Rows 0..end-1 (default: all complete positions) of (layer, stage), shape (n, dim).
-        ``end`` may be ``length + 1`` to include the position being recorded, for the layers
-        and stages already recorded at it."""
+    def activations(self, layer: int, stage: Stage = Stage.ATTENTION,
+                    end: int | None = None) -> Q8Tensor:
+        """Rows 0..end-1 (default: all complete positions) of the ATTENTION inputs of
+        ``layer``, shape (n, dim). ``end`` may be ``length + 1`` to include the position being
+        recorded, for the layers already recorded at it."""
+        if stage != Stage.ATTENTION:
+            raise ModelError("activation log: only the ATTENTION inputs are kept (a replay needs "
+                             "nothing else)")
         n = self.length if end is None else end
         if not 0 <= n <= min(self.length + 1, self._cap):
             raise ModelError(f"activation log holds {self.length} positions, asked for {n}")
-        return Q8Tensor(self._qs[layer, stage, :n], self._d[layer, stage, :n])
+        return Q8Tensor(self._qs[layer, :n], self._d[layer, :n])
 
 
 StageStep = tuple[int, Stage, Q8Tensor]

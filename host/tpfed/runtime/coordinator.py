@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from tpfed.compute._native import ffi, lib
-from tpfed.compute.int8_forward import Int8Transformer, Q8Model, Stage
+from tpfed.compute.int8_forward import ActivationLog, Int8Transformer, Q8Model, Stage
 from tpfed.compute.kernels import Q8Tensor
 from tpfed.compute.share import DeviceShards, serialize_layer_share, share_flags
 from tpfed.errors import PeerError, PeerLost, PeerRefused, PeerTimeout, PlanError
@@ -513,8 +513,10 @@ class Coordinator(PeerLinks, Int8Transformer):
 
     def __init__(self, model: Q8Model, links: Sequence[Link], *, key: bytes,
                  deadline_s: float = 5.0, seq_len: int | None = None, session: int | None = None,
-                 chunk_bytes: int | None = None) -> None:
+                 log_dir: str | None = None, chunk_bytes: int | None = None) -> None:
         Int8Transformer.__init__(self, model, DeviceShards(model, {}))
+        if log_dir is not None:  # the replay log in a file there, not in memory
+            self.history = ActivationLog(model.config, spill_dir=log_dir)
         PeerLinks.__init__(self, links, key=key, deadline_s=deadline_s, session=session)
         self.seq_len = min(seq_len or model.config.seq_len, model.config.seq_len)
         self.chunk_bytes = chunk_bytes

@@ -38,6 +38,7 @@ class RunOptions:
     key_file: str | None = None  # the federation key (see tpfed.runtime.keys)
     replicas: int = 1  # every unit on this many devices
     provision: bool = False  # serial/socket peers are boards booted without a key: give them ours
+    log_dir: str | None = None  # keep the replay log in a file there instead of memory
     prompt_ids: list[int] | None = None  # the prompt as token ids (instead of text)
     ignore_eos: bool = False  # generate past the model's EOS
     weights: str = "q8_0"  # "q8_0" (split across the peers) or "f32" (see run_f32)
@@ -57,6 +58,9 @@ class RunResult:
     generated_ids: list[int] = field(default_factory=list)
     weight_bytes_pushed: int = 0
     """Share bytes the coordinator pushed so far (set-up and recoveries)."""
+    replay_log_bytes: int = 0
+    """What the coordinator's replay log (the attention inputs of the sequence) takes."""
+    replay_log_bytes_per_position: int = 0
     weight_bytes_skipped: int = 0
     """Share bytes it did not push because the peers held them already (kept by sha256)."""
 
@@ -74,6 +78,8 @@ class RunResult:
             "prompt_ids": self.prompt_ids,
             "generated_ids": self.generated_ids,
             "weight_bytes_pushed": self.weight_bytes_pushed,
+            "replay_log_bytes": self.replay_log_bytes,
+            "replay_log_bytes_per_position": self.replay_log_bytes_per_position,
             "weight_bytes_skipped": self.weight_bytes_skipped,
             "resends": s.resends,
             "recoveries": s.recoveries,
@@ -353,7 +359,7 @@ class Fleet:
                                      provision=opts.provision, endpoints=self._endpoints)
             self._n_local = sum(s.kind == "local" for s in self.specs)
             coord = Coordinator(self.q8, links, key=key, deadline_s=opts.deadline_s,
-                                seq_len=self.seq_len)
+                                seq_len=self.seq_len, log_dir=opts.log_dir)
             self._stack.push_async_callback(coord.close)
             self._phase("connect", {"peers": len(links)})
             peers = await coord.connect()
@@ -520,6 +526,8 @@ class Fleet:
         result.devices = [p.spec() for p in self.coord.peers]
         result.peers = self.peers_json()
         result.weight_bytes_pushed = self.coord.weight_bytes_pushed
+        result.replay_log_bytes = self.coord.history.nbytes
+        result.replay_log_bytes_per_position = self.coord.history.bytes_per_position
         result.weight_bytes_skipped = self.coord.weight_bytes_skipped
         return result
 
