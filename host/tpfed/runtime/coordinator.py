@@ -299,7 +299,7 @@ class PeerLinks:
                 continue  # counted by the link; a malformed frame is dropped
             if reply.type == MsgType.ERROR:
                 code = reply.payload["code"]
-                name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+                name = error_name(code)
                 raise PeerRefused(f"peer {peer.label} refused {what}: "
                                   f"{name}: {reply.payload['text']}", code)
             if reply.type == want and (match is None or match(reply)):
@@ -492,6 +492,11 @@ def _acks(frame: Frame, also: Callable[[Frame], bool] | None) -> Callable[[Frame
                 and (also is None or also(f)))
 
     return match
+
+
+def error_name(code: int) -> str:
+    """An ERROR frame's code as its name, or the number when it is not one of ours."""
+    return ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
 
 
 def sealable(frame: bytes) -> bytearray:
@@ -849,7 +854,7 @@ class Coordinator(PeerLinks, Int8Transformer):
                 continue
             if reply.type == MsgType.ERROR:
                 code = reply.payload["code"]
-                name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+                name = error_name(code)
                 raise PeerRefused(f"peer {peer.label} refused {what}: {name}: "
                                   f"{reply.payload['text']}", code)
             if reply.type in _HELD_TYPES:  # READY after the share that completes the set
@@ -1096,7 +1101,7 @@ class Coordinator(PeerLinks, Int8Transformer):
                 continue
             if reply.type == MsgType.ERROR:
                 code = reply.payload["code"]
-                name = ErrorCode(code).name if code in ErrorCode._value2member_map_ else str(code)
+                name = error_name(code)
                 text = (f"peer {peer.label} failed layer {layer} {stage.name} at position "
                         f"{pos}: {name}: {reply.payload['text']}")
                 if code in (ErrorCode.BAD_STATE, ErrorCode.NOT_ASSIGNED, ErrorCode.BAD_SESSION):
