@@ -38,3 +38,13 @@ def stories260k_dir() -> Path:
 @pytest.fixture(scope="session")
 def board_ports(request: pytest.FixtureRequest) -> list[str]:
     return list(request.config.getoption("--board-port"))
+
+
+@pytest.fixture(scope="session")
+def model(stories260k_dir: Path):
+    """stories260K as the int8 model and its tokenizer, loaded once for the whole run."""
+    from tpfed.compute.int8_forward import Q8Model
+    from tpfed.model.tokenizer import Tokenizer
+
+    q8 = Q8Model.load(stories260k_dir / "stories260K.bin")
+    return q8, Tokenizer.load(stories260k_dir / "tok512.bin", vocab_size=q8.config.vocab_size)

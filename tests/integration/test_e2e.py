@@ -19,11 +19,10 @@ from tpfed.protocol.codec import Frame, decode_frame, encode_frame
 from tpfed.protocol.fastpath import encode_activation
 from tpfed.protocol.schema import ErrorCode, MsgType
 
-from tpfed.compute.int8_forward import Int8Transformer, Q8Model
+from tpfed.compute.int8_forward import Int8Transformer
 from tpfed.compute.kernels import empty_q8_0
 from tpfed.compute.share import serialize_layer_share
 from tpfed.model.sampling import Sampler
-from tpfed.model.tokenizer import Tokenizer
 from tpfed.runtime.localpeers import LocalPeers
 from tpfed.runtime.peer_auth import PeerAuth
 from tpfed.runtime.session import RunOptions, generate_local, run
@@ -33,13 +32,6 @@ STEPS = 96
 PROMPT = "Once upon a time"
 FLOAT_GREEDY = ("Once upon a time, there was a little girl named Lily. She loved to play outside "
                 "in the park.")
-
-
-@pytest.fixture(scope="module")
-def model(stories260k_dir):
-    q8 = Q8Model.load(stories260k_dir / "stories260K.bin")
-    tok = Tokenizer.load(stories260k_dir / "tok512.bin", vocab_size=q8.config.vocab_size)
-    return q8, tok
 
 
 @pytest.fixture(scope="module")

@@ -30,21 +30,13 @@ from pathlib import Path
 import pytest
 from tpfed.protocol import auth
 
-from tpfed.compute.int8_forward import Int8Transformer, Q8Model
+from tpfed.compute.int8_forward import Int8Transformer
 from tpfed.model.sampling import Sampler
-from tpfed.model.tokenizer import Tokenizer
 from tpfed.runtime.localpeers import LocalPeers
 from tpfed.runtime.session import Fleet, RunOptions, generate_local
 
 STEPS = 200
 PROMPT = "Once upon a time"
-
-
-@pytest.fixture(scope="module")
-def model(stories260k_dir):
-    q8 = Q8Model.load(stories260k_dir / "stories260K.bin")
-    tok = Tokenizer.load(stories260k_dir / "tok512.bin", vocab_size=q8.config.vocab_size)
-    return q8, tok
 
 
 @pytest.fixture(scope="module")

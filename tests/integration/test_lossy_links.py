@@ -13,9 +13,8 @@ import time
 import pytest
 from proxies import Impairment, LossyUdpProxy, udp_addr
 
-from tpfed.compute.int8_forward import Int8Transformer, Q8Model
+from tpfed.compute.int8_forward import Int8Transformer
 from tpfed.model.sampling import Sampler
-from tpfed.model.tokenizer import Tokenizer
 from tpfed.runtime.localpeers import LocalPeers
 from tpfed.runtime.session import Fleet, RunOptions, generate_local
 
@@ -24,13 +23,6 @@ STEPS = 96
 
 HARSH = Impairment(loss=0.10, duplicate=0.05, reorder=0.25, jitter_s=0.002)
 LIGHT = Impairment(loss=0.01)
-
-
-@pytest.fixture(scope="module")
-def model(stories260k_dir):
-    q8 = Q8Model.load(stories260k_dir / "stories260K.bin")
-    tok = Tokenizer.load(stories260k_dir / "tok512.bin", vocab_size=q8.config.vocab_size)
-    return q8, tok
 
 
 @pytest.fixture(scope="module")

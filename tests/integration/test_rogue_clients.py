@@ -34,10 +34,9 @@ from tpfed.protocol.codec import Frame, decode_frame, encode_frame
 from tpfed.protocol.framing import DatagramFramer
 from tpfed.protocol.schema import COORDINATOR, ErrorCode, MsgType, Stage
 
-from tpfed.compute.int8_forward import Int8Transformer, Q8Model
+from tpfed.compute.int8_forward import Int8Transformer
 from tpfed.errors import PeerRefused
 from tpfed.model.sampling import Sampler
-from tpfed.model.tokenizer import Tokenizer
 from tpfed.runtime.desktop_peer import UdpPeer, bind_udp, check_options
 from tpfed.runtime.localpeers import LocalPeers
 from tpfed.runtime.peer_core import DeviceInfo, PeerConfig
@@ -51,13 +50,6 @@ DIM = 64  # stories260K
 
 
 # ------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def model(stories260k_dir):
-    q8 = Q8Model.load(stories260k_dir / "stories260K.bin")
-    tok = Tokenizer.load(stories260k_dir / "tok512.bin", vocab_size=q8.config.vocab_size)
-    return q8, tok
 
 
 @pytest.fixture(scope="module")

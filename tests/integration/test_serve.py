@@ -20,9 +20,8 @@ import pytest
 
 openai = pytest.importorskip("openai")
 
-from tpfed.compute.int8_forward import Int8Transformer, Q8Model  # noqa: E402
+from tpfed.compute.int8_forward import Int8Transformer  # noqa: E402
 from tpfed.model.sampling import Sampler  # noqa: E402
-from tpfed.model.tokenizer import Tokenizer  # noqa: E402
 from tpfed.runtime.session import generate_local  # noqa: E402
 
 PROMPT = "Once upon a time"
@@ -78,13 +77,6 @@ def metric(base: str, name: str) -> float:
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
-
-
-@pytest.fixture(scope="module")
-def model(stories260k_dir):
-    q8 = Q8Model.load(stories260k_dir / "stories260K.bin")
-    tok = Tokenizer.load(stories260k_dir / "tok512.bin", vocab_size=q8.config.vocab_size)
-    return q8, tok
 
 
 @pytest.fixture(scope="module")

@@ -16,23 +16,15 @@ import sys
 
 import pytest
 
-from tpfed.compute.int8_forward import Int8Transformer, Q8Model
+from tpfed.compute.int8_forward import Int8Transformer
 from tpfed.compute.share import serialize_layer_share
 from tpfed.model.sampling import Sampler
-from tpfed.model.tokenizer import Tokenizer
 from tpfed.planning.plan import LayerShare
 from tpfed.runtime.localpeers import LocalPeers
 from tpfed.runtime.session import Fleet, RunOptions, generate_local
 
 PROMPT = "Once upon a time"
 STEPS = 120
-
-
-@pytest.fixture(scope="module")
-def model(stories260k_dir):
-    q8 = Q8Model.load(stories260k_dir / "stories260K.bin")
-    tok = Tokenizer.load(stories260k_dir / "tok512.bin", vocab_size=q8.config.vocab_size)
-    return q8, tok
 
 
 def _share_bytes(q8, plan) -> int:

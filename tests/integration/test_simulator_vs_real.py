@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import pytest
 
-from tpfed.compute.int8_forward import Q8Model
-from tpfed.model.tokenizer import Tokenizer
 from tpfed.planning.simulator import CoordinatorSpec, simulate
 from tpfed.runtime import aio
 from tpfed.runtime.calibration import CpuWindow, calibrate_coordinator, with_host
@@ -25,13 +23,6 @@ from tpfed.runtime.session import RunOptions, RunResult, run
 STEPS = 128
 TOLERANCE = 0.25
 ATTEMPTS = 5
-
-
-@pytest.fixture(scope="module")
-def model(stories260k_dir):
-    q8 = Q8Model.load(stories260k_dir / "stories260K.bin")
-    tok = Tokenizer.load(stories260k_dir / "tok512.bin", vocab_size=q8.config.vocab_size)
-    return q8, tok
 
 
 def _calibrate(model) -> CoordinatorSpec:
