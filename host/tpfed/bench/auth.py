@@ -15,8 +15,6 @@ against the time per token of stories260K (or ``--model``) over ``--peers`` loca
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from tpfed.compute._native import ffi, lib
@@ -24,20 +22,9 @@ from tpfed.protocol import auth
 from tpfed.protocol.fastpath import encode_activation, encode_partial
 from tpfed.protocol.schema import BROADCAST
 from tpfed.runtime import aio
+from tpfed.runtime.calibration import best_per_call
 from tpfed.runtime.peer_auth import PeerAuth
 from tpfed.runtime.session import RunOptions, load_model, run
-
-
-def _per_call(fn, calls: int = 2000, rounds: int = 5) -> float:
-    for _ in range(200):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best
 
 
 def seal_open_costs(dim: int) -> tuple[float, float, float, float]:
@@ -55,7 +42,7 @@ def seal_open_costs(dim: int) -> tuple[float, float, float, float]:
     for frame in (act, part):
         buf = ffi.from_buffer(frame)
         n = len(frame)
-        stamp = _per_call(lambda b=buf, n=n: lib.tpfed_auth_session_stamp(tx.c, b, n))
+        stamp = best_per_call(lambda b=buf, n=n: lib.tpfed_auth_session_stamp(tx.c, b, n), calls=2000)
         window = rx.c.rx  # a fresh counter every time: reset the receiver's window first
 
         def open_one(b=buf, n=n, w=window) -> None:
@@ -63,8 +50,8 @@ def seal_open_costs(dim: int) -> tuple[float, float, float, float]:
             lib.tpfed_replay_init(ffi.addressof(w))
             lib.tpfed_auth_session_open(rx.c, b, n)
 
-        both = _per_call(open_one)
-        empty = _per_call(lambda: lib.tpfed_kernels_variant())  # one Python-to-C call
+        both = best_per_call(open_one, calls=2000)
+        empty = best_per_call(lambda: lib.tpfed_kernels_variant(), calls=2000)  # one Python-to-C call
         # open_one makes three calls (stamp, window reset, open): take off the stamp and the
         # two other calls' overhead; the stamp alone is one call
         results += [max(stamp - empty, 0.0), max(both - stamp - 2 * empty, 0.0)]

@@ -88,34 +88,6 @@ class UdpFleet:
             st.bytes_sent += len(frame) * len(peers)
             st.frames_sent += len(peers)
 
-    def gather(self, peers: np.ndarray, group_of: np.ndarray, n_groups: int, session: int,
-               seq: int, layer: int, stage: int, pos: int, partials: np.ndarray, got: np.ndarray,
-               timeout_s: float) -> int:
-        """Wait up to ``timeout_s`` until every replica set (``group_of[i]`` is peer i's) has
-        one PARTIAL (rows of ``partials``, frame sizes in ``got``; rows already got are kept).
-        Returns how many sets are served; datagrams not taken are then delivered to the
-        endpoint as if it had received them."""
-        side = self._side
-        bytes_before, frames_before = int(got.sum()), int(np.count_nonzero(got))
-        side.used = 0
-        side.count = 0
-        n = len(peers)
-        r = lib.tpfed_udp_gather(self._fleet, ffi.from_buffer("int[]", peers), n,
-                                 ffi.from_buffer("int[]", group_of), n_groups, session, seq,
-                                 layer, stage, pos, partials.shape[1],
-                                 ffi.from_buffer("float[]", partials),
-                                 ffi.from_buffer("uint32_t[]", got),
-                                 max(int(timeout_s * 1000), 0), side)
-        if self.endpoint is not None:
-            st = self.endpoint.stats
-            st.bytes_received += int(got.sum()) - bytes_before
-            st.frames_received += int(np.count_nonzero(got)) - frames_before
-        if side.count:
-            self._deliver_side()
-        if r < 0:
-            raise OSError(-r, f"receiving from the fleet failed: {os.strerror(-r)}")
-        return r
-
     def stage(self, peers: np.ndarray, group_of: np.ndarray, n_groups: int, session: int,
               seq: int, layer: int, stage: int, pos: int, qs_ptr, d_ptr, dim: int,
               partials: np.ndarray, got: np.ndarray, chosen: np.ndarray, timeout_s: float,
